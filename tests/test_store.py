@@ -1,0 +1,277 @@
+"""TCPStore / FileStore: torch's semantics, multi-process use, authentication, fuzzing."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import random
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+
+import distrib
+from distrib.comm import FileStore, PrefixStore, TCPStore
+from distrib.comm import _store_wire as wire
+
+
+@pytest.fixture
+def master():
+    store = TCPStore("127.0.0.1", 0, is_master=True, timeout=5)
+    yield store
+    store.close()
+
+
+def _exercise(store) -> None:
+    store.set("a", "x")
+    store.set("b", b"\x00\xff")
+    assert store.get("a") == b"x" and store.get("b") == b"\x00\xff"
+    assert store.add("n", 2) == 2 and store.add("n", -5) == -3
+    assert store.get("n") == b"-3"
+    # compare_set: torch's rules (missing + empty expected sets; mismatch returns current).
+    assert store.compare_set("c", "", "v1") == b"v1"
+    assert store.compare_set("c", "nope", "v2") == b"v1"
+    assert store.compare_set("c", "v1", "v2") == b"v2"
+    assert store.compare_set("missing", "x", "y") == b"x"
+    assert store.check(["a", "b"]) and not store.check(["a", "zz"])
+    store.wait(["a", "c"], 1.0)
+    assert store.num_keys() >= 4
+    assert store.delete_key("a") is True and store.delete_key("a") is False
+    assert not store.check(["a"])
+    with pytest.raises(TypeError, match="key must be a string"):
+        store.set(3, b"x")
+    with pytest.raises(TypeError, match="must be str or bytes"):
+        store.set("k", 3.5)
+    with pytest.raises(TypeError, match="not one string"):
+        store.wait("a")
+
+
+@pytest.mark.timeout(30)
+def test_tcpstore_semantics(master):
+    assert master.port > 0
+    _exercise(master)
+    client = TCPStore("127.0.0.1", master.port, timeout=5)
+    assert client.get("b") == b"\x00\xff"
+    client.close()
+
+
+@pytest.mark.timeout(30)
+def test_filestore_semantics(tmp_path):
+    _exercise(FileStore(str(tmp_path / "store"), timeout=5))
+
+
+@pytest.mark.timeout(30)
+def test_prefix_store_isolates(master):
+    p1, p2 = PrefixStore("g1", master), PrefixStore("g2", master)
+    p1.set("k", "one")
+    p2.set("k", "two")
+    assert (p1.get("k"), p2.get("k"), master.get("g1/k")) == (b"one", b"two", b"one")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["tcp", "file"])
+def test_get_and_wait_time_out_with_clear_error(master, tmp_path, kind):
+    store = master if kind == "tcp" else FileStore(str(tmp_path / "s"), timeout=5)
+    store.set_timeout(0.3)
+    start = time.monotonic()
+    with pytest.raises(distrib.DistTimeoutError, match="never"):
+        store.get("never")
+    assert time.monotonic() - start < 3
+    with pytest.raises(distrib.DistTimeoutError, match="never"):
+        store.wait(["never"], 0.2)
+
+
+@pytest.mark.timeout(30)
+def test_blocking_get_released_by_other_thread(master):
+    client = master.clone()
+    got = []
+    t = threading.Thread(target=lambda: got.append(client.get("late")))
+    t.start()
+    master.set("late", "here")
+    t.join(5)
+    client.close()
+    assert got == [b"here"]
+
+
+@pytest.mark.timeout(30)
+def test_unreachable_master_times_out():
+    from tests._util import free_port
+
+    store = TCPStore("127.0.0.1", free_port(), timeout=0.3)
+    with pytest.raises(distrib.DistTimeoutError, match="is the master running"):
+        store.set("k", "v")
+    store.close()
+
+
+def _worker(host, port, rank, n, secret, out):
+    store = TCPStore(host, port, world_size=n, timeout=10, auth_token=secret)
+    store.add("counter", rank + 1)
+    store.set(f"rank{rank}", str(os.getpid()))
+    store.wait([f"rank{r}" for r in range(n)])
+    out.put((rank, int(store.get("counter"))))
+    store.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("secret", [None, "s3cret"])
+def test_multiprocess_rendezvous(secret):
+    n = 4
+    ctx = mp.get_context("spawn")
+    master = TCPStore(
+        "127.0.0.1",
+        0,
+        world_size=n,
+        is_master=True,
+        timeout=10,
+        wait_for_workers=False,
+        auth_token=secret,
+    )
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=("127.0.0.1", master.port, r, n, secret, out))
+        for r in range(1, n)
+    ]
+    for p in procs:
+        p.start()
+    _worker_in_master = TCPStore(
+        "127.0.0.1", master.port, world_size=n, timeout=10, auth_token=secret
+    )
+    _worker_in_master.add("counter", 1)
+    _worker_in_master.set("rank0", "x")
+    results = [out.get(timeout=30) for _ in range(n - 1)]
+    for p in procs:
+        p.join(10)
+    assert all(p.exitcode == 0 for p in procs)
+    # Everyone saw all four increments only after all ranks had set their key.
+    assert sorted(results) == [(r, sum(range(1, n + 1))) for r in range(1, n)]
+    _worker_in_master.close()
+    master.close()
+
+
+@pytest.mark.timeout(30)
+def test_auth_refuses_wrong_secret_and_keeps_serving():
+    master = TCPStore("127.0.0.1", 0, is_master=True, timeout=3, auth_token="right")
+    master.set("k", "v")
+    for bad in (None, "wrong"):
+        intruder = TCPStore("127.0.0.1", master.port, timeout=3, auth_token=bad)
+        with pytest.raises(distrib.DistAuthError, match="refused"):
+            intruder.get("k")
+        with pytest.raises(distrib.DistAuthError):
+            intruder.set("k", "evil")
+        intruder.close()
+    assert master.get("k") == b"v"
+    good = TCPStore("127.0.0.1", master.port, timeout=3, auth_token="right")
+    assert good.get("k") == b"v"
+    good.close()
+    master.close()
+
+
+@pytest.mark.timeout(30)
+def test_auth_refuses_replayed_request():
+    secret = b"token"
+    master = TCPStore("127.0.0.1", 0, is_master=True, timeout=3, auth_token=secret)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{master.port}")
+    frames, _ = wire.pack_request(1, "set", ["k", b"v1"], secret)
+    for expected in (wire.STATUS_OK, wire.STATUS_AUTH):
+        sock.send_multipart(frames)
+        assert sock.poll(3000)
+        _, status, _, _ = wire.unpack_reply(sock.recv_multipart())
+        assert status == expected
+    sock.close(0)
+    master.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("secret", [None, "fuzz-secret"])
+def test_fuzzed_requests_never_crash_the_server(secret):
+    master = TCPStore("127.0.0.1", 0, is_master=True, timeout=5, auth_token=secret)
+    master.set("keep", "safe")
+    rng = random.Random(1234)
+    legit = msgpack.packb([7, os.urandom(16), time.time(), "get", ["keep", 1.0]])
+    samples = [
+        legit[: rng.randrange(len(legit))],
+        msgpack.packb([1, b"short", 0, "set", ["k", b"v"]]),
+        msgpack.packb([1, os.urandom(16), 0.0, "set", [1, 2]]),
+        msgpack.packb([1, os.urandom(16), 0.0, "add", ["keep", 1]]),
+        msgpack.packb([1, os.urandom(16), 0.0, "add", ["n", "x"]]),
+        msgpack.packb([1, os.urandom(16), 0.0, "nosuchcmd", []]),
+        msgpack.packb({"a": 1}),
+        msgpack.packb([1, os.urandom(16), 0.0, "wait", [[1], "x"]]),
+        b"\xc1" * 10,
+        b"\xdd\xff\xff\xff\xff",  # array32 claiming 4 billion entries
+        b"\xc6\x7f\xff\xff\xff",  # bin32 claiming 2 GiB
+    ]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(f"tcp://127.0.0.1:{master.port}")
+    sent = 0
+    for i in range(3000):
+        if i % 3 == 0:
+            msg = [os.urandom(rng.randrange(0, 200))]
+        elif i % 3 == 1:
+            msg = [samples[i % len(samples)]]
+        else:
+            msg = [os.urandom(rng.randrange(0, 64)) for _ in range(rng.randrange(0, 5))]
+            msg = msg or [b""]
+        sock.send_multipart(msg)
+        sent += 1
+    # Every request carrying at least one frame gets exactly one reply (errors included).
+    replies = 0
+    deadline = time.monotonic() + 30
+    while replies < sent and time.monotonic() < deadline:
+        if sock.poll(1000):
+            frames = sock.recv_multipart()
+            _, status, _, _ = wire.unpack_reply(frames)
+            assert status != wire.STATUS_OK or secret is None
+            replies += 1
+    sock.close(0)
+    assert replies >= sent * 0.99
+    assert master.get("keep") == b"safe"
+    client = TCPStore("127.0.0.1", master.port, timeout=5, auth_token=secret)
+    client.set("after", "fuzz")
+    assert client.get("after") == b"fuzz" and client.add("cnt", 1) == 1
+    client.close()
+    master.close()
+
+
+@pytest.mark.timeout(30)
+def test_client_pickles_and_survives_fork(master):
+    master.set("k", "v")
+    clone = pickle.loads(pickle.dumps(master))
+    assert clone.get("k") == b"v" and clone.is_master is False
+    clone.close()
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_get_in_child, args=(pickle.dumps(master),))
+    p.start()
+    p.join(20)
+    assert p.exitcode == 0
+    assert master.get("child") == b"ok"
+
+
+def _get_in_child(blob):
+    store = pickle.loads(blob)
+    assert store.get("k") == b"v"
+    store.set("child", "ok")
+    store.close()
+
+
+@pytest.mark.timeout(30)
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="port=0 is only valid for the master"):
+        TCPStore("127.0.0.1", 0)
+    with pytest.raises(ValueError, match="port must be"):
+        TCPStore("127.0.0.1", 70000)
+    with pytest.raises(TypeError, match="timeout"):
+        TCPStore("127.0.0.1", 0, is_master=True, timeout="soon")
+    with pytest.raises(distrib.DistStoreError, match="cannot bind"):
+        a = TCPStore("127.0.0.1", 0, is_master=True)
+        try:
+            TCPStore("127.0.0.1", a.port, is_master=True)
+        finally:
+            a.close()
