@@ -1,0 +1,76 @@
+"""Turn a worker's stdout/stderr pipe into rank-prefixed console lines and log files.
+
+The launcher reads every pipe from one thread, so a line is always written to the
+console by a single ``write`` call: lines of different ranks never interleave
+inside a line. Partial lines wait for their newline (or EOF, or a size cap).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO
+
+__all__ = ["StreamPump"]
+
+# A worker printing without newlines must not grow our buffer forever; 64 KiB is far
+# longer than any log line and still small.
+_MAX_PARTIAL = 64 * 1024
+
+
+class StreamPump:
+    """Split one worker stream into lines; prefix and copy them to console and/or file."""
+
+    def __init__(
+        self,
+        prefix: bytes,
+        console: BinaryIO | None,
+        log_path: str | None,
+    ) -> None:
+        self.prefix = prefix
+        self.console = console
+        self.log_file: BinaryIO | None = None
+        if log_path is not None:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            self.log_file = open(log_path, "ab")  # noqa: SIM115 - closed in close()
+        self._partial = b""
+        self.last_line = b""  # for the failure report's "last output" hint
+
+    def feed(self, data: bytes) -> None:
+        """Accept bytes read from the pipe; emit every complete line."""
+        data = self._partial + data
+        cut = data.rfind(b"\n") + 1
+        if cut == 0 and len(data) < _MAX_PARTIAL:
+            self._partial = data
+            return
+        if cut == 0:
+            cut = len(data)
+            data += b"\n"
+            complete = data
+            self._partial = b""
+        else:
+            complete, self._partial = data[:cut], data[cut:]
+        self._emit(complete)
+
+    def close(self) -> None:
+        """Flush a trailing partial line (EOF) and close the log file."""
+        if self._partial:
+            self._emit(self._partial + b"\n")
+            self._partial = b""
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+
+    def _emit(self, block: bytes) -> None:
+        lines = block.splitlines(keepends=True)
+        if lines:
+            self.last_line = lines[-1].rstrip(b"\r\n")
+        if self.log_file is not None:
+            self.log_file.write(block)
+            self.log_file.flush()
+        if self.console is not None:
+            text = b"".join(self.prefix + line for line in lines) if self.prefix else block
+            try:
+                self.console.write(text)  # one write per read: whole lines only
+                self.console.flush()
+            except (BrokenPipeError, ValueError):
+                self.console = None  # console went away (`| head`): keep the log file

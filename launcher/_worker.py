@@ -1,0 +1,150 @@
+"""One worker process: how it is started, signalled, and described when it ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from distrib._record import read_error_file
+
+from ._procs import group_has_live_member, reap_group
+
+__all__ = ["Worker", "WorkerExit", "signal_name"]
+
+
+def signal_name(signum: int) -> str:
+    """``9`` -> ``"SIGKILL"`` (or ``"signal 77"`` for numbers without a name)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+@dataclass
+class WorkerExit:
+    """How one worker ended; the unit of the failure report (crosses nodes as msgpack)."""
+
+    rank: int
+    local_rank: int
+    node_rank: int
+    host: str
+    pid: int
+    exitcode: int  # as Popen reports it: negative = killed by that signal
+    time: float  # when the launcher saw the exit (epoch seconds)
+    message: str = ""
+    traceback: str = ""
+    phase: str = "run"  # "startup": could not even start (not retried)
+    stopped_by_launcher: bool = False
+    last_output: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.exitcode != 0 and not self.stopped_by_launcher
+
+    def reason(self) -> str:
+        """``exit code 3`` or ``killed by SIGKILL``."""
+        if self.exitcode < 0:
+            return f"killed by {signal_name(-self.exitcode)}"
+        return f"exit code {self.exitcode}"
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, doc: dict[str, Any]) -> WorkerExit:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in doc.items() if k in names})
+
+
+class Worker:
+    """A worker process in its own process group (so its children can be stopped with it)."""
+
+    def __init__(
+        self,
+        rank: int,
+        local_rank: int,
+        node_rank: int,
+        host: str,
+        argv: list[str],
+        env: dict[str, str],
+        error_file: str,
+    ) -> None:
+        self.rank = rank
+        self.local_rank = local_rank
+        self.node_rank = node_rank
+        self.host = host
+        self.argv = argv
+        self.env = env
+        self.error_file = error_file
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exit: WorkerExit | None = None
+        self.stop_requested = False
+        self.group_reaped = False
+        self.pumps: list[Any] = []  # its StreamPumps (stdout, stderr), for the last output line
+
+    def start(self) -> None:
+        # Own session: a terminal's Ctrl-C reaches the launcher only (it forwards),
+        # and killpg(pid) reaches every process the worker started.
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def poll(self) -> WorkerExit | None:
+        """Return the exit record once the worker process has ended (``None`` while running)."""
+        if self.exit is not None or self.proc is None:
+            return self.exit
+        code = self.proc.poll()
+        if code is None:
+            return None
+        self.exit = WorkerExit(
+            rank=self.rank,
+            local_rank=self.local_rank,
+            node_rank=self.node_rank,
+            host=self.host,
+            pid=self.proc.pid,
+            exitcode=code,
+            time=time.time(),
+            stopped_by_launcher=self.stop_requested and code != 0,
+        )
+        doc = read_error_file(self.error_file) if code != 0 else None
+        if doc is not None:
+            self.exit.message = str(doc.get("message", ""))
+            self.exit.traceback = str(doc.get("traceback", ""))
+            self.exit.phase = str(doc.get("phase", "run"))
+            if doc.get("timestamp"):
+                self.exit.time = min(self.exit.time, float(doc["timestamp"]))
+        return self.exit
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the worker and every process in its group (ignore if gone)."""
+        if self.proc is None or self.group_reaped:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def group_alive(self) -> bool:
+        """Whether any process of the worker's group is still running (zombies reaped)."""
+        if self.proc is None or self.group_reaped:
+            return False
+        if self.proc.poll() is None:
+            return True
+        reap_group(self.proc.pid)  # orphans re-parented to us (we are a subreaper)
+        if group_has_live_member(self.proc.pid):
+            return True
+        self.group_reaped = True
+        return False
