@@ -1,0 +1,352 @@
+"""The shared-memory engine on its own: real processes, one memfd segment, a FileStore.
+
+Each case forks ``n`` ranks that rendezvous through a ``FileStore`` in the
+test's tmp dir, run a scenario against ``ShmEngine`` and send results home
+over a multiprocessing queue. Small ``part_bytes`` make even short arrays span
+many pipeline steps, so both halves and the lag-2 reuse guard are exercised.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from distrib import DistPeerLostError, DistTimeoutError
+from distrib.comm._file_store import FileStore
+from distrib.comm._ops import ReduceOp
+from distrib.comm._shm_rendezvous import connect_local
+
+_CTX = mp.get_context("fork")
+SIZES = [1, 2, 3, 4]
+PART = 256  # bytes per rank per step: many steps for small arrays
+
+
+def _child(
+    path: str, rank: int, n: int, scenario: Callable[..., Any], part: int, out: Any, timeout: float
+) -> None:
+    code = 0
+    try:
+        store = FileStore(path, timeout=timeout)
+        eng = connect_local(
+            store, "t", rank, n, list(range(n)), time.monotonic() + timeout, part_bytes=part
+        )
+        assert eng is not None, "shared-memory engine unavailable"
+        try:
+            result = scenario(eng, rank, n)
+        finally:
+            eng.close()
+        out.put((rank, "ok", result))
+    except BaseException as exc:
+        out.put(
+            (
+                rank,
+                "error",
+                (type(exc).__name__, str(exc), getattr(exc, "peer", None), traceback.format_exc()),
+            )
+        )
+        code = 1
+    out.close()
+    out.join_thread()  # flush the result before _exit skips the queue's atexit
+    os._exit(code)
+
+
+def run_ranks(
+    tmp_path: Any,
+    n: int,
+    scenario: Callable[..., Any],
+    *,
+    part: int = PART,
+    timeout: float = 30.0,
+    expect_errors: bool = False,
+) -> dict[int, tuple[str, Any]]:
+    """Run ``scenario(engine, rank, n)`` in ``n`` forked ranks; return {rank: (status, value)}."""
+    path = str(tmp_path / f"store-{n}-{time.monotonic_ns()}")
+    out = _CTX.Queue()
+    procs = [
+        _CTX.Process(target=_child, args=(path, r, n, scenario, part, out, timeout))
+        for r in range(n)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[str, Any]] = {}
+    end = time.monotonic() + timeout + 15
+    try:
+        while len(results) < n and time.monotonic() < end:
+            if all(not p.is_alive() for p in procs) and out.empty():
+                time.sleep(0.2)  # the last item may still be in the pipe
+                if out.empty():
+                    break
+            try:
+                rank, status, value = out.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            results[rank] = (status, value)
+    finally:
+        for p in procs:
+            p.join(timeout=max(0.1, end - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        out.close()
+        out.join_thread()
+    if not expect_errors:
+        errors = {r: v for r, (s, v) in results.items() if s != "ok"}
+        assert not errors, "\n".join(f"rank {r}: {v[3]}" for r, v in errors.items())
+        assert len(results) == n, f"only ranks {sorted(results)} reported"
+    return results
+
+
+def _data(rank: int, count: int, dtype: Any) -> np.ndarray:
+    rng = np.random.default_rng(1000 + rank)
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(-50, 50, count).astype(dtype)
+    return rng.integers(-8, 8, count).astype(dtype)  # exact in float: order-free sums
+
+
+# -- collectives against numpy ---------------------------------------------
+
+
+def _collectives(eng: Any, rank: int, n: int) -> dict[str, Any]:
+    dl = time.monotonic() + 20
+    res: dict[str, Any] = {}
+    for count in (0, 1, 7, 513):
+        for dtype in (np.float32, np.int64):
+            for op in (ReduceOp.SUM, ReduceOp.MAX, ReduceOp.MIN):
+                buf = _data(rank, count, dtype)
+                eng.all_reduce(buf, op, 0, dl)
+                res[("all_reduce", count, np.dtype(dtype).name, op.name)] = buf
+    buf = _data(rank, 300, np.int32)
+    eng.all_reduce(buf, ReduceOp.BXOR, 0, dl)
+    res[("all_reduce_bxor",)] = buf
+    for root in range(n):
+        buf = _data(rank, 333, np.float64)
+        eng.broadcast(buf, root, 0, dl)
+        res[("broadcast", root)] = buf
+        buf = _data(rank, 101, np.float32)
+        eng.reduce(buf, ReduceOp.SUM, root, 0, dl)
+        if rank == root:
+            res[("reduce", root)] = buf
+        src = _data(root, 37 * n, np.int16) if rank == root else None
+        out = np.zeros(37, np.int16)
+        eng.scatter(src, out, root, 0, dl)
+        res[("scatter", root)] = out
+        gout = np.zeros(61 * n, np.float32) if rank == root else None
+        eng.gather(_data(rank, 61, np.float32), gout, root, 0, dl)
+        if rank == root:
+            res[("gather", root)] = gout
+    m = 129
+    ag = np.zeros(m * n, np.float64)
+    ag[rank * m : (rank + 1) * m] = _data(rank, m, np.float64)
+    eng.all_gather(ag, 0, dl)
+    res[("all_gather",)] = ag
+    rs = np.zeros(m, np.float32)
+    eng.reduce_scatter(_data(rank, m * n, np.float32), rs, ReduceOp.SUM, 0, dl)
+    res[("reduce_scatter",)] = rs
+    a2a = np.zeros(m * n, np.int32)
+    eng.all_to_all(_data(rank, m * n, np.int32), a2a, 0, dl)
+    res[("all_to_all",)] = a2a
+    eng.barrier(0, dl)
+    return res
+
+
+_REDUCE = {"SUM": np.add, "MAX": np.maximum, "MIN": np.minimum}
+
+
+def _fold(fn: Any, arrays: list[np.ndarray]) -> np.ndarray:
+    acc = arrays[0].copy()
+    for a in arrays[1:]:
+        acc = fn(acc, a)
+    return acc
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n", SIZES)
+def test_collectives_match_numpy(tmp_path: Any, n: int) -> None:
+    results = run_ranks(tmp_path, n, _collectives)
+    for rank in range(n):
+        res = results[rank][1]
+        for count in (0, 1, 7, 513):
+            for dtype in (np.float32, np.int64):
+                for opname, fn in _REDUCE.items():
+                    want = _fold(fn, [_data(q, count, dtype) for q in range(n)])
+                    got = res[("all_reduce", count, np.dtype(dtype).name, opname)]
+                    np.testing.assert_array_equal(got, want, err_msg=f"rank {rank} {opname}")
+        want = _fold(np.bitwise_xor, [_data(q, 300, np.int32) for q in range(n)])
+        np.testing.assert_array_equal(res[("all_reduce_bxor",)], want)
+        for root in range(n):
+            np.testing.assert_array_equal(res[("broadcast", root)], _data(root, 333, np.float64))
+            np.testing.assert_array_equal(
+                res[("scatter", root)], _data(root, 37 * n, np.int16)[rank * 37 : (rank + 1) * 37]
+            )
+            if rank == root:
+                want = _fold(np.add, [_data(q, 101, np.float32) for q in range(n)])
+                np.testing.assert_array_equal(res[("reduce", root)], want)
+                want = np.concatenate([_data(q, 61, np.float32) for q in range(n)])
+                np.testing.assert_array_equal(res[("gather", root)], want)
+        m = 129
+        want = np.concatenate([_data(q, m, np.float64) for q in range(n)])
+        np.testing.assert_array_equal(res[("all_gather",)], want)
+        full = _fold(np.add, [_data(q, m * n, np.float32) for q in range(n)])
+        np.testing.assert_array_equal(res[("reduce_scatter",)], full[rank * m : (rank + 1) * m])
+        want = np.concatenate(
+            [_data(q, m * n, np.int32)[rank * m : (rank + 1) * m] for q in range(n)]
+        )
+        np.testing.assert_array_equal(res[("all_to_all",)], want)
+
+
+def _float_sum_identical(eng: Any, rank: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(rank)
+    buf = rng.standard_normal(10_000).astype(np.float32)
+    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+    return buf
+
+
+@pytest.mark.timeout(60)
+def test_float_all_reduce_is_bit_identical_on_every_rank(tmp_path: Any) -> None:
+    n = 3
+    results = run_ranks(tmp_path, n, _float_sum_identical, part=4096)
+    inputs = [np.random.default_rng(q).standard_normal(10_000).astype(np.float32) for q in range(n)]
+    want = (inputs[0] + inputs[1]) + inputs[2]  # rank order, as documented
+    for rank in range(n):
+        np.testing.assert_array_equal(results[rank][1], want)
+
+
+def _default_parts(eng: Any, rank: int, n: int) -> float:
+    # several MiB: crosses the default (large) part size, many steps
+    buf = np.full(3 << 20, rank + 1, np.float32)
+    for _ in range(3):
+        buf[:] = rank + 1
+        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 30)
+    return float(buf.min()), float(buf.max())
+
+
+@pytest.mark.timeout(90)
+def test_large_buffers_with_default_part_size(tmp_path: Any) -> None:
+    n = 2
+    results = run_ranks(tmp_path, n, _default_parts, part=None)
+    for rank in range(n):
+        assert results[rank][1] == (3.0, 3.0)
+
+
+# -- oversubscription ----------------------------------------------------------
+
+
+def _many_small(eng: Any, rank: int, n: int) -> int:
+    buf = np.zeros(64, np.int64)
+    for _ in range(200):
+        buf[:] = 1
+        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 30)
+        assert int(buf[0]) == n
+    return int(buf.sum())
+
+
+@pytest.mark.timeout(90)
+def test_oversubscribed_seven_ranks_on_two_cores_complete(tmp_path: Any) -> None:
+    # 7 ranks, 2 cores: waiters must sleep (futex), not spin the others off the CPU.
+    n = 7
+    results = run_ranks(tmp_path, n, _many_small, timeout=60)
+    assert all(results[r][1] == 64 * n for r in range(n))
+
+
+# -- failures ------------------------------------------------------------------
+
+
+def _die_midway(how: str) -> Callable[..., Any]:
+    def scenario(eng: Any, rank: int, n: int) -> Any:
+        buf = np.ones(4096, np.float32)
+        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)  # all alive here
+        if rank == n - 1:
+            if how == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif how == "exit":
+                os._exit(3)
+            elif how == "hang":
+                time.sleep(4)  # longer than the others' 1.5 s deadline
+                os._exit(0)
+        start = time.monotonic()
+        try:
+            eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + (1.5 if how == "hang" else 20))
+        except Exception as exc:
+            return (
+                type(exc).__name__,
+                getattr(exc, "rank", None),
+                getattr(exc, "op", None),
+                getattr(exc, "peer", None),
+                time.monotonic() - start,
+            )
+        return None
+
+    return scenario
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "how,exc_name",
+    [("sigkill", "DistPeerLostError"), ("exit", "DistPeerLostError"), ("hang", "DistTimeoutError")],
+)
+def test_dead_or_stuck_peer_raises_within_timeout(tmp_path: Any, how: str, exc_name: str) -> None:
+    n = 3
+    if how == "hang":
+        results = run_ranks(tmp_path, n, _die_midway(how), timeout=10, expect_errors=True)
+    else:
+        results = run_ranks(tmp_path, n, _die_midway(how), expect_errors=True)
+    for rank in range(n - 1):
+        status, value = results[rank]
+        assert status == "ok", value
+        assert value is not None, f"rank {rank} did not notice the failure"
+        name, erank, op, peer, elapsed = value
+        # the rank that detects the problem raises exc_name; a rank told by the
+        # first one's abort raises DistPeerLostError; both name the dead/stuck rank
+        assert name in (exc_name, "DistPeerLostError"), value
+        assert erank == rank and op == "all_reduce", value
+        assert peer == n - 1, value
+        assert elapsed < (3.5 if how == "hang" else 3), value
+    names = {results[r][1][0] for r in range(n - 1)}
+    assert exc_name in names
+
+
+def _abort_one(eng: Any, rank: int, n: int) -> Any:
+    buf = np.ones(16, np.float32)
+    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+    if rank == 0:
+        eng.abort("test asked rank 0 to abort")
+    try:
+        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+    except DistPeerLostError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_abort_fails_every_local_rank_fast(tmp_path: Any) -> None:
+    results = run_ranks(tmp_path, 3, _abort_one)
+    assert "test asked rank 0 to abort" in results[0][1]
+    for rank in (1, 2):
+        assert results[rank][1] is not None and "rank 0" in results[rank][1]
+
+
+def test_error_classes_are_the_documented_ones() -> None:
+    assert issubclass(DistTimeoutError, TimeoutError)
+    assert issubclass(DistPeerLostError, ConnectionError)
+
+
+def _list_shm(eng: Any, rank: int, n: int) -> list[str]:
+    eng.barrier(0, time.monotonic() + 10)
+    return sorted(os.listdir("/dev/shm"))
+
+
+@pytest.mark.timeout(60)
+def test_segment_has_no_name_in_dev_shm(tmp_path: Any) -> None:
+    before = sorted(os.listdir("/dev/shm"))
+    results = run_ranks(tmp_path, 2, _list_shm)
+    during = set(results[0][1]) | set(results[1][1])
+    assert not [e for e in during - set(before) if "distrib" in e]
