@@ -47,7 +47,7 @@ class AttemptResult:
     outcome: str  # "success" | "failure" | "signal" | "timeout" | "peer"
     exits: list[WorkerExit] = field(default_factory=list)
     signum: int = 0
-    peer_exits: list[WorkerExit] = field(default_factory=list)
+    peer_reason: str = ""
 
 
 class Agent:
@@ -117,35 +117,38 @@ class Agent:
                 return 128 + self._pending_signal
             rnd = self.rdzv.join(attempt)
             result = self._run_attempt(rnd, wake_fd)
-            if result.outcome == "success":
-                peer = self.rdzv.finish(attempt)
-                if not peer:
-                    return 0
-                result = AttemptResult("peer", result.exits, peer_exits=peer)
-            exits = result.exits + result.peer_exits
+            failed = result.outcome != "success"
+            theirs, lost = self.rdzv.finish(
+                attempt, result.exits, failed, lambda: bool(self._pending_signal)
+            )
+            exits = result.exits + theirs
             root = root_cause(exits)
-            if result.outcome == "signal":
-                name = signal_name(result.signum)
+            if not failed and lost is None and root is None:
+                return 0
+            if result.outcome == "signal" or (self._pending_signal and result.outcome != "timeout"):
+                signum = result.signum or self._pending_signal
+                name = signal_name(signum)
                 self._report(exits, attempt, f"distrib-run received {name}; workers stopped")
-                return 128 + result.signum
+                return 128 + signum
             if result.outcome == "timeout":
                 self._report(exits, attempt, f"--timeout {self.opts.timeout:g} s passed")
                 return 1
-            retryable = root is None or root.phase != "startup"
+            retryable = lost is None and (root is None or root.phase != "startup")
+            if root is not None:
+                headline = f"rank {root.rank} on {root.host} {root.reason()}"
+                if root.phase == "startup":
+                    headline += " before the script started; not retried"
+            else:
+                headline = lost or result.peer_reason or "another node failed"
+            if lost is not None and root is not None:
+                headline += f"; and {lost}"
             if retryable and attempt < self.opts.max_restarts:
-                why = f"rank {root.rank} {root.reason()}" if root else "a node was lost"
                 self.say(
-                    f"attempt {attempt + 1} failed ({why}); restarting all workers "
+                    f"attempt {attempt + 1} failed ({headline}); restarting all workers "
                     f"(restart {attempt + 1} of {self.opts.max_restarts})"
                 )
                 attempt += 1
                 continue
-            if root is None:
-                headline = "another node was lost"
-            else:
-                headline = f"rank {root.rank} on {root.host} {root.reason()}"
-            if not retryable:
-                headline += " before the script started; not retried"
             self._report(exits, attempt, headline)
             return 1
 
@@ -336,8 +339,6 @@ class Agent:
                 w.exit.last_output = lines[-1].decode(errors="replace") if lines else ""
         if result.outcome == "success" and any(e.exitcode != 0 for e in result.exits):
             result.outcome = "failure"
-        if result.outcome == "failure":
-            self.rdzv.publish_failures(rnd.attempt, result.exits)
         return result
 
     def _check(
@@ -353,7 +354,7 @@ class Agent:
             return AttemptResult("success")
         peer = self.rdzv.peer_failures()
         if peer:
-            return AttemptResult("peer", peer_exits=peer)
+            return AttemptResult("peer", peer_reason=peer)
         if self.opts.timeout is not None and now - started > self.opts.timeout:
             return AttemptResult("timeout")
         return None

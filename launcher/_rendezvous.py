@@ -9,6 +9,7 @@ version over ``distrib.TCPStore`` lives in ``_multinode``.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._worker import WorkerExit
@@ -53,16 +54,15 @@ class SingleNodeRendezvous:
         port = self.master_port if self.master_port is not None else free_port()
         return Round(attempt, self.nproc, 0, 1, 0, self.master_addr, port)
 
-    def peer_failures(self) -> list[WorkerExit] | None:
-        """Failures reported by other nodes (never, on one node)."""
+    def peer_failures(self) -> str | None:
+        """Why the job must stop because of another node (never, on one node)."""
         return None
 
-    def publish_failures(self, attempt: int, exits: list[WorkerExit]) -> None:
-        """Tell other nodes this node failed (nobody to tell)."""
-
-    def finish(self, attempt: int) -> list[WorkerExit] | None:
-        """Wait for every node to end the attempt; other nodes' failures or ``None``."""
-        return None
+    def finish(
+        self, attempt: int, exits: list[WorkerExit], failed: bool, interrupted: Callable[[], bool]
+    ) -> tuple[list[WorkerExit], str | None]:
+        """Publish this node's exits, wait for the others'; (their exits, lost-node reason)."""
+        return [], None
 
     def close(self) -> None:
-        """Release the rendezvous."""
+        """Leave the rendezvous for good."""
