@@ -322,14 +322,12 @@ class DistributedDataParallel:
         what earlier blocks left. The next step outside ``no_sync`` adds its own
         gradients and communicates the sum.
         """
-        if self._next_launch or any(b.ready for b in self.buckets):
-            if not self._accumulating:
-                raise DistUsageError(
-                    f"no_sync (rank {self.rank}): entered in the middle of a step; "
-                    "synchronize() first",
-                    rank=self.rank,
-                    op="no_sync",
-                )
+        if not self._accumulating and (self._next_launch or any(b.ready for b in self.buckets)):
+            raise DistUsageError(
+                f"no_sync (rank {self.rank}): entered in the middle of a step; synchronize() first",
+                rank=self.rank,
+                op="no_sync",
+            )
         self._accumulating = True
         try:
             yield
