@@ -1,0 +1,261 @@
+"""The per-process side of the cleanup daemon protocol (see ``_cleanup.py``).
+
+Each process keeps one SOCK_SEQPACKET connection per daemon it talks to (the
+address travels inside every handle, so a receiver finds the sender's daemon
+without the sender). A process whose own segments have never been handed out
+starts a daemon lazily; a process that received a handle reuses that daemon.
+
+Messages (msgpack lists, one per packet):
+  ["track", seg_id, path]                 creator of a named segment is a holder
+  ["ref", seg_id, kind, size, path] (+fd) a handle was pickled: one more ticket;
+                                          the fd rides along the first time this
+                                          process refs the segment at that daemon
+  ["take", seg_id]  -> ["ok"] (+fd) | ["err", text]
+                                          unpickled: consume a ticket, become holder
+  ["unref", seg_id]                       unpickled into an already-mapped segment
+  ["release", seg_id]                     this process dropped its last mapping
+Everything but ``take`` is one-way. All state is per process and rebuilt after fork.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sys
+import threading
+
+import msgpack
+
+from .._config import config
+from .._errors import ShmError, ShmFdLimitError
+
+__all__ = ["daemon_address", "ref", "release", "take", "track", "unref"]
+
+_DEFAULT_TIMEOUT = 60.0
+
+
+class _State:
+    """Connections and bookkeeping of this process; replaced after fork."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.RLock()
+        self.conns: dict[str, socket.socket] = {}
+        self.own_daemon: str | None = None
+        # (daemon, seg_id) pairs where this process is a holder (its fd is deposited).
+        self.holding: set[tuple[str, str]] = set()
+        self.spawned: list[int] = []
+
+
+_state = _State()
+
+
+def _current() -> _State:
+    global _state
+    if _state.pid != os.getpid():
+        _state = _State()  # after fork: never share a parent's socket
+    return _state
+
+
+def _after_fork_in_child() -> None:
+    global _state
+    inherited = _state
+    _state = _State()
+    _state.own_daemon = inherited.own_daemon  # reuse the parent's daemon, new socket
+    # Close our copies of the parent's sockets: the daemon must see the parent's
+    # disconnect when the parent dies, and we must never interleave its packets.
+    for sock in inherited.conns.values():
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _start_daemon(st: _State) -> str:
+    """Start a cleanup daemon in its own session; return its abstract address."""
+    name = f"\0distrib-shm-{os.getpid()}-{secrets.token_hex(8)}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        listener.bind(name)
+        listener.listen(128)
+        fd = listener.fileno()
+        os.set_inheritable(fd, True)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        keep_stderr = bool(config().debug)
+        actions = [
+            (os.POSIX_SPAWN_DUP2, devnull, 0),
+            (os.POSIX_SPAWN_DUP2, devnull, 1),
+        ]
+        if not keep_stderr:
+            actions.append((os.POSIX_SPAWN_DUP2, devnull, 2))
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
+        try:
+            pid = os.posix_spawn(
+                sys.executable,
+                [sys.executable, "-m", "distrib.shm._cleanup", str(fd)],
+                env,
+                file_actions=actions,
+                setsid=True,  # a process-group kill of the user's job must not take it down
+            )
+        finally:
+            os.close(devnull)
+        st.spawned.append(pid)
+    finally:
+        listener.close()  # the daemon holds its own copy; connects queue in the backlog
+    # Reap daemons of ours that already exited, so they do not linger as zombies.
+    for old in list(st.spawned):
+        try:
+            if os.waitpid(old, os.WNOHANG)[0]:
+                st.spawned.remove(old)
+        except ChildProcessError:
+            st.spawned.remove(old)
+    return name
+
+
+def daemon_address() -> str:
+    """The daemon this process deposits its own segments with (started on first use)."""
+    st = _current()
+    with st.lock:
+        if st.own_daemon is None:
+            st.own_daemon = _start_daemon(st)
+        return st.own_daemon
+
+
+def _conn(st: _State, address: str) -> socket.socket:
+    sock = st.conns.get(address)
+    if sock is None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(config().timeout or _DEFAULT_TIMEOUT)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            raise ShmError(
+                f"cannot reach the shared-memory daemon {address[1:]!r}: {exc}. It exits "
+                "once every process that used it is gone (or it was killed)",
+                op="shm.connect",
+            ) from exc
+        st.conns[address] = sock
+        if st.own_daemon is None:
+            st.own_daemon = address  # adopt the sender's daemon for our own segments
+    return sock
+
+
+def _send(st: _State, address: str, msg: list, fds: list[int] | None = None) -> None:
+    data = msgpack.packb(msg)
+    sock = _conn(st, address)
+    try:
+        if fds:
+            socket.send_fds(sock, [data], fds)
+        else:
+            sock.sendall(data)
+    except OSError as exc:
+        st.conns.pop(address, None)
+        sock.close()
+        raise ShmError(
+            f"lost the shared-memory daemon {address[1:]!r}: {exc}", op="shm.send"
+        ) from exc
+
+
+def track(seg_id: str, path: str) -> str:
+    """Register a new named segment (this process holds it); return the daemon address."""
+    address = daemon_address()
+    st = _current()
+    with st.lock:
+        _send(st, address, ["track", seg_id, path])
+        st.holding.add((address, seg_id))
+    return address
+
+
+def ref(seg) -> str:
+    """Count one handle of ``seg`` in flight; deposit its fd on first use. Returns the address."""
+    st = _current()
+    with st.lock:
+        if seg.daemon is None:
+            seg.daemon = daemon_address()
+        address = seg.daemon
+        key = (address, seg.seg_id)
+        deposit = key not in st.holding and seg.kind == "file_descriptor"
+        msg = ["ref", seg.seg_id, seg.kind, seg.size, seg.path]
+        _send(st, address, msg, [seg.fd] if deposit else None)
+        st.holding.add(key)
+    return address
+
+
+def take(address: str, seg_id: str) -> int | None:
+    """Consume a ticket and fetch the segment's fd (``None`` for named segments).
+
+    Raises:
+        ShmFdLimitError: the descriptor was lost because this process is at its fd limit.
+        ShmError: the daemon does not know the segment (it was freed) or is unreachable.
+    """
+    st = _current()
+    with st.lock:
+        _send(st, address, ["take", seg_id])
+        sock = st.conns[address]
+        try:
+            data, fds, flags, _ = socket.recv_fds(sock, 4096, 1)
+        except (OSError, TimeoutError) as exc:
+            st.conns.pop(address, None)
+            sock.close()
+            raise ShmError(
+                f"no answer from the shared-memory daemon {address[1:]!r} for "
+                f"segment {seg_id}: {exc}",
+                op="shm.take",
+            ) from exc
+        if flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            raise ShmFdLimitError(
+                f"process {os.getpid()} hit its open-file limit (RLIMIT_NOFILE soft={soft}, "
+                f"hard={hard}) while receiving shared-memory segment {seg_id}: the kernel "
+                "dropped the descriptor. Raise the limit (ulimit -n) or keep fewer shared "
+                "arrays alive",
+                op="shm.take",
+            )
+        if not data:
+            st.conns.pop(address, None)
+            sock.close()
+            raise ShmError(
+                f"the shared-memory daemon {address[1:]!r} closed the connection", op="shm.take"
+            )
+        reply = msgpack.unpackb(data)
+        if reply[0] != "ok":
+            for fd in fds:
+                os.close(fd)
+            raise ShmError(
+                f"cannot attach shared-memory segment {seg_id}: {reply[1]}", op="shm.take"
+            )
+        st.holding.add((address, seg_id))
+        return fds[0] if fds else None
+
+
+def unref(address: str, seg_id: str) -> None:
+    """Consume a ticket for a segment this process already has mapped."""
+    st = _current()
+    with st.lock:
+        _send(st, address, ["unref", seg_id])
+        st.holding.add((address, seg_id))
+
+
+def release(seg_id: str) -> None:
+    """Tell every daemon holding ``seg_id`` for us that this process let go."""
+    st = _current()
+    if st.pid != os.getpid():
+        return
+    with st.lock:
+        for key in [k for k in st.holding if k[1] == seg_id]:
+            st.holding.discard(key)
+            try:
+                _send(st, key[0], ["release", seg_id])
+            except ShmError:
+                pass  # daemon gone: nothing left to release
