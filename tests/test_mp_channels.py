@@ -137,9 +137,12 @@ def test_pool_arguments_and_results(ctx):
     arrays = [shm.full(20_000, float(i + 1)) for i in range(4)]
     with ctx.Pool(2) as pool:
         results = pool.map(_scale, [(a, 10) for a in arrays])
-    for i, (a, r) in enumerate(zip(arrays, results)):
+    for i, (a, r) in enumerate(zip(arrays, results, strict=True)):
         assert (a == 10.0 * (i + 1)).all()  # workers wrote into our arrays
-        assert shm.is_shared(r) and r.__array_interface__["data"][0] == a.__array_interface__["data"][0]
+        assert (
+            shm.is_shared(r)
+            and r.__array_interface__["data"][0] == a.__array_interface__["data"][0]
+        )
 
 
 def _get_len(q, out):
