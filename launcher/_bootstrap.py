@@ -43,7 +43,8 @@ def set_parent_death_signal(sig: int) -> bool:
 
 
 def _startup_failure(exc: BaseException, code: int, text: str) -> NoReturn:
-    write_error_file(exc, phase=PHASE_STARTUP)
+    # No traceback: it would only show the bootstrap's own frames.
+    write_error_file(exc.with_traceback(None), phase=PHASE_STARTUP)
     sys.stderr.write(text)
     sys.stderr.flush()
     sys.exit(code)

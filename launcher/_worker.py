@@ -117,9 +117,15 @@ class Worker:
             pid=self.proc.pid,
             exitcode=code,
             time=time.time(),
-            stopped_by_launcher=self.stop_requested and code != 0,
         )
         doc = read_error_file(self.error_file) if code != 0 else None
+        # Stopped by us: it ended after our signal without raising an exception of its
+        # own (a KeyboardInterrupt from a forwarded SIGINT counts as stopped).
+        self.exit.stopped_by_launcher = (
+            self.stop_requested
+            and code != 0
+            and (code < 0 or doc is None or doc.get("exc_type") == "KeyboardInterrupt")
+        )
         if doc is not None:
             self.exit.message = str(doc.get("message", ""))
             self.exit.traceback = str(doc.get("traceback", ""))
