@@ -1,17 +1,89 @@
-"""Rendezvous stores, process groups and collectives (torch.distributed's API).
+"""Rendezvous stores, process groups and collectives: torch.distributed's API for numpy.
 
 Stores: ``TCPStore`` (ZeroMQ, msgpack, optional HMAC authentication),
-``FileStore`` and ``PrefixStore``.
+``FileStore`` and ``PrefixStore``. Groups: ``init_process_group``,
+``new_group`` ... Collectives: ``all_reduce`` and the rest, on numpy arrays
+(CPU engine: shared memory or ZeroMQ) and cupy arrays (GPU engine).
 """
 
 from __future__ import annotations
 
+from ._api import (
+    Backend,
+    GroupMember,
+    destroy_process_group,
+    get_backend,
+    get_rank,
+    get_world_size,
+    init_process_group,
+    is_initialized,
+    new_group,
+)
+from ._collectives import (
+    all_gather,
+    all_gather_into_tensor,
+    all_reduce,
+    all_to_all,
+    all_to_all_single,
+    barrier,
+    broadcast,
+    gather,
+    irecv,
+    isend,
+    recv,
+    reduce,
+    reduce_scatter,
+    reduce_scatter_tensor,
+    scatter,
+    send,
+)
 from ._file_store import FileStore
+from ._group import ProcessGroup
+from ._objects import (
+    all_gather_object,
+    broadcast_object_list,
+    gather_object,
+    scatter_object_list,
+)
+from ._ops import ReduceOp
 from ._store import PrefixStore, Store, TCPStore
+from ._work import Work
 
 __all__ = [
+    "Backend",
     "FileStore",
+    "GroupMember",
     "PrefixStore",
+    "ProcessGroup",
+    "ReduceOp",
     "Store",
     "TCPStore",
+    "Work",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "destroy_process_group",
+    "gather",
+    "gather_object",
+    "get_backend",
+    "get_rank",
+    "get_world_size",
+    "init_process_group",
+    "irecv",
+    "is_initialized",
+    "isend",
+    "new_group",
+    "recv",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+    "scatter_object_list",
+    "send",
 ]

@@ -22,16 +22,93 @@ Contract for every method:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from .._errors import DistBackendError
 from ._ops import ReduceOp
+
+__all__ = ["Engine", "EngineContext", "make_cpu_engine_for", "make_gpu_engine_for"]
+
+
+@dataclass
+class EngineContext:
+    """Everything an engine needs to set itself up for one group.
+
+    Attributes:
+        store: the group's own (prefixed) store; keys are private to the group.
+        rank, size: this process's group rank and the group size.
+        global_ranks: global rank of each group rank (for messages).
+        timeout: the group's timeout in seconds.
+        host_ids: ``boot_id/hostname`` of each group rank, exchanged at group
+            creation: equal ids mean the ranks share a machine (and memory).
+        bind_host: the address this rank's sockets listen on (reachable by peers).
+        transport: ``DISTRIB_TRANSPORT`` (``auto``, ``zmq`` or ``shm``).
+        check_failed: raises the error another rank published for this group,
+            if any (engines call it while blocked, at most a few times a second).
+        make_zmq_engine: builds the group's ZeroMQ engine (the hierarchical
+            engine uses it across hosts); each call returns the same engine.
+    """
+
+    store: Any
+    rank: int
+    size: int
+    global_ranks: list[int]
+    timeout: float
+    host_ids: list[str]
+    bind_host: str = "127.0.0.1"
+    transport: str = "auto"
+    check_failed: Callable[[], None] = field(default=lambda: None)
+    make_zmq_engine: Callable[[], Engine] = field(default=lambda: _no_zmq())
+
+
+def _no_zmq() -> Engine:
+    raise DistBackendError("this EngineContext cannot build a ZeroMQ engine", op="engine")
+
+
+def make_cpu_engine_for(ctx: EngineContext) -> Engine:
+    """Pick the engine for numpy arrays: ``zmq`` -> ZeroMQ; ``auto``/``shm`` -> shared
+    memory / hierarchical when ``distrib.comm._shm_engine`` offers one, else ZeroMQ."""
+    if ctx.transport != "zmq" and ctx.size > 1:
+        try:
+            from ._shm_engine import make_cpu_engine
+        except ImportError:
+            make_cpu_engine = None
+        if make_cpu_engine is not None:
+            engine = make_cpu_engine(ctx)
+            if engine is not None:
+                return engine
+    return ctx.make_zmq_engine()
+
+
+def make_gpu_engine_for(ctx: EngineContext) -> Engine:
+    """The engine for cupy arrays (``distrib.comm._gpu``), built on first use."""
+    try:
+        from ._gpu import make_gpu_engine
+    except ImportError as exc:
+        raise DistBackendError(
+            f"cupy arrays need the GPU engine (distrib.comm._gpu), which is unavailable: {exc}",
+            rank=ctx.global_ranks[ctx.rank],
+            op="engine",
+        ) from None
+    return make_gpu_engine(ctx)
 
 
 class Engine(ABC):
-    """Moves contiguous buffers among the ranks of one group."""
+    """Moves contiguous buffers among the ranks of one group.
+
+    Mismatch detection: before each collective the group sets
+    ``call_descriptor`` (msgpack bytes naming the op, shape, dtype, root and
+    reduce op). An engine that compares it across ranks as part of its own
+    traffic sets ``verifies_descriptors = True`` (the ZeroMQ engine does);
+    otherwise the group checks descriptors itself with one small all-gather.
+    """
 
     rank: int
     size: int
+    verifies_descriptors: bool = False
+    call_descriptor: bytes = b""
 
     @abstractmethod
     def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:

@@ -1,0 +1,269 @@
+"""Process-group management (torch's names): init, query, subgroups, destroy.
+
+The default group is the one piece of process-wide state distrib keeps; it
+records its pid so a forked child does not mistake its parent's group for
+its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._config import config
+from .._errors import DistUsageError
+from ._group import ProcessGroup
+from ._rendezvous import rendezvous
+from ._store import PrefixStore, Store, to_seconds
+
+__all__ = [
+    "Backend",
+    "GroupMember",
+    "destroy_process_group",
+    "get_backend",
+    "get_rank",
+    "get_world_size",
+    "init_process_group",
+    "is_initialized",
+    "new_group",
+    "resolve_group",
+]
+
+DEFAULT_TIMEOUT_S = 600.0  # 10 minutes, like torch's default for gloo
+
+
+class Backend:
+    """Backend names ``init_process_group`` accepts (torch's ``Backend``)."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    ZMQ = "zmq"
+    GLOO = "gloo"  # alias of the CPU path, so torch scripts run unchanged
+    NCCL = "nccl"  # cupy arrays go to the GPU engine (numpy still uses the CPU path)
+    ALL = ("auto", "cpu", "zmq", "gloo", "nccl")
+
+
+class GroupMember:
+    """``GroupMember.NON_GROUP_MEMBER`` is what ``new_group`` returns to non-members."""
+
+    NON_GROUP_MEMBER = object()
+
+
+@dataclass
+class _World:
+    group: ProcessGroup
+    store: Store
+    owns_store: bool
+    bind_host: str
+    transport: str
+    pid: int
+    subgroups: list[ProcessGroup] = field(default_factory=list)
+    group_count: int = 0
+
+
+_world: _World | None = None  # the default process group (the one allowed global)
+
+
+def _current() -> _World | None:
+    if _world is not None and _world.pid != os.getpid():
+        return None  # inherited through fork: not ours
+    return _world
+
+
+def _require(op: str) -> _World:
+    world = _current()
+    if world is None:
+        raise DistUsageError(
+            f"{op}: the default process group is not initialized; call "
+            "distrib.init_process_group() first",
+            op=op,
+        )
+    return world
+
+
+def _backend_name(backend: Any) -> str:
+    name = str(backend).lower() if backend is not None else "auto"
+    parts = [p.split(":")[-1] for p in name.split(",")]  # "cpu:gloo,cuda:nccl"
+    for part in parts:
+        if part not in Backend.ALL:
+            raise DistUsageError(
+                f"init_process_group: unknown backend {backend!r}; expected one of "
+                + ", ".join(Backend.ALL),
+                op="init_process_group",
+            )
+    return name
+
+
+def _transport(backend: str) -> str:
+    chosen = config().transport or "auto"
+    if backend in ("zmq", "cpu") and chosen == "auto":
+        return "zmq"
+    return chosen
+
+
+def _timeout(timeout: Any) -> float:
+    if timeout is not None:
+        return to_seconds(timeout)
+    return config().timeout or DEFAULT_TIMEOUT_S
+
+
+def init_process_group(
+    backend: str | None = "auto",
+    init_method: str | None = None,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    store: Store | None = None,
+    timeout: Any = None,
+    group_name: str = "",
+) -> None:
+    """Join the default process group (torch's ``init_process_group``).
+
+    Args:
+        backend: "auto" (default), "cpu"/"zmq", "gloo" (alias of the CPU path) or "nccl".
+        init_method: "env://" (default: MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE, or
+            Slurm / Open MPI / MPICH variables), "tcp://host:port" or "file://path".
+        rank, world_size: override the environment.
+        store: an existing store (then ``rank`` and ``world_size`` are required).
+        timeout: ``timedelta`` or seconds for every collective (default DISTRIB_TIMEOUT
+            or 10 minutes).
+    """
+    global _world
+    if _current() is not None:
+        raise DistUsageError(
+            "init_process_group: the default process group is already initialized; call "
+            "destroy_process_group() first",
+            op="init_process_group",
+        )
+    name = _backend_name(backend)
+    seconds = _timeout(timeout)
+    if store is not None:
+        if rank is None or world_size is None:
+            raise DistUsageError(
+                "init_process_group: store= needs rank= and world_size=", op="init_process_group"
+            )
+        if not 0 <= rank < world_size:
+            raise DistUsageError(
+                f"init_process_group: rank {rank} is outside 0..{world_size - 1}",
+                op="init_process_group",
+            )
+        base, owns, bind_host = store, False, "127.0.0.1"
+        if getattr(store, "host", None) and not str(store.host).startswith("127."):
+            from ._rendezvous import _bind_host_towards
+
+            bind_host = _bind_host_towards(store.host, getattr(store, "port", 0))
+    else:
+        rdzv = rendezvous(init_method, rank, world_size, seconds)
+        base, owns, bind_host = rdzv.store, rdzv.owns_store, rdzv.bind_host
+        rank, world_size = rdzv.rank, rdzv.world_size
+    transport = _transport(name)
+    try:
+        group = ProcessGroup(
+            PrefixStore(f"distrib/pg{group_name}/default", base),
+            rank,
+            world_size,
+            list(range(world_size)),
+            seconds,
+            name,
+            bind_host,
+            transport,
+        )
+    except BaseException:
+        if owns:
+            base.close()
+        raise
+    _world = _World(group, base, owns, bind_host, transport, os.getpid())
+
+
+def is_initialized() -> bool:
+    """True when this process has joined the default group."""
+    return _current() is not None
+
+
+def resolve_group(group: Any, op: str) -> ProcessGroup | None:
+    """The group a call targets; ``None`` when this rank is not a member (a no-op)."""
+    if group is None:
+        return _require(op).group
+    if group is GroupMember.NON_GROUP_MEMBER:
+        return None
+    if not isinstance(group, ProcessGroup):
+        raise TypeError(f"{op}: group must be a ProcessGroup or None, got {type(group).__name__}")
+    return group
+
+
+def get_rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (default: the world); -1 if not a member."""
+    pg = resolve_group(group, "get_rank")
+    return -1 if pg is None else pg.rank()
+
+
+def get_world_size(group: Any = None) -> int:
+    """Number of ranks in ``group`` (default: the world); -1 if not a member."""
+    pg = resolve_group(group, "get_world_size")
+    return -1 if pg is None else pg.size()
+
+
+def get_backend(group: Any = None) -> str:
+    """The backend name the group was created with."""
+    pg = resolve_group(group, "get_backend")
+    if pg is None:
+        raise DistUsageError(
+            "get_backend: this rank is not a member of the group", op="get_backend"
+        )
+    return pg.backend
+
+
+def new_group(ranks: Any = None, timeout: Any = None, backend: str | None = None) -> Any:
+    """Create a subgroup of ``ranks`` (global ranks; default all). Every rank of the world
+    must call it, in the same order; non-members get ``GroupMember.NON_GROUP_MEMBER``."""
+    world = _require("new_group")
+    size = world.group.size()
+    members = list(range(size)) if ranks is None else sorted(int(r) for r in ranks)
+    if len(set(members)) != len(members) or not members:
+        raise DistUsageError(
+            f"new_group: ranks must be distinct and non-empty, got {ranks!r}", op="new_group"
+        )
+    bad = [r for r in members if not 0 <= r < size]
+    if bad:
+        raise DistUsageError(
+            f"new_group: ranks {bad} are outside the world 0..{size - 1}", op="new_group"
+        )
+    world.group_count += 1  # identical on every rank: all ranks call new_group in order
+    me = world.group.rank()
+    if me not in members:
+        return GroupMember.NON_GROUP_MEMBER
+    name = _backend_name(backend) if backend is not None else world.group.backend
+    group = ProcessGroup(
+        PrefixStore(f"distrib/pg/sub{world.group_count}", world.store),
+        members.index(me),
+        len(members),
+        members,
+        _timeout(timeout) if timeout is not None else world.group.timeout,
+        name,
+        world.bind_host,
+        world.transport,
+    )
+    world.subgroups.append(group)
+    return group
+
+
+def destroy_process_group(group: Any = None) -> None:
+    """Tear down ``group``, or (default) every group and the default group's store."""
+    global _world
+    world = _current()
+    if group is not None and group is not GroupMember.NON_GROUP_MEMBER:
+        group.close()
+        if world is not None and group in world.subgroups:
+            world.subgroups.remove(group)
+        if world is None or group is not world.group:
+            return
+    if world is None:
+        _world = None
+        return
+    for sub in world.subgroups:
+        sub.close()
+    world.group.close()
+    if world.owns_store:
+        world.store.close()
+    _world = None

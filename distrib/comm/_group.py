@@ -1,0 +1,261 @@
+"""``ProcessGroup``: ordering, failure publication and engine choice for one group.
+
+Every operation takes a ticket when it is issued and runs when all earlier
+tickets have finished: synchronous calls run on the caller's thread, async
+ones on the group's progress thread, so operations of a group run in issue
+order while the caller computes. Collectives also get a sequence number
+(``seq``), identical on every rank for the same call.
+
+When an operation fails (timeout, lost peer, mismatch) the group publishes the
+error under its store key ``failed`` (first writer wins) and refuses further
+calls; engines of the other ranks poll that key while blocked and fail fast
+with the same cause instead of waiting out their timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from .._errors import (
+    DistBackendError,
+    DistClosedError,
+    DistError,
+    DistMismatchError,
+    DistPeerLostError,
+    DistTimeoutError,
+)
+from ._engine import Engine, EngineContext, make_cpu_engine_for, make_gpu_engine_for
+from ._work import Work
+
+__all__ = ["ProcessGroup", "host_id"]
+
+_FAILURE_CLASSES: dict[str, type[DistError]] = {
+    c.__name__: c
+    for c in (DistTimeoutError, DistPeerLostError, DistMismatchError, DistBackendError, DistError)
+}
+_FAILURE_STORE_TIMEOUT_S = 1.0  # the failure check must not stall a blocked rank for long
+
+
+def host_id() -> str:
+    """``boot_id/hostname``: equal on two ranks iff they share one running kernel."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "noboot"
+    return f"{boot}/{socket.gethostname()}"
+
+
+class ProcessGroup:
+    """A set of ranks that run collectives together (torch's ``ProcessGroup``).
+
+    Created by ``init_process_group`` / ``new_group``; not constructed directly.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        size: int,
+        global_ranks: list[int],
+        timeout: float,
+        backend: str,
+        bind_host: str,
+        transport: str,
+    ) -> None:
+        self.store = store
+        self._rank, self._size = rank, size
+        self.global_ranks = list(global_ranks)
+        self.timeout = timeout
+        self.backend = backend
+        self._failure: DistError | None = None
+        self._closed = False
+        self._fail_store = store.clone()
+        self._fail_store.set_timeout(_FAILURE_STORE_TIMEOUT_S)
+        self._fail_store_ok_after = 0.0
+        # Host ids double as the group's join barrier: everyone waits for everyone.
+        store.set(f"host/{rank}", host_id())
+        hosts = [store.get(f"host/{r}").decode() for r in range(size)]
+        self._zmq_engine: Engine | None = None
+        self._ctx = EngineContext(
+            store=store,
+            rank=rank,
+            size=size,
+            global_ranks=self.global_ranks,
+            timeout=timeout,
+            host_ids=hosts,
+            bind_host=bind_host,
+            transport=transport,
+            check_failed=self._check_failed,
+            make_zmq_engine=self._make_zmq_engine,
+        )
+        self.cpu_engine = make_cpu_engine_for(self._ctx)
+        self._gpu_engine: Engine | None = None
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._running_ticket = 0
+        self._seq = itertools.count()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"<ProcessGroup rank {self._rank}/{self._size} ranks={self.global_ranks}>"
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def global_rank(self) -> int:
+        return self.global_ranks[self._rank]
+
+    # -- engines -------------------------------------------------------------
+
+    def _make_zmq_engine(self) -> Engine:
+        if self._zmq_engine is None:
+            from ._zmq_engine import ZmqEngine
+
+            self._zmq_engine = ZmqEngine(self._ctx)
+        return self._zmq_engine
+
+    def engine_for(self, array: Any) -> Engine:
+        """The engine moving ``array``'s type: numpy -> CPU, cupy -> GPU (built lazily)."""
+        if type(array).__module__.split(".")[0] == "cupy":
+            if self._gpu_engine is None:
+                self._gpu_engine = make_gpu_engine_for(self._ctx)
+            return self._gpu_engine
+        return self.cpu_engine
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    # -- failure publication -------------------------------------------------
+
+    def _check_failed(self) -> None:
+        """Raise the failure another rank published for this group, if any."""
+        now = time.monotonic()
+        if now < self._fail_store_ok_after:
+            return
+        try:
+            if not self._fail_store.check(["failed"]):
+                return
+            blob = self._fail_store.get("failed")
+        except DistError:
+            # Store unreachable (its host may be the rank that died): ask less often.
+            self._fail_store_ok_after = now + 2.0
+            return
+        raise self._reported(blob)
+
+    def _reported(self, blob: bytes) -> DistError:
+        info = msgpack.unpackb(blob, raw=False)
+        cls = _FAILURE_CLASSES.get(info.get("cls"), DistError)
+        return cls(
+            f"rank {self.global_rank} stopped: rank {info.get('rank')} reported a failure "
+            f"of this group: {info.get('msg')}",
+            rank=self.global_rank,
+            op=info.get("op"),
+            peer=info.get("peer"),
+        )
+
+    def _publish(self, exc: DistError) -> None:
+        info = {
+            "cls": type(exc).__name__,
+            "rank": exc.rank if exc.rank is not None else self.global_rank,
+            "op": exc.op,
+            "peer": exc.peer if isinstance(exc.peer, (int, str, type(None))) else str(exc.peer),
+            "msg": str(exc),
+        }
+        try:
+            self._fail_store.compare_set("failed", b"", msgpack.packb(info))
+        except DistError:
+            pass  # the store is gone too; peers will time out or see the disconnect
+
+    # -- execution -----------------------------------------------------------
+
+    def submit(self, op: str, body: Callable[[float], list[Any] | None], async_op: bool) -> Any:
+        """Run ``body(deadline)`` after every earlier operation; return a ``Work`` when async."""
+        if self._closed:
+            raise DistClosedError(
+                f"{op}: the process group of rank {self.global_rank} was destroyed",
+                rank=self.global_rank,
+                op=op,
+            )
+        if self._failure is not None:
+            raise self._failure
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+        work = Work(op, self.global_rank)
+        if async_op:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._progress, name=f"distrib-progress-{self.global_ranks}", daemon=True
+                )
+                self._thread.start()
+            self._queue.put((ticket, op, body, work))
+            return work
+        self._run(ticket, op, body, work)
+        work.wait()
+        return None
+
+    def _run(self, ticket: int, op: str, body: Callable[[float], Any], work: Work) -> None:
+        with self._cond:
+            while self._running_ticket != ticket:
+                self._cond.wait(1.0)
+        try:
+            if self._failure is not None:
+                raise self._failure
+            result = body(time.monotonic() + self.timeout)
+            work._finish(None, result)
+        except DistError as exc:
+            if self._failure is None:
+                self._failure = exc
+                if "reported a failure of this group" not in str(exc):
+                    self._publish(exc)
+                self.cpu_engine.abort(str(exc))
+            work._finish(exc)
+        except BaseException as exc:
+            work._finish(exc)
+        finally:
+            with self._cond:
+                self._running_ticket += 1
+                self._cond.notify_all()
+
+    def _progress(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            self._run(*item)
+
+    def close(self) -> None:
+        """Finish queued work (bounded by the timeout), stop the thread, close engines."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(self.timeout + 5.0)
+        for engine in {
+            id(e): e for e in (self.cpu_engine, self._zmq_engine, self._gpu_engine) if e is not None
+        }.values():
+            try:
+                engine.close()
+            except Exception:
+                pass
+        self._fail_store.close()
+
+
+def _pid() -> int:
+    return os.getpid()
