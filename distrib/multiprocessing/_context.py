@@ -21,6 +21,7 @@ import multiprocessing.queues as _mpqueues
 import sys
 from typing import Any
 
+from ..shm import _client
 from ._pickler import ArrayPickler, Preserialized, dumps
 
 __all__ = [
@@ -47,6 +48,13 @@ class Connection(_mpconn.Connection):
         self._check_closed()
         self._check_writable()
         self._send_bytes(ArrayPickler.dumps(obj))
+
+    def recv(self) -> Any:
+        """Receive an object; arrays arrive mapped onto the sender's shared memory."""
+        try:
+            return super().recv()
+        finally:
+            _client.flush()
 
     def __reduce__(self) -> tuple:
         # Passed to a spawned child: rebuild as our class, not the stdlib's.
@@ -92,6 +100,12 @@ class SimpleQueue(_mpqueues.SimpleQueue):
         # Pool sends tasks through ``_writer.send`` directly: make it ours.
         _adopt(self._reader)
         _adopt(self._writer)
+
+    def get(self) -> Any:
+        try:
+            return super().get()
+        finally:
+            _client.flush()
 
     def put(self, obj: Any) -> None:
         data = dumps(obj)  # serialise before taking the lock, as the stdlib does

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from .._config import config
+from ..shm import _client
 from ..shm._array import block_of, handle_of, rebuild_array, share
 
-__all__ = ["ArrayPickler", "Preserialized", "dumps", "inline_threshold", "reduce_ndarray"]
+__all__ = ["ArrayPickler", "Preserialized", "dumps", "inline_threshold", "loads", "reduce_ndarray"]
 
 # Private arrays up to this many bytes are pickled inline instead of copied into
 # shared memory: below it a pickled copy beats creating and mapping a segment
@@ -47,7 +48,8 @@ def reduce_ndarray(arr: np.ndarray) -> tuple:
             return arr.__reduce_ex__(4)
         arr = share(arr)  # copied once; the copy lives on through the handle's ticket
         block = block_of(arr)
-        assert block is not None
+        if block is None:
+            raise RuntimeError("distrib.shm.share returned an unshared array")  # not reached
     return rebuild_array, handle_of(arr, block)
 
 
@@ -84,6 +86,12 @@ class ArrayPickler(ForkingPickler):
         """Register a reducer for ``type`` with this pickler only."""
         cls._extra_reducers[type] = reduce
 
+    def dump(self, obj: Any) -> None:
+        # One message to the daemon for all the arrays in ``obj``, sent before
+        # the bytes leave this process.
+        with _client.batch():
+            super().dump(obj)
+
     @classmethod
     def dumps(cls, obj: Any, protocol: int | None = None) -> memoryview:
         buf = io.BytesIO()
@@ -96,8 +104,12 @@ def dumps(obj: Any) -> bytes:
     return bytes(ArrayPickler.dumps(obj))
 
 
-def _loads(data: bytes) -> Any:
-    return pickle.loads(data)
+def loads(data: Any) -> Any:
+    """Unpickle ``data`` and send the daemon the ticket releases that caused."""
+    try:
+        return pickle.loads(data)
+    finally:
+        _client.flush()
 
 
 class Preserialized:
@@ -109,4 +121,4 @@ class Preserialized:
         self.data = dumps(obj)
 
     def __reduce__(self) -> tuple:
-        return _loads, (self.data,)
+        return loads, (self.data,)

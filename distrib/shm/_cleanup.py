@@ -38,6 +38,8 @@ import msgpack
 _ORPHAN_GRACE_S = 10.0
 # How long the daemon waits for its first client before exiting.
 _FIRST_CLIENT_S = 60.0
+# SCM_MAX_FD: the most descriptors Linux passes in one message.
+_MAX_FDS_PER_MESSAGE = 253
 # How long a take/unref for a segment whose ref is still in flight may wait.
 _PENDING_S = 10.0
 
@@ -92,33 +94,31 @@ class Daemon:
     def _handle(self, cid: int, msg: list, fds: list[int]) -> bool:
         """Apply one message; False if it must wait for a ref still in flight."""
         op = msg[0]
-        if op in ("ref", "track"):
-            if op == "track":
-                seg_id, kind, size, path = msg[1], "file_system", 0, msg[2]
-            else:
-                seg_id, kind, size, path = msg[1], msg[2], msg[3], msg[4]
-            seg = self.segs.get(seg_id)
-            if seg is None:
-                fd = fds.pop(0) if fds else None
-                seg = self.segs[seg_id] = _Seg(kind, size, fd, path)
-            elif seg.fd is None and fds and kind == "file_descriptor":
-                seg.fd = fds.pop(0)
-            if op == "ref":
-                seg.tickets += 1
-            seg.holders.add(cid)
+        if op == "refs":
+            for seg_id, kind, size, path, n, has_fd in msg[1]:
+                fd = fds.pop(0) if has_fd and fds else None
+                self._add_ref(cid, seg_id, kind, size, path, n, fd)
+            return True
+        if op == "track":
+            self._add_ref(cid, msg[1], "file_system", 0, msg[2], 0, None)
+            return True
+        if op == "unrefs":
+            waiting = [[s, n] for s, n in msg[1] if not self._consume(cid, s, n)]
+            if waiting:
+                msg[1] = waiting
+                return False
             return True
         seg_id = msg[1]
-        seg = self.segs.get(seg_id)
         if op == "release":
+            seg = self.segs.get(seg_id)
             if seg is not None:
                 seg.holders.discard(cid)
                 self._maybe_free(seg_id)
             return True
-        if seg is None or (seg.kind == "file_descriptor" and seg.fd is None):
-            return False  # take/unref racing ahead of the sender's ref: retry later
-        seg.holders.add(cid)
-        seg.tickets = max(0, seg.tickets - 1)
         if op == "take":
+            if not self._consume(cid, seg_id, 1):
+                return False
+            seg = self.segs[seg_id]
             reply = msgpack.packb(["ok", seg.kind, seg.size, seg.path])
             try:
                 if seg.fd is not None:
@@ -127,6 +127,29 @@ class Daemon:
                     self.conns[cid].sendall(reply)
             except OSError:
                 self._drop_conn(cid)
+        return True
+
+    def _add_ref(
+        self, cid: int, seg_id: str, kind: str, size: int, path: str | None, n: int, fd: int | None
+    ) -> None:
+        seg = self.segs.get(seg_id)
+        if seg is None:
+            seg = self.segs[seg_id] = _Seg(kind, size, fd, path)
+        elif fd is not None:
+            if seg.fd is None:
+                seg.fd = fd
+            else:
+                os.close(fd)  # a duplicate of the one we hold
+        seg.tickets += n
+        seg.holders.add(cid)
+
+    def _consume(self, cid: int, seg_id: str, n: int) -> bool:
+        """Turn n tickets into a hold by ``cid``; False if the ref has not arrived yet."""
+        seg = self.segs.get(seg_id)
+        if seg is None or (seg.kind == "file_descriptor" and seg.fd is None):
+            return False
+        seg.holders.add(cid)
+        seg.tickets = max(0, seg.tickets - n)
         return True
 
     def _reply_error(self, cid: int, msg: list) -> None:
@@ -144,7 +167,7 @@ class Daemon:
     def _read(self, cid: int) -> None:
         sock = self.conns[cid]
         try:
-            data, fds, _flags, _ = socket.recv_fds(sock, 65536, 4)
+            data, fds, _flags, _ = socket.recv_fds(sock, 1 << 18, _MAX_FDS_PER_MESSAGE)
         except OSError:
             data, fds = b"", []
         if not data:
@@ -163,7 +186,7 @@ class Daemon:
             return
         if not self._handle(cid, msg, fds):
             self.pending.append((cid, msg, time.monotonic() + _PENDING_S))
-        for fd in fds:  # duplicates of an fd we already hold
+        for fd in fds:  # not claimed by any entry (malformed message)
             os.close(fd)
 
     def _retry_pending(self) -> None:

@@ -7,32 +7,45 @@ starts a daemon lazily; a process that received a handle reuses that daemon.
 
 Messages (msgpack lists, one per packet):
   ["track", seg_id, path]                 creator of a named segment is a holder
-  ["ref", seg_id, kind, size, path] (+fd) a handle was pickled: one more ticket;
-                                          the fd rides along the first time this
+  ["refs", [[seg_id, kind, size, path, n, has_fd], ...]] (+fds)
+                                          handles were pickled: n more tickets each;
+                                          an fd rides along the first time this
                                           process refs the segment at that daemon
-  ["take", seg_id]  -> ["ok"] (+fd) | ["err", text]
+  ["take", seg_id]  -> ["ok", kind, size, path] (+fd) | ["err", text]
                                           unpickled: consume a ticket, become holder
-  ["unref", seg_id]                       unpickled into an already-mapped segment
+  ["unrefs", [[seg_id, n], ...]]          unpickled into already-mapped segments
   ["release", seg_id]                     this process dropped its last mapping
-Everything but ``take`` is one-way. All state is per process and rebuilt after fork.
+Everything but ``take`` is one-way. Refs made while pickling one object are
+sent together when the pickler finishes, before its bytes can reach anyone;
+unrefs are sent after each unpickling (``flush``). All state is per process
+and rebuilt after fork.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import multiprocessing.util as mp_util
 import os
 import secrets
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 
 import msgpack
 
 from .._config import config
 from .._errors import ShmError, ShmFdLimitError
 
-__all__ = ["daemon_address", "ref", "release", "take", "track", "unref"]
+__all__ = ["batch", "daemon_address", "flush", "ref", "release", "take", "track", "unref"]
 
 _DEFAULT_TIMEOUT = 60.0
+# Entries per refs/unrefs packet: stays far below the SEQPACKET size limit
+# (~200 KiB) and SCM_MAX_FD (253 descriptors per message).
+_REFS_PER_MESSAGE = 200
+# Unsent ticket releases that force a flush (bounds what a crash can strand).
+_UNREFS_BEFORE_FLUSH = 4096
 
 
 class _State:
@@ -46,6 +59,10 @@ class _State:
         # (daemon, seg_id) pairs where this process is a holder (its fd is deposited).
         self.holding: set[tuple[str, str]] = set()
         self.spawned: list[int] = []
+        # Ticket releases not yet sent: daemon -> seg_id -> count (see flush()).
+        self.unrefs: dict[str, dict[str, int]] = {}
+        self.unref_total = 0
+        self.flush_hooked = False
 
 
 _state = _State()
@@ -173,8 +190,52 @@ def track(seg_id: str, path: str) -> str:
     return address
 
 
+class _Batch:
+    """Refs collected during one pickling call, sent as one message per daemon."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], list] = {}  # (daemon, seg_id) -> entry
+        self.segments: list = []  # keep segments (and their fds) alive until sent
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def batch() -> Iterator[None]:
+    """Collect the refs made inside the block and send them once at its end."""
+    if getattr(_local, "batch", None) is not None:
+        yield  # nested: the outer batch sends
+        return
+    _local.batch = _Batch()
+    try:
+        yield
+    finally:
+        pending, _local.batch = _local.batch, None
+        if pending.entries:
+            _send_refs(pending)
+
+
+def _send_refs(pending: _Batch) -> None:
+    st = _current()
+    per_daemon: dict[str, list[list]] = {}
+    for (address, _), entry in pending.entries.items():
+        per_daemon.setdefault(address, []).append(entry)
+    with st.lock:
+        for address, entries in per_daemon.items():
+            for start in range(0, len(entries), _REFS_PER_MESSAGE):
+                chunk = entries[start : start + _REFS_PER_MESSAGE]
+                fds = [e[5] for e in chunk if e[5] is not None]
+                wire = [[e[0], e[1], e[2], e[3], e[4], e[5] is not None] for e in chunk]
+                _send(st, address, ["refs", wire], fds)
+
+
 def ref(seg) -> str:
-    """Count one handle of ``seg`` in flight; deposit its fd on first use. Returns the address."""
+    """Count one handle of ``seg`` in flight; deposit its fd on first use. Returns the address.
+
+    Inside ``batch()`` the ref is sent when the batch ends (before the pickled
+    bytes can reach anyone); otherwise at once.
+    """
     st = _current()
     with st.lock:
         if seg.daemon is None:
@@ -182,9 +243,26 @@ def ref(seg) -> str:
         address = seg.daemon
         key = (address, seg.seg_id)
         deposit = key not in st.holding and seg.kind == "file_descriptor"
-        msg = ["ref", seg.seg_id, seg.kind, seg.size, seg.path]
-        _send(st, address, msg, [seg.fd] if deposit else None)
         st.holding.add(key)
+    pending = getattr(_local, "batch", None)
+    own = pending is None
+    if own:
+        pending = _Batch()
+    entry = pending.entries.get(key)
+    if entry is None:
+        pending.entries[key] = [
+            seg.seg_id,
+            seg.kind,
+            seg.size,
+            seg.path,
+            1,
+            seg.fd if deposit else None,
+        ]
+        pending.segments.append(seg)
+    else:
+        entry[4] += 1
+    if own:
+        _send_refs(pending)
     return address
 
 
@@ -240,11 +318,39 @@ def take(address: str, seg_id: str) -> int | None:
 
 
 def unref(address: str, seg_id: str) -> None:
-    """Consume a ticket for a segment this process already has mapped."""
+    """Consume a ticket for a segment this process already has mapped (sent by ``flush``)."""
     st = _current()
     with st.lock:
-        _send(st, address, ["unref", seg_id])
         st.holding.add((address, seg_id))
+        counts = st.unrefs.setdefault(address, {})
+        counts[seg_id] = counts.get(seg_id, 0) + 1
+        st.unref_total += 1
+        if not st.flush_hooked:
+            st.flush_hooked = True
+            # multiprocessing children leave through os._exit: atexit would not run.
+            mp_util.Finalize(None, flush, exitpriority=-100)
+            atexit.register(flush)
+        if st.unref_total >= _UNREFS_BEFORE_FLUSH:
+            _flush_locked(st)
+
+
+def flush() -> None:
+    """Send the ticket releases collected by ``unref`` (called after each unpickling)."""
+    st = _current()
+    if st.unref_total:
+        with st.lock:
+            _flush_locked(st)
+
+
+def _flush_locked(st: _State) -> None:
+    unrefs, st.unrefs, st.unref_total = st.unrefs, {}, 0
+    for address, counts in unrefs.items():
+        items = [[seg_id, n] for seg_id, n in counts.items()]
+        for start in range(0, len(items), _REFS_PER_MESSAGE):
+            try:
+                _send(st, address, ["unrefs", items[start : start + _REFS_PER_MESSAGE]])
+            except ShmError:
+                break  # daemon gone: its tickets are gone with it
 
 
 def release(seg_id: str) -> None:
