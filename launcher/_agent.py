@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from distrib._errors import DistError
+
 from ._guardian import Guardian
 from ._options import STDERR, STDOUT, LaunchOptions
 from ._output import StreamPump
@@ -115,7 +117,11 @@ class Agent:
         while True:
             if self._pending_signal:
                 return 128 + self._pending_signal
-            rnd = self.rdzv.join(attempt)
+            try:
+                rnd = self.rdzv.join(attempt)
+            except DistError as exc:  # a node missing, unreachable, or with the wrong secret
+                self.say(str(exc))
+                return 1
             result = self._run_attempt(rnd, wake_fd)
             failed = result.outcome != "success"
             theirs, lost = self.rdzv.finish(
@@ -139,7 +145,7 @@ class Agent:
                 if root.phase == "startup":
                     headline += " before the script started; not retried"
             else:
-                headline = lost or result.peer_reason or "another node failed"
+                headline = result.peer_reason or lost or "another node failed"
             if lost is not None and root is not None:
                 headline += f"; and {lost}"
             if retryable and attempt < self.opts.max_restarts:

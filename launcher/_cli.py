@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         "counts as lost and the job stops. Default 30.",
     )
     a(
+        "--join-timeout",
+        dest="join_timeout",
+        type=float,
+        default=300.0,
+        help="several nodes: seconds to wait for every node's launcher to join (at the start "
+        "and at each restart). Default 300.",
+    )
+    a(
         "--auth-token-file",
         dest="auth_token_file",
         default=None,
@@ -207,6 +215,7 @@ def options_from_args(ns: argparse.Namespace) -> LaunchOptions:
         timeout=ns.timeout,
         grace_period=ns.grace_period,
         node_timeout=ns.node_timeout,
+        join_timeout=ns.join_timeout,
         prefix_output=ns.prefix,
     )
     if ns.standalone:

@@ -47,13 +47,16 @@ class StoreRendezvous:
         self.nnodes = options.nnodes
         self.host = socket.gethostname()
         self.beat = min(1.0, options.node_timeout / 5)
-        self.join_timeout = max(options.node_timeout, 300.0)
+        self.join_timeout = options.join_timeout
         self._store: Any = None
         self._last_beat = 0.0
         self._last_ok = time.monotonic()
         self._last_poll = 0.0
         self._seen: dict[int, tuple[int, float]] = {}  # node -> (heartbeat, when it moved)
         self._attempt = 0
+        self._lost: str | None = None  # once a node is lost, the job is over: stop talking
+        self._everyone_joined = False
+        self._peer_failed = False  # node 0 waits for goodbyes only from nodes that came
 
     # -- store plumbing --------------------------------------------------------
 
@@ -89,28 +92,32 @@ class StoreRendezvous:
         now = time.monotonic()
         try:
             self._beat()
-            beats = store.multi_get([f"hb/{i}" for i in waiting_for])
+            *beats, failed = store.multi_get(
+                [f"hb/{i}" for i in waiting_for] + [f"r{self._attempt}/failed"]
+            )
             self._last_ok = now
+            self._peer_failed = failed is not None
         except DistError as exc:
             if isinstance(exc, PermissionError):
                 raise
             silent = now - self._last_ok
             if silent > self.opts.node_timeout:
-                return (
+                self._lost = (
                     f"node {self.n} lost contact with the launchers' store at {self._where()} "
                     f"for {silent:.1f} s (--node-timeout {self.opts.node_timeout:g}): {exc}"
                 )
-            return None
+            return self._lost
         for i, raw in zip(waiting_for, beats, strict=True):
             value = int(raw) if raw is not None else -1
             last = self._seen.get(i)
             if last is None or last[0] != value:
                 self._seen[i] = (value, now)
             elif now - last[1] > self.opts.node_timeout:
-                return (
+                self._lost = (
                     f"node {i}'s launcher sent no heartbeat for {now - last[1]:.1f} s "
                     f"(--node-timeout {self.opts.node_timeout:g}); it died or its network failed"
                 )
+                return self._lost
         return None
 
     # -- the rendezvous interface used by the agent ------------------------------
@@ -119,6 +126,7 @@ class StoreRendezvous:
         """Meet every node for ``attempt``; returns this node's share of the world."""
         store = self._connect()
         self._attempt = attempt
+        self._peer_failed = False
         record: dict[str, Any] = {"host": self.host, "nproc": self.opts.nproc}
         if self.n == 0:
             record.update(
@@ -140,17 +148,20 @@ class StoreRendezvous:
                         raise
             records = [msgpack.unpackb(v) for v in store.multi_get(keys)]
         except DistError as exc:
-            have = "?"
+            have = ""
             try:
-                have = str(sum(1 for k in keys if store.check([k])))
+                have = (
+                    f" ({sum(1 for k in keys if store.check([k]))} of {self.nnodes} nodes joined)"
+                )
             except DistError:
                 pass
             raise type(exc)(
-                f"node {self.n}: rendezvous for attempt {attempt} at {self._where()} failed "
-                f"({have} of {self.nnodes} nodes joined): {exc}",
+                f"node {self.n}: rendezvous for attempt {attempt} at {self._where()} failed"
+                f"{have}: {exc}",
                 op="launcher.join",
                 peer=self._where(),
             ) from None
+        self._everyone_joined = True
         head = records[0]
         if self.n != 0:
             self.opts.run_id = str(head["run_id"])
@@ -176,19 +187,17 @@ class StoreRendezvous:
             return None
         self._last_poll = now
         others = [i for i in range(self.nnodes) if i != self.n]
-        lost = self._lost_nodes(others)
+        lost = self._lost_nodes(others)  # also reads the attempt's "failed" flag
         if lost is not None:
             return lost
-        try:
-            failed = self._connect().check([f"r{self._attempt}/failed"])
-        except DistError:
-            return None  # counted by _lost_nodes on the next poll
-        return "another node's workers failed" if failed else None
+        return "another node's workers failed" if self._peer_failed else None
 
     def finish(
         self, attempt: int, exits: list[WorkerExit], failed: bool, interrupted: Callable[[], bool]
     ) -> tuple[list[WorkerExit], str | None]:
         """Publish this node's exits and wait for every node's; returns (theirs, lost reason)."""
+        if self._lost is not None:
+            return [], self._lost
         store = self._connect()
         doc = msgpack.packb([e.to_wire() for e in exits])
         try:
@@ -224,9 +233,12 @@ class StoreRendezvous:
         store = self._store
         if store is None:
             return
+        if self._lost is not None and self.n != 0:
+            store.close()  # the store is unreachable: saying goodbye would only time out
+            return
         try:
             left = store.add("bye", 1)
-            if self.n == 0:
+            if self.n == 0 and self._everyone_joined and self._lost is None:
                 end = time.monotonic() + self.opts.node_timeout
                 while left < self.nnodes and time.monotonic() < end:
                     time.sleep(0.05)

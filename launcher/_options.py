@@ -44,6 +44,7 @@ class LaunchOptions:
     timeout: float | None = None  # wall-clock limit of one attempt
     grace_period: float = 5.0  # SIGTERM -> SIGKILL delay when stopping workers
     node_timeout: float = 30.0  # multi-node: silence after which a peer launcher is lost
+    join_timeout: float = 300.0  # multi-node: how long launchers wait for each other to join
     auth_token: str | None = None
     python: str | None = None  # interpreter for workers (default: this one)
     prefix_output: bool = True
@@ -67,7 +68,7 @@ class LaunchOptions:
             raise ValueError(f"--master-port must be in 1..65535, got {self.master_port}")
         if self.max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
-        for name in ("monitor_interval", "grace_period", "node_timeout"):
+        for name in ("monitor_interval", "grace_period", "node_timeout", "join_timeout"):
             if getattr(self, name) <= 0:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be > 0 seconds, got {getattr(self, name)}")

@@ -1,0 +1,142 @@
+"""distrib-run with several launchers ("nodes") meeting over TCP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from _util import free_port
+from test_launcher_helpers import LauncherHarness
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def launch(tmp_path):
+    h = LauncherHarness(tmp_path)
+    yield h
+    h.cleanup()
+
+
+def _nodes(launch, script, *extra, nproc=("2", "2"), port=None):
+    port = str(port or free_port())
+    return [
+        launch.popen(
+            "--nnodes", "2", "--node-rank", str(n), "--master-addr", "127.0.0.1",
+            "--master-port", port, "--nproc", nproc[n], "--node-timeout", "3", *extra, script,
+        )
+        for n in (0, 1)
+    ]  # fmt: skip
+
+
+def _finish(procs, timeout=60):
+    return [(p.wait(timeout=timeout), *p.communicate(timeout=timeout)) for p in procs]
+
+
+def test_world_spans_nodes_with_uneven_nproc(launch):
+    script = launch.script(
+        "env.py",
+        """
+        import json, os
+        keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "DISTRIB_RUN_ID"]
+        print("ENV " + json.dumps({k: os.environ[k] for k in keys}))
+        """,
+    )
+    results = _finish(_nodes(launch, script, "--run-id", "shared", nproc=("1", "2")))
+    envs = {}
+    for code, out, err in results:
+        assert code == 0, err
+        for line in out.splitlines():
+            m = re.fullmatch(r"\[(\d+)\]: ENV (.*)", line)
+            envs[int(m.group(1))] = json.loads(m.group(2))
+    assert sorted(envs) == [0, 1, 2]
+    assert {e["WORLD_SIZE"] for e in envs.values()} == {"3"}
+    assert [envs[r]["GROUP_RANK"] for r in range(3)] == ["0", "1", "1"]
+    assert [envs[r]["LOCAL_RANK"] for r in range(3)] == ["0", "0", "1"]
+    assert [envs[r]["LOCAL_WORLD_SIZE"] for r in range(3)] == ["1", "2", "2"]
+    assert len({e["MASTER_PORT"] for e in envs.values()}) == 1
+    assert {e["DISTRIB_RUN_ID"] for e in envs.values()} == {"shared"}
+
+
+def test_failure_on_one_node_stops_both_with_the_same_root_cause(launch):
+    script = launch.script(
+        "fail.py",
+        """
+        import os, time
+        open(f"up.{os.environ['RANK']}", "w").close()
+        end = time.monotonic() + 20
+        while not all(os.path.exists(f"up.{r}") for r in range(4)):
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        if os.environ["RANK"] == "3":
+            raise ValueError("bad batch on rank 3")
+        time.sleep(30)
+        """,
+    )
+    t0 = time.monotonic()
+    results = _finish(_nodes(launch, script))
+    assert time.monotonic() - t0 < 30
+    for code, _out, err in results:
+        assert code == 1
+        root = err[err.index("ROOT CAUSE") :]
+        assert "rank 3 (local rank 1, node 1)" in root and "ValueError: bad batch on rank 3" in root
+        assert "stopped by the launcher: ranks 0, 1, 2" in err
+
+
+def test_restart_happens_on_all_nodes_together(launch):
+    script = launch.script(
+        "flaky.py",
+        """
+        import os
+        attempt = os.environ["DISTRIB_RESTART_COUNT"]
+        print("rank", os.environ["RANK"], "attempt", attempt)
+        if attempt == "0" and os.environ["RANK"] == "0":
+            raise RuntimeError("transient")
+        """,
+    )
+    results = _finish(_nodes(launch, script, "--max-restarts", "2"))
+    outs = ""
+    for code, out, err in results:
+        assert code == 0, err
+        assert "restarting all workers (restart 1 of 2)" in err
+        outs += out
+    for rank in range(4):
+        assert f"rank {rank} attempt 1" in outs
+
+
+def test_launcher_killed_on_one_node_stops_the_other_with_report(launch):
+    script = launch.script(
+        "wait.py",
+        """
+        import os, time
+        open(f"up.{os.environ['RANK']}", "w").write("up\\n")
+        time.sleep(60)
+        """,
+    )
+    node0, node1 = _nodes(launch, script)
+    for r in range(4):
+        launch.wait_for_file(f"up.{r}")
+    t0 = time.monotonic()
+    node1.kill()
+    code, _out, err = _finish([node0])[0]
+    assert code == 1
+    assert time.monotonic() - t0 < 3 + 15  # --node-timeout 3
+    assert "node 1's launcher sent no heartbeat" in err
+    assert "stopped by the launcher: ranks 0, 1" in err
+
+
+def test_auth_token_mismatch_is_refused_and_join_times_out(launch):
+    (launch.dir / "good").write_text("secret-a\n")
+    (launch.dir / "bad").write_text("secret-b\n")
+    script = launch.script("ok.py", "print('should not run')\n")
+    port = str(free_port())
+    common = ["--nnodes", "2", "--master-port", port, "--join-timeout", "2"]
+    node0 = launch.popen(*common, "--node-rank", "0", "--auth-token-file", "good", script)
+    node1 = launch.popen(*common, "--node-rank", "1", "--auth-token-file", "bad", script)
+    (c0, o0, e0), (c1, o1, e1) = _finish([node0, node1])
+    assert c1 == 1 and "refused the request" in e1 and "node 1" in e1
+    assert c0 == 1 and "1 of 2 nodes joined" in e0
+    assert "should not run" not in o0 + o1

@@ -1,0 +1,151 @@
+"""Two "hosts" made of Linux network namespaces joined by a veth pair, real TCP between.
+
+Each namespace gets one address from the benchmarking range 198.18.0.0/15 and its
+own hostname (``unshare --uts``); a launcher runs in each. Namespace and link
+names carry this process's pid so concurrent runs never collide, and are removed
+even when a test fails. Skips with the reason where namespaces cannot be made.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from test_launcher_helpers import LauncherHarness
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
+
+ADDR = ("198.18.0.1", "198.18.0.2")
+PORT = "29400"  # a fresh namespace has no other listener: any fixed port is free there
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def hosts():
+    """Create two namespaces joined by a veth pair; yield their names; remove them."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None or shutil.which("unshare") is None:
+        pytest.skip("needs the 'ip' and 'unshare' tools (iproute2, util-linux)")
+    tag = f"{os.getpid() % 100000}{uuid.uuid4().hex[:3]}"  # <= 15 chars per link name
+    ns = (f"dr{tag}a", f"dr{tag}b")
+    links = (f"dv{tag}a", f"dv{tag}b")
+    made: list[str] = []
+    try:
+        for name in ns:
+            _ip("netns", "add", name)
+            made.append(name)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
+        pytest.skip(f"cannot create network namespaces here: {exc}")
+    try:
+        _ip("link", "add", links[0], "type", "veth", "peer", "name", links[1])
+        for name, link, addr in zip(ns, links, ADDR, strict=True):
+            _ip("link", "set", link, "netns", name)
+            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", link)
+            _ip("-n", name, "link", "set", link, "up")
+            _ip("-n", name, "link", "set", "lo", "up")
+        yield ns, links
+    finally:
+        for name in ns:  # deleting a namespace also deletes its end of the veth pair
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def launch(tmp_path):
+    h = LauncherHarness(tmp_path)
+    h.env["DISTRIB_TIMEOUT"] = "20"  # the workers' collectives give up in bounded time
+    yield h
+    h.cleanup()
+
+
+def _node(launch, ns: str, node: int, script: str, *script_args: str):
+    # The launcher runs inside the namespace, with a hostname of its own.
+    inner = [sys.executable, "-m", "launcher", "--nnodes", "2", "--node-rank", str(node),
+             "--master-addr", ADDR[0], "--master-port", PORT, "--nproc", "2",
+             "--node-timeout", "3", "--join-timeout", "30", script, *script_args]  # fmt: skip
+    cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
+           f'hostname node{node} && exec "$@"', "sh", *inner]  # fmt: skip
+    p = subprocess.Popen(
+        cmd, cwd=launch.dir, env=launch.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    launch._popens.append(p)
+    return p
+
+
+ALL_REDUCE = """
+    import os, sys, time
+    import numpy as np
+    import distrib as dist
+
+    dist.init_process_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = np.arange(1001, dtype=np.float64) + rank
+    dist.all_reduce(x)
+    expect = world * np.arange(1001, dtype=np.float64) + world * (world - 1) / 2
+    assert np.array_equal(x, expect), x[:4]
+    print("all_reduce ok on", os.uname().nodename, "rank", rank, flush=True)
+    MODE = sys.argv[1] if len(sys.argv) > 1 else "once"
+    if MODE != "once":
+        open(f"up.{rank}", "w").write("up\\n")
+        end = time.monotonic() + 60
+        while time.monotonic() < end:  # keep collectives flowing until stopped
+            if MODE == "kill" and rank == 3 and all(os.path.exists(f"up.{r}") for r in range(4)):
+                os.kill(os.getpid(), 9)
+            dist.all_reduce(x)
+            time.sleep(0.05)
+    dist.destroy_process_group()
+"""
+
+
+def test_two_by_two_all_reduce_over_veth(hosts, launch):
+    (ns, _links) = hosts
+    script = launch.script("ar.py", ALL_REDUCE)
+    procs = [_node(launch, ns[n], n, script) for n in (0, 1)]
+    results = [(p.wait(timeout=60), *p.communicate(timeout=60)) for p in procs]
+    for node, (code, out, err) in enumerate(results):
+        assert code == 0, err
+        ranks = (0, 1) if node == 0 else (2, 3)
+        for r in ranks:
+            assert f"[{r}]: all_reduce ok on node{node} rank {r}" in out
+
+
+def test_worker_killed_on_node1_stops_both_nodes_with_report(hosts, launch):
+    (ns, _links) = hosts
+    script = launch.script("ar.py", ALL_REDUCE)
+    procs = [_node(launch, ns[n], n, script, "kill") for n in (0, 1)]
+    results = [(p.wait(timeout=60), *p.communicate(timeout=60)) for p in procs]
+    for code, _out, err in results:
+        assert code == 1, err
+        root = err[err.index("ROOT CAUSE") :]
+        assert "rank 3 (local rank 1, node 1) on host node1" in root
+        assert "killed by SIGKILL" in root
+
+
+def test_link_cut_mid_run_ends_both_sides_within_timeout(hosts, launch):
+    (ns, links) = hosts
+    script = launch.script("ar.py", ALL_REDUCE)
+    procs = [_node(launch, ns[n], n, script, "loop") for n in (0, 1)]
+    for r in range(4):
+        launch.wait_for_file(f"up.{r}", timeout=60)
+    _ip("-n", ns[1], "link", "set", links[1], "down")
+    t0 = time.monotonic()
+    results = [(p.wait(timeout=60), *p.communicate(timeout=60)) for p in procs]
+    elapsed = time.monotonic() - t0
+    # --node-timeout 3 plus one 2 s store request and the stop: well under 20 s
+    assert elapsed < 20, elapsed
+    for code, _out, err in results:
+        assert code == 1, err
+        assert "FAILED" in err
+    assert "node 1's launcher sent no heartbeat" in results[0][2] or "ROOT CAUSE" in results[0][2]
+    assert "launchers' store" in results[1][2] or "ROOT CAUSE" in results[1][2], results[1][2]
