@@ -1,0 +1,285 @@
+"""Weak-scaling benchmark: distrib DDP vs torch DDP (gloo) on a ~10M-parameter MLP.
+
+Each rank trains the same MLP (1024 -> 2048 -> 2048 -> 2048 -> 10, float32,
+10.5M parameters) on a fixed per-rank batch of synthetic data with SGD; both
+frameworks run one BLAS/intra-op thread per rank so ranks, not threads, share
+the cores. Reported per rank count: samples/s (all ranks), weak-scaling
+efficiency (samples/s at N over N x samples/s at 1), step time, and the
+fraction of step time spent waiting for communication: for distrib measured
+directly (time blocked in ``synchronize()``), for both as the step-time
+overhead over the single-rank run (1 - t1/tN).
+
+    flock /tmp/distrib-bench.lock python benchmarks/bench_ddp.py
+    python benchmarks/bench_ddp.py --ranks 1 2 4 8 16 --steps 20
+
+torch runs in a separate interpreter (``--peer-python``, default
+/opt/peers/bin/python when it exists); without it the torch columns are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+DEFAULT_PEER = "/opt/peers/bin/python"
+LAYERS = [1024, 2048, 2048, 2048, 10]
+# One thread per rank for every BLAS/OpenMP runtime either side may load.
+THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def n_params(layers: list[int]) -> int:
+    return sum(a * b + b for a, b in itertools.pairwise(layers))
+
+
+# ---------------------------------------------------------------- distrib rank
+
+
+def distrib_rank(steps: int, warmup: int, batch: int, bucket_cap_mb: float) -> None:
+    """One rank of the distrib run (env:// rendezvous); rank 0 prints a JSON line."""
+    import numpy as np
+
+    import distrib
+    from distrib.optim import SGD
+    from distrib.parallel import DistributedDataParallel
+
+    distrib.init_process_group()
+    rank = distrib.get_rank()
+    rng = np.random.default_rng(rank)
+    params: dict[str, np.ndarray] = {}
+    for i, (a, b) in enumerate(itertools.pairwise(LAYERS)):
+        params[f"w{i}"] = (rng.standard_normal((a, b)) * np.sqrt(2.0 / a)).astype(np.float32)
+        params[f"b{i}"] = np.zeros(b, dtype=np.float32)
+    ddp = DistributedDataParallel(params, bucket_cap_mb=bucket_cap_mb)
+    opt = SGD(params, lr=1e-3)
+    x = rng.standard_normal((batch, LAYERS[0])).astype(np.float32)
+    y = rng.integers(0, LAYERS[-1], size=batch)
+    n_layers = len(LAYERS) - 1
+    grads = ddp.grads  # views into the buckets: backward writes there, no copies
+
+    def step() -> None:
+        acts = [x]
+        h = x
+        for i in range(n_layers):
+            h = h @ params[f"w{i}"] + params[f"b{i}"]
+            if i < n_layers - 1:
+                np.maximum(h, 0.0, out=h)
+            acts.append(h)
+        z = h - h.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        p[np.arange(batch), y] -= 1.0
+        d = p / batch
+        for i in reversed(range(n_layers)):
+            np.matmul(acts[i].T, d, out=grads[f"w{i}"])
+            ddp.grad_ready(f"w{i}", grads[f"w{i}"])
+            np.sum(d, axis=0, out=grads[f"b{i}"])
+            ddp.grad_ready(f"b{i}", grads[f"b{i}"])
+            if i:
+                d = (d @ params[f"w{i}"].T) * (acts[i] > 0)
+        opt.step(ddp.synchronize())
+
+    for _ in range(warmup):
+        step()
+    distrib.barrier()
+    ddp.comm_wait_seconds = 0.0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - t0
+    wait = np.array([ddp.comm_wait_seconds, elapsed], dtype=np.float64)
+    distrib.all_reduce(wait)  # average over ranks
+    wait /= distrib.get_world_size()
+    if rank == 0:
+        print(json.dumps({"step_s": float(wait[1]) / steps, "wait_s": float(wait[0]) / steps}))
+    distrib.destroy_process_group()
+
+
+# ---------------------------------------------------------------- torch rank (peer interpreter)
+
+TORCH_RANK = r"""
+import json, os, sys, time
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+torch.set_num_threads(1)
+layers, steps, warmup, batch, cap = json.loads(sys.argv[1])
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(rank)
+mods = []
+for i, (a, b) in enumerate(zip(layers[:-1], layers[1:])):
+    mods.append(torch.nn.Linear(a, b))
+    if i < len(layers) - 2:
+        mods.append(torch.nn.ReLU())
+model = DDP(torch.nn.Sequential(*mods), bucket_cap_mb=cap)
+opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+x = torch.randn(batch, layers[0])
+y = torch.randint(0, layers[-1], (batch,))
+lossf = torch.nn.CrossEntropyLoss()
+def step():
+    opt.zero_grad(set_to_none=False)
+    lossf(model(x), y).backward()
+    opt.step()
+for _ in range(warmup):
+    step()
+dist.barrier()
+t0 = time.perf_counter()
+for _ in range(steps):
+    step()
+el = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+dist.all_reduce(el)
+if rank == 0:
+    print(json.dumps({"step_s": el.item() / dist.get_world_size() / steps}))
+dist.destroy_process_group()
+"""
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cmds: list[list[str]], timeout: float) -> dict:
+    """Start one process per rank with torch-style env vars; return rank 0's JSON."""
+    port = _free_port()
+    procs = []
+    for rank, cmd in enumerate(cmds):
+        env = dict(os.environ, **THREAD_ENV)
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(len(cmds)),
+            LOCAL_WORLD_SIZE=str(len(cmds)),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            left = max(1.0, deadline - time.monotonic())
+            outs.append(p.communicate(timeout=left))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise RuntimeError(f"ranks did not finish within {timeout:.0f} s: {cmds[0][:3]}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        if p.returncode != 0:
+            raise RuntimeError(f"rank {rank} exited with {p.returncode}:\n{err[-2000:]}")
+    return json.loads(outs[0][0].strip().splitlines()[-1])
+
+
+def run_distrib(n: int, args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable, os.path.abspath(__file__), "--_rank",
+        "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--batch", str(args.batch), "--bucket-cap-mb", str(args.bucket_cap_mb),
+    ]  # fmt: skip
+    return _launch([cmd] * n, args.timeout)
+
+
+def run_torch(n: int, args: argparse.Namespace) -> dict:
+    spec = json.dumps([LAYERS, args.steps, args.warmup, args.batch, args.bucket_cap_mb])
+    return _launch([[args.peer_python, "-c", TORCH_RANK, spec]] * n, args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="rank counts (default 1 2 4 8, plus 16 with >= 16 cores)",
+    )
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=32, help="samples per rank per step")
+    ap.add_argument("--bucket-cap-mb", type=float, default=25)
+    ap.add_argument(
+        "--peer-python",
+        default=DEFAULT_PEER if os.path.exists(DEFAULT_PEER) else None,
+        help="interpreter with torch for the comparison (default /opt/peers/bin/python)",
+    )
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    ap.add_argument("--_rank", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._rank:
+        distrib_rank(args.steps, args.warmup, args.batch, args.bucket_cap_mb)
+        return 0
+    cores = os.cpu_count() or 1
+    ranks = args.ranks or ([1, 2, 4, 8] + ([16] if cores >= 16 else []))
+    if 1 not in ranks:
+        ranks = [1, *ranks]
+    torch_ok = bool(args.peer_python) and os.path.exists(args.peer_python)
+    print(
+        f"# MLP {LAYERS}, {n_params(LAYERS) / 1e6:.1f}M float32 params, batch {args.batch}/rank, "
+        f"{args.steps} steps, {cores} cores, 1 thread per rank"
+    )
+    if not torch_ok:
+        print(
+            f"# torch columns skipped: no peer interpreter at {args.peer_python!r} "
+            "(pass --peer-python PATH)"
+        )
+    rows = {}
+    for n in ranks:
+        ours = run_distrib(n, args)
+        theirs = run_torch(n, args) if torch_ok else None
+        rows[n] = (ours, theirs)
+    base_ours = rows[1][0]["step_s"]
+    base_torch = rows[1][1]["step_s"] if torch_ok else None
+    head = (
+        f"{'ranks':>5} | {'distrib samp/s':>14} {'eff':>5} {'step ms':>8} {'wait %':>6} "
+        f"{'ovh %':>6}"
+    )
+    if torch_ok:
+        head += f" | {'torch samp/s':>12} {'eff':>5} {'step ms':>8} {'ovh %':>6}"
+    print(head)
+    print("-" * len(head))
+    for n, (ours, theirs) in rows.items():
+        sps = n * args.batch / ours["step_s"]
+        eff = base_ours / ours["step_s"]
+        line = (
+            f"{n:>5} | {sps:>14.1f} {eff:>5.2f} {ours['step_s'] * 1e3:>8.1f} "
+            f"{100 * ours['wait_s'] / ours['step_s']:>6.1f} "
+            f"{100 * (1 - base_ours / ours['step_s']):>6.1f}"
+        )
+        if theirs is not None:
+            tsps = n * args.batch / theirs["step_s"]
+            teff = base_torch / theirs["step_s"]
+            line += (
+                f" | {tsps:>12.1f} {teff:>5.2f} {theirs['step_s'] * 1e3:>8.1f} "
+                f"{100 * (1 - base_torch / theirs['step_s']):>6.1f}"
+            )
+        print(line, flush=True)
+    print(
+        "# eff = samples/s at N / (N x samples/s at 1); wait % = time blocked in "
+        "synchronize(); ovh % = 1 - t1/tN"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
