@@ -72,7 +72,7 @@ class Daemon:
     # -- bookkeeping -------------------------------------------------------
     def _maybe_free(self, seg_id: str) -> None:
         seg = self.segs.get(seg_id)
-        if seg is None or seg.holders or seg.tickets > 0:
+        if seg is None or seg.holders or seg.tickets != 0:
             return
         del self.segs[seg_id]
         _free(seg)
@@ -149,7 +149,9 @@ class Daemon:
         if seg is None or (seg.kind == "file_descriptor" and seg.fd is None):
             return False
         seg.holders.add(cid)
-        seg.tickets = max(0, seg.tickets - n)
+        # May go below zero: a receiver's take can be read before the sender's
+        # refs when both are pending; the count settles at zero once both are in.
+        seg.tickets -= n
         return True
 
     def _reply_error(self, cid: int, msg: list) -> None:

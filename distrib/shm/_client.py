@@ -29,6 +29,7 @@ import multiprocessing.util as mp_util
 import os
 import secrets
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ import msgpack
 
 from .._config import config
 from .._errors import ShmError, ShmFdLimitError
+from . import _limits
 
 __all__ = ["batch", "daemon_address", "flush", "ref", "release", "take", "track", "unref"]
 
@@ -58,7 +60,7 @@ class _State:
         self.own_daemon: str | None = None
         # (daemon, seg_id) pairs where this process is a holder (its fd is deposited).
         self.holding: set[tuple[str, str]] = set()
-        self.spawned: list[int] = []
+        self.spawned: list[subprocess.Popen] = []
         # Ticket releases not yet sent: daemon -> seg_id -> count (see flush()).
         self.unrefs: dict[str, dict[str, int]] = {}
         self.unref_total = 0
@@ -99,39 +101,27 @@ def _start_daemon(st: _State) -> str:
     try:
         listener.bind(name)
         listener.listen(128)
-        fd = listener.fileno()
-        os.set_inheritable(fd, True)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        keep_stderr = bool(config().debug)
-        actions = [
-            (os.POSIX_SPAWN_DUP2, devnull, 0),
-            (os.POSIX_SPAWN_DUP2, devnull, 1),
-        ]
-        if not keep_stderr:
-            actions.append((os.POSIX_SPAWN_DUP2, devnull, 2))
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
-        try:
-            pid = os.posix_spawn(
-                sys.executable,
-                [sys.executable, "-m", "distrib.shm._cleanup", str(fd)],
-                env,
-                file_actions=actions,
-                setsid=True,  # a process-group kill of the user's job must not take it down
-            )
-        finally:
-            os.close(devnull)
-        st.spawned.append(pid)
+        # close_fds: the daemon must hold nothing of ours but the listener (an
+        # inherited pipe would, for one, keep a multiprocessing sentinel open).
+        # A new session: a process-group kill of the user's job must spare it.
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "distrib.shm._cleanup", str(listener.fileno())],
+            pass_fds=[listener.fileno()],
+            close_fds=True,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=None if config().debug else subprocess.DEVNULL,
+            env=env,
+        )
     finally:
         listener.close()  # the daemon holds its own copy; connects queue in the backlog
-    # Reap daemons of ours that already exited, so they do not linger as zombies.
-    for old in list(st.spawned):
-        try:
-            if os.waitpid(old, os.WNOHANG)[0]:
-                st.spawned.remove(old)
-        except ChildProcessError:
-            st.spawned.remove(old)
+    # Keep the Popen (dropping a running one warns) and reap those that exited.
+    st.spawned = [p for p in st.spawned if p.poll() is None]
+    st.spawned.append(popen)
     return name
 
 
@@ -273,6 +263,7 @@ def take(address: str, seg_id: str) -> int | None:
         ShmFdLimitError: the descriptor was lost because this process is at its fd limit.
         ShmError: the daemon does not know the segment (it was freed) or is unreachable.
     """
+    _limits.raise_fd_soft_limit()
     st = _current()
     with st.lock:
         _send(st, address, ["take", seg_id])

@@ -1,0 +1,294 @@
+"""Failure modes of shared memory: dead senders, kill -9, fd limits, full memory, volume."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+import distrib.multiprocessing as mp
+import distrib.shm as shm
+from distrib import ShmFdLimitError, ShmOutOfMemoryError
+from distrib.shm import _arena
+
+pytestmark = pytest.mark.timeout(90)
+WAIT_S = 30
+
+
+@pytest.fixture
+def strategy():
+    """Restore this process's sharing strategy after a test changes it."""
+    before = shm.get_sharing_strategy()
+    yield shm.set_sharing_strategy
+    shm.set_sharing_strategy(before)
+
+
+def _wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- the receiver does not depend on the sender --------------------------------
+def _send_then_exit(q, kind):
+    shm.set_sharing_strategy(kind)
+    q.put(shm.full((500, 500), 3.0))  # shared, its only owner is about to die
+    q.put(np.full(300_000, 5.0))  # private: copied into shared memory, then gone
+    q.put(shm.full(10, 7.0))  # arena slot
+    q.close()
+    q.join_thread()
+
+
+@pytest.mark.parametrize("kind", ["file_descriptor", "file_system"])
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_receiver_attaches_after_sender_exited(method, kind, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTRIB_SHM_DIR", str(tmp_path))
+    ctx = mp.get_context(method)
+    q = ctx.Queue()
+    proc = ctx.Process(target=_send_then_exit, args=(q, kind))
+    proc.start()
+    proc.join(WAIT_S)
+    assert proc.exitcode == 0  # the sender is gone before anything is unpickled
+    big, private, small = (q.get(timeout=WAIT_S) for _ in range(3))
+    assert shm.is_shared(big) and (big == 3.0).all()
+    assert shm.is_shared(private) and (private == 5.0).all()
+    assert (small == 7.0).all()
+    big[:] = 1  # still writable memory, not a dead mapping
+    del big, private, small
+    if kind == "file_system":
+        _wait_until(lambda: not os.listdir(tmp_path), 15, "named segments to be unlinked")
+
+
+# -- kill -9 of everything: the cleanup daemon unlinks -------------------------
+_KILLED_JOB = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    import distrib.multiprocessing as mp
+    import distrib.shm as shm
+    from distrib.shm import _client
+
+    def child(q, ready):
+        arr = q.get()
+        arr[0] = 1
+        ready.set()
+        time.sleep(60)
+
+    if __name__ == "__main__":
+        shm.set_sharing_strategy(sys.argv[1])
+        ctx = mp.get_context("fork")
+        q, ready = ctx.Queue(), ctx.Event()
+        keep = [shm.zeros(1_000_000), shm.zeros(10), shm.zeros(50_000)]
+        proc = ctx.Process(target=child, args=(q, ready))
+        proc.start()
+        q.put(keep[0])
+        q.put(np.ones(200_000))  # in flight forever: nobody reads it
+        assert ready.wait(30)
+        print(_client._current().spawned[0].pid, flush=True)
+        time.sleep(60)
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["file_system", "file_descriptor"])
+def test_cleanup_daemon_frees_everything_after_kill_9_of_the_job(kind, tmp_path):
+    env = dict(os.environ, DISTRIB_SHM_DIR=str(tmp_path))
+    job = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_JOB, kind],
+        env=env,
+        stdout=subprocess.PIPE,
+        start_new_session=True,  # its own process group, so we can kill all of it
+    )
+    try:
+        line = job.stdout.readline()
+        assert line.strip(), "the job did not start"
+        daemon = psutil.Process(int(line))
+        assert "distrib.shm._cleanup" in " ".join(daemon.cmdline())
+        assert daemon.pid != job.pid and os.getsid(daemon.pid) != os.getsid(job.pid)
+        if kind == "file_system":
+            assert len(os.listdir(tmp_path)) >= 3
+        os.killpg(job.pid, signal.SIGKILL)  # parent and child; the daemon survives
+        job.wait(WAIT_S)
+        if kind == "file_system":
+            _wait_until(lambda: not os.listdir(tmp_path), 20, "named segments to be unlinked")
+        else:
+            assert not os.listdir(tmp_path)  # anonymous memory never had a name
+        # The daemon exits after the grace period for the orphaned in-flight handle.
+        _wait_until(
+            lambda: not daemon.is_running() or daemon.status() == psutil.STATUS_ZOMBIE,
+            30,
+            "the cleanup daemon to exit",
+        )
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(WAIT_S)
+        job.stdout.close()
+
+
+# -- a receiver at its open-file limit -----------------------------------------
+def _receive_at_fd_limit(q, conn):
+    first = q.get()  # connects to the daemon and raises the soft limit once
+    fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(fds) + 8, hard))
+    filler = []
+    try:
+        while True:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass  # now at the limit
+    try:
+        q.get()
+        outcome = "no error"
+    except ShmFdLimitError as exc:
+        outcome = f"ShmFdLimitError: {exc}"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    for fd in filler:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    conn.send((outcome, float(first[0])))
+
+
+def test_receiver_at_fd_limit_gets_a_clear_error():
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=_receive_at_fd_limit, args=(q, there))
+    proc.start()
+    q.put(shm.full(100_000, 2.0))
+    q.put(shm.full(100_000, 3.0))  # a second segment: needs a new descriptor
+    assert here.poll(WAIT_S)
+    outcome, first = here.recv()
+    proc.join(WAIT_S)
+    assert first == 2.0
+    assert outcome.startswith("ShmFdLimitError"), outcome
+    assert "open-file limit" in outcome and "RLIMIT_NOFILE" in outcome
+
+
+def test_soft_fd_limit_is_raised_on_first_use():
+    code = (
+        "import resource, distrib.shm as shm;"
+        "s, h = resource.getrlimit(resource.RLIMIT_NOFILE);"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, h));"
+        "shm.zeros(100_000);"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == h)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
+
+
+# -- out of shared memory: a clear error at allocation, never SIGBUS -----------
+def test_anonymous_memory_exhaustion_is_reported_at_allocation():
+    too_much = psutil.virtual_memory().total + psutil.swap_memory().total + (1 << 30)
+    with pytest.raises(ShmOutOfMemoryError) as info:
+        shm.empty(too_much, dtype=np.uint8)
+    msg = str(info.value)
+    assert str(too_much) in msg and "available" in msg
+    assert isinstance(info.value, MemoryError)
+
+
+def test_full_named_directory_names_size_free_space_and_fix(tmp_path, monkeypatch, strategy):
+    monkeypatch.setenv("DISTRIB_SHM_DIR", str(tmp_path))
+    strategy("file_system")
+    too_much = shutil.disk_usage(tmp_path).free + (1 << 30)
+    with pytest.raises(ShmOutOfMemoryError) as info:
+        shm.empty(too_much, dtype=np.uint8)
+    msg = str(info.value)
+    assert str(too_much) in msg and str(tmp_path) in msg and "free" in msg
+    assert "--shm-size" in msg and "--ipc=host" in msg
+    assert not os.listdir(tmp_path)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs, like a container's too-small /dev/shm (needs root)."""
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_small_tmpfs_fills_up_with_an_error_not_sigbus(small_tmpfs, monkeypatch, strategy):
+    monkeypatch.setenv("DISTRIB_SHM_DIR", str(small_tmpfs))
+    strategy("file_system")
+    first = shm.zeros(5 << 20, dtype=np.uint8)  # 5 MiB: fits
+    with pytest.raises(ShmOutOfMemoryError, match="--shm-size") as info:
+        shm.zeros(5 << 20, dtype=np.uint8)
+    assert str(5 << 20) in str(info.value)
+    first[:] = 1  # every page of what we got is really there
+    assert int(first.sum()) == 5 << 20
+    del first
+    _wait_until(lambda: not os.listdir(small_tmpfs), 15, "the segments to be unlinked")
+
+
+# -- volume --------------------------------------------------------------------
+def _add_one_to_all(q, out):
+    arrays = q.get()
+    for a in arrays:
+        a += 1
+    out.put(len(arrays))
+
+
+def test_thousands_of_arrays_in_flight():
+    ctx = mp.get_context("fork")
+    q, out = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_drain, args=(q, out, 2000))
+    proc.start()
+    size = _arena.ARENA_MAX_BYTES // 8 + 1  # above the arena: one segment each
+    sent = [shm.full(size, float(i)) for i in range(1000)]
+    for a in sent:  # 1000 shared segments and 1000 private copies, all queued at once
+        q.put(a)
+        q.put(np.full(10_000, 1.0))
+    assert out.get(timeout=WAIT_S) == sum(range(1000)) * size + 1000 * 10_000
+    proc.join(WAIT_S)
+    assert proc.exitcode == 0
+
+
+def _drain(q, out, n):
+    total = 0.0
+    for _ in range(n):
+        total += float(q.get().sum())
+    out.put(total)
+
+
+def _hundred_thousand(out):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))  # a default soft limit
+    ctx = mp.get_context("fork")
+    q, back = ctx.Queue(), ctx.Queue()
+    arrays = [shm.zeros(4) for _ in range(100_000)]
+    proc = ctx.Process(target=_add_one_to_all, args=(q, back))
+    proc.start()
+    q.put(arrays)
+    n = back.get(timeout=60)
+    proc.join(60)
+    ok = n == 100_000 and all(float(a[0]) == 1.0 for a in arrays)
+    out.put((ok, len(os.listdir("/proc/self/fd"))))
+
+
+@pytest.mark.slow
+def test_100k_small_arrays_within_default_fd_limits():
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_hundred_thousand, args=(out,))
+    proc.start()
+    ok, nfds = out.get(timeout=80)
+    proc.join(WAIT_S)
+    assert ok and nfds < 200
