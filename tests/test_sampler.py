@@ -63,3 +63,21 @@ def test_bad_arguments_are_named():
         DistributedSampler(-1, num_replicas=1, rank=0)
     with pytest.raises(TypeError, match="dataset_len"):
         DistributedSampler(1.5, num_replicas=1, rank=0)
+
+
+def _sampler_defaults(rank, world):
+    s = DistributedSampler(10)
+    return (s.rank, s.num_replicas, list(s))
+
+
+def test_defaults_come_from_the_process_group():
+    from tests.test_ddp import all_ok, run_ranks
+
+    res = all_ok(run_ranks(_sampler_defaults, 2))
+    assert {r: v[:2] for r, v in res.items()} == {0: (0, 2), 1: (1, 2)}
+    assert sorted(res[0][2] + res[1][2]) == list(range(10))
+
+
+def test_without_a_process_group_the_error_says_what_to_pass():
+    with pytest.raises(ValueError, match="pass num_replicas and rank"):
+        DistributedSampler(10)
