@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from distrib._config import config
 from distrib._errors import DistError
 
 from ._options import LaunchOptions, parse_nproc, parse_rank_set, parse_std_streams
+from ._slurm import slurm_step
 
 __all__ = ["build_parser", "main", "options_from_args"]
 
@@ -45,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a(
         "--nnodes",
-        default="1",
+        default=None,
         help="number of nodes (launchers) in the job; each runs distrib-run with its own "
-        "--node-rank. Default 1.",
+        "--node-rank. Default 1, or under 'srun --ntasks-per-node=1' the step's node "
+        "count (with --node-rank, --master-addr and --master-port from Slurm too).",
     )
     a(
         "--node-rank",
@@ -189,8 +192,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _apply_slurm(ns: argparse.Namespace) -> str | None:
+    """Fill unset multi-node flags from a Slurm step; return a notice, or ``None``."""
+    step = slurm_step(os.environ)
+    if step is None or ns.standalone or ns.nnodes is not None:
+        return None
+    ns.nnodes = str(step.nnodes)
+    ns.node_rank = step.node_rank
+    if ns.master_addr is None:
+        ns.master_addr = step.master_addr
+    if ns.master_port is None and step.nnodes > 1:
+        ns.master_port = step.master_port
+    return (
+        f"Slurm step: node {ns.node_rank} of {ns.nnodes}, launchers meet at "
+        f"{ns.master_addr}:{ns.master_port}"
+    )
+
+
 def options_from_args(ns: argparse.Namespace) -> LaunchOptions:
     """Turn parsed arguments into validated ``LaunchOptions`` (``ValueError`` if bad)."""
+    if ns.nnodes is None:
+        ns.nnodes = "1"
     try:
         nnodes = int(ns.nnodes)
     except ValueError:
@@ -247,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``distrib-run``; returns the process exit code."""
     parser = build_parser()
     ns = parser.parse_args(argv)
+    notice = _apply_slurm(ns)
+    if notice is not None:
+        print(f"distrib-run: {notice}", file=sys.stderr)
     try:
         opts = options_from_args(ns)
     except (ValueError, DistError) as exc:
