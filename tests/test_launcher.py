@@ -285,3 +285,20 @@ def test_unknown_distrib_variable_is_rejected(launch):
     launch.env["DISTRIB_TIMOUT"] = "5"
     r = launch.run("x.py", timeout=30)
     assert r.returncode == 2 and "DISTRIB_TIMOUT" in r.stderr
+
+
+def test_python_api_launch(launch):
+    import subprocess
+    import sys
+
+    script = launch.script("api.py", "import os\nprint('api rank', os.environ['RANK'])\n")
+    code = (
+        "import sys\nfrom launcher import LaunchOptions, launch\n"
+        f"sys.exit(launch(LaunchOptions(target={script!r}, nproc=2, run_id='api')))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=launch.dir, env=launch.env, capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == ["[0]: api rank 0", "[1]: api rank 1"]
