@@ -141,7 +141,7 @@ class Agent:
                 return 1
             retryable = lost is None and (root is None or root.phase != "startup")
             if root is not None:
-                headline = f"rank {root.rank} on {root.host} {root.reason()}"
+                headline = f"rank {root.rank} on host {root.host}: {root.reason()}"
                 if root.phase == "startup":
                     headline += " before the script started; not retried"
             else:
