@@ -272,6 +272,8 @@ def test_help_explains_every_flag(launch):
         ),
         (["--max-restarts", "-1"], "--max-restarts must be >= 0"),
         (["--timeout", "0"], "--timeout must be > 0"),
+        (["--monitor-interval", "0"], "--monitor-interval must be > 0"),
+        (["--grace-period", "-1"], "--grace-period must be > 0"),
         (["--auth-token-file", "/nonexistent/token"], "--auth-token-file '/nonexistent/token'"),
     ],
 )

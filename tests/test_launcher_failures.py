@@ -282,7 +282,7 @@ def test_restarts_run_out(launch):
 def test_timeout_stops_a_hung_job_with_report(launch):
     script = launch.script("hang.py", "import time\nprint('working', flush=True)\ntime.sleep(60)\n")
     t0 = time.monotonic()
-    r = launch.run("--nproc", "2", "--timeout", "1", script)
+    r = launch.run("--nproc", "2", "--timeout", "1", "--monitor-interval", "0.2", script)
     assert r.returncode == 1
     assert time.monotonic() - t0 < 20
     assert "FAILED: --timeout 1 s passed" in r.stderr

@@ -68,11 +68,12 @@ def launch(tmp_path):
     h.cleanup()
 
 
-def _node(launch, ns: str, node: int, script: str, *script_args: str):
+def _node(launch, ns: str, node: int, script: str, *script_args: str, auth: str | None = None):
     # The launcher runs inside the namespace, with a hostname of its own.
     inner = [sys.executable, "-m", "launcher", "--nnodes", "2", "--node-rank", str(node),
              "--master-addr", ADDR[0], "--master-port", PORT, "--nproc", "2",
-             "--node-timeout", "3", "--join-timeout", "30", script, *script_args]  # fmt: skip
+             "--node-timeout", "3", "--join-timeout", "30",
+             *(["--auth-token-file", auth] if auth else []), script, *script_args]  # fmt: skip
     cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
            f'hostname node{node} && exec "$@"', "sh", *inner]  # fmt: skip
     p = subprocess.Popen(
@@ -111,7 +112,8 @@ ALL_REDUCE = """
 def test_two_by_two_all_reduce_over_veth(hosts, launch):
     (ns, _links) = hosts
     script = launch.script("ar.py", ALL_REDUCE)
-    procs = [_node(launch, ns[n], n, script) for n in (0, 1)]
+    (launch.dir / "token").write_text("shared-secret\n")  # launchers and workers sign traffic
+    procs = [_node(launch, ns[n], n, script, auth="token") for n in (0, 1)]
     results = [(p.wait(timeout=60), *p.communicate(timeout=60)) for p in procs]
     for node, (code, out, err) in enumerate(results):
         assert code == 0, err
