@@ -22,13 +22,19 @@ the others raise at once instead of waiting for their own timeout.
 
 from __future__ import annotations
 
+import hashlib
+import time
+from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import numpy as np
 
+from .._config import config
 from .._errors import (
     DistClosedError,
     DistError,
+    DistMismatchError,
     DistPeerLostError,
     DistTimeoutError,
     DistUsageError,
@@ -46,12 +52,25 @@ def _bounds(count: int, parts: int) -> list[int]:
     return [q * count // parts for q in range(parts + 1)]
 
 
+def _describe(desc: bytes) -> str:
+    """``all_reduce(shape=[3], ...)`` from a call descriptor (msgpack map)."""
+    try:
+        d = dict(msgpack.unpackb(desc, raw=False))
+        return f"{d.pop('op')}(" + ", ".join(f"{k}={v}" for k, v in d.items()) + ")"
+    except Exception:
+        return repr(desc)
+
+
 def _bytes(buf: Any) -> np.ndarray:
     return buf.view(np.uint8)
 
 
 class ShmEngine(Engine):
     """Collectives among ranks that share one segment (one machine).
+
+    Mismatch detection (``verifies_descriptors``): each rank publishes a digest
+    of the group's call descriptor in its header line; all-reduce compares them
+    inside its first step (free), other collectives run one extra barrier step.
 
     Args:
         segment: this process's mapping of the node's segment.
@@ -60,6 +79,9 @@ class ShmEngine(Engine):
         pids: process id of each local rank (liveness).
         p2p: engine for ``send``/``recv`` (point-to-point is not collective,
             so it does not fit the lock-step pipeline); ``None`` refuses them.
+        check_failed: raises a failure another rank published (polled while waiting).
+        store: the group's store, used only to name both calls in a mismatch error.
+        verify: compare call descriptors across ranks (``DISTRIB_CHECK_MISMATCH``).
     """
 
     def __init__(
@@ -70,12 +92,20 @@ class ShmEngine(Engine):
         global_ranks: list[int],
         pids: list[int],
         p2p: Engine | None = None,
+        check_failed: Callable[[], None] | None = None,
+        store: Any = None,
+        verify: bool = True,
     ) -> None:
         self.rank = rank
+        self.verifies_descriptors = verify
+        self._store = store  # only to show both descriptors in a mismatch error
+        self._digest_of: tuple[bytes, int] = (b"", 0)
         self.size = size
         self._seg = segment
         self._global = global_ranks
-        self._sync = PhaseSync(segment.header, segment.addr, rank, size, global_ranks, pids)
+        self._sync = PhaseSync(
+            segment.header, segment.addr, rank, size, global_ranks, pids, check_failed=check_failed
+        )
         self._sync.publish_pid()
         self._part_bytes = segment.layout.part_bytes
         self._half_bytes = segment.layout.half_bytes
@@ -99,8 +129,11 @@ class ShmEngine(Engine):
             self._sync.wait_all(2 * k - 1, op, deadline)
         return k
 
-    def _run(self, op: str, body: Any, *args: Any) -> None:
+    def _run(self, op: str, deadline: float, body: Any, *args: Any, check: bool = True) -> None:
+        """Run ``body(*args)`` (after a descriptor check step); abort everyone on failure."""
         try:
+            if check and self.verifies_descriptors:
+                self._check_step(op, deadline)
             body(*args)
         except DistClosedError:
             raise
@@ -108,7 +141,7 @@ class ShmEngine(Engine):
             # tell the other local ranks at once, naming the rank at fault
             culprit = None
             if isinstance(exc, (DistPeerLostError, DistTimeoutError)):
-                culprit = self._sync.local_of(exc.peer)
+                culprit = exc.peer
             self._sync.abort(f"rank {self._global[self.rank]} failed in {op}: {exc}", culprit)
             raise
         except BaseException as exc:
@@ -118,14 +151,76 @@ class ShmEngine(Engine):
     def _part(self, dtype: np.dtype) -> int:
         return max(1, self._part_bytes // dtype.itemsize)
 
+    # -- mismatch detection ----------------------------------------------------
+    def _digest(self) -> int:
+        desc = self.call_descriptor
+        if self._digest_of[0] is not desc:
+            d = int.from_bytes(hashlib.blake2b(desc, digest_size=8).digest(), "little")
+            self._digest_of = (desc, d)
+        return self._digest_of[1]
+
+    def _compare_digest(self, q: int, h: int, k: int, name: str) -> None:
+        if self._sync.digest(q, h) == self._digest_of[1]:
+            return
+        me, other = self._global[self.rank], self._global[q]
+        theirs = "a different collective"
+        if self._store is not None:
+            try:
+                self._store.set(f"shm/desc/{k}/{me}", self.call_descriptor)
+                self._store.wait([f"shm/desc/{k}/{other}"], 5.0)
+                theirs = _describe(self._store.get(f"shm/desc/{k}/{other}"))
+            except Exception:
+                pass
+        raise DistMismatchError(
+            f"{name}: mismatched collectives: rank {me} called "
+            f"{_describe(self.call_descriptor)} but rank {other} called {theirs}",
+            rank=me,
+            op=name,
+            peer=other,
+        )
+
+    def _check_step(self, name: str, deadline: float) -> None:
+        """One barrier step that compares every rank's call digest."""
+        digest = self._digest()
+        k = self._begin(name, deadline)
+        h = k & 1
+        self._sync.publish_digest(h, digest)
+        self._sync.signal(2 * k + 1)
+        for q in range(self.size):
+            if q != self.rank:
+                self._sync.wait(q, 2 * k + 1, name, deadline)
+                self._compare_digest(q, h, k, name)
+        self._sync.signal(2 * k + 2)
+        self._step = k + 1
+
     # -- reductions ----------------------------------------------------------
     def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
         if self.size > 1:
-            self._run("all_reduce", self._reduce, buf, op, None, deadline, "all_reduce")
+            self._run(
+                "all_reduce",
+                deadline,
+                self._reduce,
+                buf,
+                op,
+                None,
+                deadline,
+                "all_reduce",
+                check=buf.size == 0,  # else compared inside the first step
+            )
 
     def reduce(self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float) -> None:
         if self.size > 1:
-            self._run("reduce", self._reduce, buf, op, root, deadline, "reduce")
+            self._run(
+                "reduce",
+                deadline,
+                self._reduce,
+                buf,
+                op,
+                root,
+                deadline,
+                "reduce",
+                check=buf.size == 0,
+            )
 
     def _reduce(self, buf: Any, op: ReduceOp, root: int | None, deadline: float, name: str) -> None:
         fn = ufunc(op)
@@ -142,6 +237,9 @@ class ShmEngine(Engine):
             for q in range(n):
                 if q != r and b[q] < b[q + 1]:
                     np.copyto(mine[b[q] : b[q + 1]], chunk[b[q] : b[q + 1]])
+            verify = start == 0 and self.verifies_descriptors
+            if verify:
+                sync.publish_digest(h, self._digest())
             sync.signal(2 * k + 1)
             # 2. reduce my part in rank order, reading the others' slots in place
             lo, hi = b[r], b[r + 1]
@@ -151,6 +249,8 @@ class ShmEngine(Engine):
             for q in range(n):
                 if q != r:
                     sync.wait(q, 2 * k + 1, name, deadline)
+                    if verify:
+                        self._compare_digest(q, h, k, name)
                 src = chunk[lo:hi] if q == r else slots[q][h][lo:hi]
                 if prev is None:
                     prev = src
@@ -173,7 +273,7 @@ class ShmEngine(Engine):
         if self.size == 1:
             np.copyto(out, buf)
             return
-        self._run("reduce_scatter", self._reduce_scatter, buf, out, op, deadline)
+        self._run("reduce_scatter", deadline, self._reduce_scatter, buf, out, op, deadline)
 
     def _reduce_scatter(self, buf: Any, out: Any, op: ReduceOp, deadline: float) -> None:
         fn = ufunc(op)
@@ -214,7 +314,7 @@ class ShmEngine(Engine):
     # -- data movement -------------------------------------------------------
     def broadcast(self, buf: Any, root: int, seq: int, deadline: float) -> None:
         if self.size > 1:
-            self._run("broadcast", self._broadcast, _bytes(buf), root, deadline)
+            self._run("broadcast", deadline, self._broadcast, _bytes(buf), root, deadline)
 
     def _broadcast(self, data: np.ndarray, root: int, deadline: float) -> None:
         r, sync, name = self.rank, self._sync, "broadcast"
@@ -234,7 +334,7 @@ class ShmEngine(Engine):
 
     def all_gather(self, out: Any, seq: int, deadline: float) -> None:
         if self.size > 1:
-            self._run("all_gather", self._all_gather, _bytes(out), deadline)
+            self._run("all_gather", deadline, self._all_gather, _bytes(out), deadline)
 
     def _all_gather(self, data: np.ndarray, deadline: float) -> None:
         n, r, sync, name = self.size, self.rank, self._sync, "all_gather"
@@ -259,7 +359,7 @@ class ShmEngine(Engine):
             np.copyto(out, buf)
             return
         dst = None if out is None or self.rank != root else _bytes(out)
-        self._run("gather", self._gather, _bytes(buf), dst, root, deadline)
+        self._run("gather", deadline, self._gather, _bytes(buf), dst, root, deadline)
 
     def _gather(self, data: np.ndarray, out: np.ndarray | None, root: int, deadline: float) -> None:
         n, r, sync, name = self.size, self.rank, self._sync, "gather"
@@ -287,7 +387,7 @@ class ShmEngine(Engine):
             np.copyto(out, buf)
             return
         src = _bytes(buf) if self.rank == root else None
-        self._run("scatter", self._scatter, src, _bytes(out), root, deadline)
+        self._run("scatter", deadline, self._scatter, src, _bytes(out), root, deadline)
 
     def _scatter(
         self, data: np.ndarray | None, out: np.ndarray, root: int, deadline: float
@@ -318,7 +418,7 @@ class ShmEngine(Engine):
         if self.size == 1:
             np.copyto(out, buf)
             return
-        self._run("all_to_all", self._all_to_all, _bytes(buf), _bytes(out), deadline)
+        self._run("all_to_all", deadline, self._all_to_all, _bytes(buf), _bytes(out), deadline)
 
     def _all_to_all(self, data: np.ndarray, out: np.ndarray, deadline: float) -> None:
         n, r, sync, name = self.size, self.rank, self._sync, "all_to_all"
@@ -348,7 +448,7 @@ class ShmEngine(Engine):
 
     def barrier(self, seq: int, deadline: float) -> None:
         if self.size > 1:
-            self._run("barrier", self._barrier, deadline)
+            self._run("barrier", deadline, self._barrier, deadline)
 
     def _barrier(self, deadline: float) -> None:
         k = self._begin("barrier", deadline)
@@ -363,6 +463,10 @@ class ShmEngine(Engine):
 
     def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
         self._p2p_engine("recv").recv(buf, src, tag, deadline)
+
+    def set_p2p(self, engine: Engine) -> None:
+        """Use ``engine`` for ``send``/``recv`` (and close it with this one)."""
+        self._p2p = engine
 
     def _p2p_engine(self, op: str) -> Engine:
         if self._p2p is None:
@@ -391,5 +495,74 @@ class ShmEngine(Engine):
 
 
 def make_cpu_engine(ctx: Any) -> Engine | None:
-    """Pick the CPU engine for a group: shared memory, hierarchical, or ``None`` (ZeroMQ)."""
-    return None
+    """Pick the CPU engine for a group: shared memory, hierarchical, or ``None`` (ZeroMQ).
+
+    ``ctx`` is the group's ``EngineContext``. Ranks with equal ``host_ids`` share
+    a machine. One host: a ``ShmEngine`` over the whole group. Several hosts
+    with at least one holding two ranks: a ``HierEngine``. Otherwise, or if any
+    rank could not map its host's segment, every rank returns ``None`` together.
+    """
+    from ._hier import HierEngine, leader_context
+    from ._shm_rendezvous import connect_local
+
+    if ctx.size < 2:
+        return None
+    hosts: list[list[int]] = []
+    index: dict[str, int] = {}
+    for r, hid in enumerate(ctx.host_ids):
+        if hid not in index:
+            index[hid] = len(hosts)
+            hosts.append([])
+        hosts[index[hid]].append(r)
+    if max(len(h) for h in hosts) < 2:
+        return None  # no two ranks share memory
+    my_host = index[ctx.host_ids[ctx.rank]]
+    members = hosts[my_host]
+    deadline = time.monotonic() + ctx.timeout
+    single_host = len(hosts) == 1
+    verify = single_host and config().check_mismatch is not False
+    local: ShmEngine | None = None
+    if len(members) > 1:
+        local = connect_local(
+            ctx.store,
+            f"shm/{my_host}",
+            members.index(ctx.rank),
+            len(members),
+            [ctx.global_ranks[r] for r in members],
+            deadline,
+            check_failed=ctx.check_failed,
+            store_for_errors=ctx.store,
+            verify=verify,
+        )
+    # Every rank must pick the same kind of engine: agree through the store.
+    ok = local is not None or len(members) == 1
+    ctx.store.set(f"shm/ok/{ctx.rank}", b"1" if ok else b"0")
+    ctx.store.wait([f"shm/ok/{r}" for r in range(ctx.size)], max(deadline - time.monotonic(), 1.0))
+    if not all(ctx.store.get(f"shm/ok/{r}") == b"1" for r in range(ctx.size)):
+        if local is not None:
+            local.close()
+        return None
+    if single_host:
+        assert local is not None
+        try:
+            # send/recv are not collective: they take the ZeroMQ links, built now
+            # because building them is collective (every rank publishes its endpoint)
+            local.set_p2p(ctx.make_zmq_engine())
+        except BaseException:
+            local.close()
+            raise
+        return local
+    leaders = [h[0] for h in hosts]
+    lead = None
+    try:
+        if ctx.rank in leaders:
+            from ._zmq_engine import ZmqEngine
+
+            lead = ZmqEngine(leader_context(ctx, leaders))
+        flat = ctx.make_zmq_engine()
+    except BaseException:
+        for eng in (local, lead):
+            if eng is not None:
+                eng.close()
+        raise
+    return HierEngine(ctx.rank, ctx.size, hosts, local, lead, flat, ctx.global_ranks)

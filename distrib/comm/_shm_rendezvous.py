@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -70,11 +71,16 @@ def connect_local(
     global_ranks: list[int],
     deadline: float,
     part_bytes: int | None = None,
+    *,
+    check_failed: Callable[[], None] | None = None,
+    store_for_errors: Any = None,
+    verify: bool = True,
 ) -> ShmEngine | None:
     """Create or map this host's segment and return the engine, or ``None`` to fall back.
 
     Every local rank must call this collectively. ``global_ranks`` lists the
-    group rank of each local rank (local rank 0 creates the segment).
+    global rank of each local rank (local rank 0 creates the segment). The
+    keyword arguments are passed to ``ShmEngine``.
     """
     op = "shm_engine.connect"
     part = part_bytes if part_bytes is not None else part_bytes_for(local_size)
@@ -111,4 +117,13 @@ def connect_local(
             seg.close()
         return None
     assert seg is not None
-    return ShmEngine(seg, local_rank, local_size, global_ranks, [pid for _, pid in answers])
+    return ShmEngine(
+        seg,
+        local_rank,
+        local_size,
+        global_ranks,
+        [pid for _, pid in answers],
+        check_failed=check_failed,
+        store=store_for_errors,
+        verify=verify,
+    )
