@@ -49,6 +49,9 @@ class EngineContext:
             if any (engines call it while blocked, at most a few times a second).
         make_zmq_engine: builds the group's ZeroMQ engine (the hierarchical
             engine uses it across hosts); each call returns the same engine.
+        diagnose_timeout: ``(peer, seq) -> chain`` after timing out on ``peer`` in
+            op ``seq``: records the wait and follows other ranks' recorded waits
+            (briefly) to the rank that is really stuck; returns ``[peer, ..., culprit]``.
     """
 
     store: Any
@@ -61,6 +64,7 @@ class EngineContext:
     transport: str = "auto"
     check_failed: Callable[[], None] = field(default=lambda: None)
     make_zmq_engine: Callable[[], Engine] = field(default=lambda: _no_zmq())
+    diagnose_timeout: Callable[[int, int], list[int]] = field(default=lambda peer, seq: [peer])
 
 
 def _no_zmq() -> Engine:

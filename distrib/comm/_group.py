@@ -43,6 +43,7 @@ _FAILURE_CLASSES: dict[str, type[DistError]] = {
     for c in (DistTimeoutError, DistPeerLostError, DistMismatchError, DistBackendError, DistError)
 }
 _FAILURE_STORE_TIMEOUT_S = 1.0  # the failure check must not stall a blocked rank for long
+_DIAGNOSE_GRACE_S = 1.0  # how long a timed-out rank follows others' waits to find the culprit
 
 
 def host_id() -> str:
@@ -97,6 +98,7 @@ class ProcessGroup:
             transport=transport,
             check_failed=self._check_failed,
             make_zmq_engine=self._make_zmq_engine,
+            diagnose_timeout=self._diagnose_timeout,
         )
         self.cpu_engine = make_cpu_engine_for(self._ctx)
         self._gpu_engine: Engine | None = None
@@ -167,6 +169,32 @@ class ProcessGroup:
             op=info.get("op"),
             peer=info.get("peer"),
         )
+
+    def _diagnose_timeout(self, peer: int, seq: int) -> list[int]:
+        """Record "waiting for ``peer`` in op ``seq``" and follow the others' records."""
+        store = self._fail_store
+        try:
+            store.set(f"waits/{seq}/{self._rank}", str(peer))
+        except DistError:
+            return [peer]
+        # Ranks waiting on a stuck rank time out at about the same time; give them a moment.
+        end = time.monotonic() + min(_DIAGNOSE_GRACE_S, self.timeout / 2)
+        chain = [peer]
+        while True:
+            cur = chain[-1]
+            try:
+                nxt = store.multi_get([f"waits/{seq}/{cur}"])[0]
+            except DistError:
+                return chain
+            if nxt is not None:
+                target = int(nxt)
+                if target in chain or target == self._rank:
+                    return chain  # a cycle: stop at the last distinct rank
+                chain.append(target)
+                continue
+            if time.monotonic() >= end:
+                return chain
+            time.sleep(0.05)
 
     def _publish(self, exc: DistError) -> None:
         info = {

@@ -69,6 +69,7 @@ class ZmqLinks:
         self.rank, self.size = ctx.rank, ctx.size
         self.global_ranks = ctx.global_ranks
         self._check_failed = ctx.check_failed
+        self._diagnose_timeout = ctx.diagnose_timeout
         self._zctx = zmq.Context.instance()
         self._closed = False
         self._stash: dict[int, deque[tuple[int, int, bytes, Any]]] = {
@@ -78,6 +79,7 @@ class ZmqLinks:
         self._lost_since: dict[int, float] = {}
         self._connected: set[int] = set()
         self._next_failure_poll = 0.0
+        self._recent_descs: dict[int, bytes] = {}  # seq -> our descriptor, for stale messages
         self.router = self._zctx.socket(zmq.ROUTER)
         self._tune(self.router)
         me = f"{ctx.host_ids[self.rank]}"
@@ -102,7 +104,9 @@ class ZmqLinks:
             dealer.setsockopt(zmq.IDENTITY, b"r%d" % self.rank)
             # Flush what is queued when closing normally, but never block exit for long.
             dealer.setsockopt(zmq.LINGER, 2000)
-            monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            monitor = dealer.get_monitor_socket(
+                zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+            )
             dealer.connect(ipc_ep if ctx.host_ids[peer] == me else tcp_ep)
             self.dealers[peer] = dealer
             self._monitors[monitor] = peer
@@ -164,7 +168,10 @@ class ZmqLinks:
                 continue
             if kind == COLLECTIVE:
                 if s < seq:
-                    continue  # stale, from an op that failed earlier; dropped below
+                    # Every message of a healthy group is consumed in its own op: one left
+                    # over means the peer's op #s differed from ours (say, another root).
+                    del queue[i]
+                    raise self._mismatch(peer, s, self._recent_descs.get(s, b""), desc, "stale")
                 if s > seq:
                     return desc, None  # the peer moved on: reported as a mismatch
             elif s != seq:
@@ -173,35 +180,39 @@ class ZmqLinks:
             return desc, frame
         return None
 
-    def _drop_stale(self, peer: int, seq: int) -> None:
-        q = self._stash[peer]
-        if any(k == COLLECTIVE and s < seq for k, s, _, _ in q):
-            self._stash[peer] = deque(m for m in q if not (m[0] == COLLECTIVE and m[1] < seq))
-
     def recv(self, peer: int, kind: int, seq: int, desc: bytes, op: str, deadline: float) -> Any:
         """The next matching message from ``peer`` (a zmq Frame), checking its descriptor."""
+        if kind == COLLECTIVE and seq not in self._recent_descs:
+            self._recent_descs[seq] = desc
+            self._recent_descs.pop(seq - 16, None)
         found = self._take(peer, kind, seq)
         while found is None:
-            self._pump(peer, op, deadline)
+            self._pump(peer, op, deadline, seq if kind == COLLECTIVE else None)
             found = self._take(peer, kind, seq)
         their_desc, frame = found
         if kind == COLLECTIVE and (frame is None or their_desc != desc):
-            self._drop_stale(peer, seq)
-            mine = describe(desc)
-            theirs = describe(their_desc)
-            when = "as the same op" if frame is not None else "as a later op"
-            raise DistMismatchError(
-                f"{op}: mismatched collectives at op #{seq}: {self.gname(self.rank)} called "
-                f"{mine} but {self.gname(peer)} called {theirs} ({when}); every rank of the "
-                "group must call the same collectives in the same order with matching "
-                "arguments",
-                rank=self.global_ranks[self.rank],
-                op=op,
-                peer=self.global_ranks[peer],
-            )
+            raise self._mismatch(peer, seq, desc, their_desc, "same" if frame else "later")
         return frame
 
-    def _pump(self, peer: int, op: str, deadline: float) -> None:
+    def _mismatch(self, peer: int, seq: int, mine: bytes, theirs: bytes, how: str) -> Exception:
+        when = {
+            "same": "as the same op",
+            "later": "as its next op, having finished this one without sending to "
+            f"{self.gname(self.rank)}",
+            "stale": f"and sent {self.gname(self.rank)} data this rank's op #{seq} never used",
+        }[how]
+        name = msgpack.unpackb(mine, raw=False).get("op", "collective") if mine else "collective"
+        return DistMismatchError(
+            f"{name}: mismatched collectives at op #{seq}: {self.gname(self.rank)} called "
+            f"{describe(mine)} but {self.gname(peer)} called {describe(theirs)} ({when}); every "
+            "rank of the group must call the same collectives in the same order with matching "
+            "arguments",
+            rank=self.global_ranks[self.rank],
+            op=name,
+            peer=self.global_ranks[peer],
+        )
+
+    def _pump(self, peer: int, op: str, deadline: float, seq: int | None) -> None:
         """Receive whatever arrives next (stashing it), or fail if ``peer`` cannot deliver."""
         router = self.router
         try:
@@ -214,15 +225,7 @@ class ZmqLinks:
             now = time.monotonic()
             self._poll_failures(op, peer, now)
             if now >= deadline:
-                raise DistTimeoutError(
-                    f"{op}: {self.gname(self.rank)} (group rank {self.rank} of {self.size}) "
-                    f"timed out waiting for {self.gname(peer)}; that rank is hung, dead or "
-                    "not calling this collective (raise the timeout with the timeout argument "
-                    "of init_process_group/new_group or DISTRIB_TIMEOUT)",
-                    rank=self.global_ranks[self.rank],
-                    op=op,
-                    peer=self.global_ranks[peer],
-                )
+                raise self._timeout_error(peer, op, seq)
             wait_ms = max(1, min(_POLL_SLICE_MS, int((deadline - now) * 1000) + 1))
             try:
                 events = dict(self.poller.poll(wait_ms))
@@ -246,6 +249,29 @@ class ZmqLinks:
         kind, seq = _HEADER.unpack_from(hdr)
         self._stash[src].append((kind, seq, hdr[_HEADER.size :], payload))
 
+    def _timeout_error(self, peer: int, op: str, seq: int | None) -> DistTimeoutError:
+        chain = self._diagnose_timeout(peer, seq) if seq is not None else [peer]
+        culprit = chain[-1]
+        via = ""
+        if len(chain) > 1:
+            via = (
+                " ("
+                + ", ".join(
+                    f"{self.gname(chain[i])} was waiting for {self.gname(chain[i + 1])}"
+                    for i in range(len(chain) - 1)
+                )
+                + ")"
+            )
+        return DistTimeoutError(
+            f"{op}: {self.gname(self.rank)} (group rank {self.rank} of {self.size}) timed out "
+            f"waiting for {self.gname(peer)}{via}; {self.gname(culprit)} is hung, dead or not "
+            "calling this collective (raise the timeout with the timeout argument of "
+            "init_process_group/new_group or DISTRIB_TIMEOUT)",
+            rank=self.global_ranks[self.rank],
+            op=op,
+            peer=self.global_ranks[culprit],
+        )
+
     def _read_monitor(self, monitor: zmq.Socket) -> None:
         peer = self._monitors[monitor]
         while True:
@@ -257,7 +283,9 @@ class ZmqLinks:
             if event == zmq.EVENT_CONNECTED:
                 self._connected.add(peer)
                 self._lost_since.pop(peer, None)
-            elif event == zmq.EVENT_DISCONNECTED:
+            else:
+                # Disconnected, or a refused reconnect: peers bind before publishing their
+                # endpoints, so a refusal means the peer's sockets are gone.
                 self._lost_since.setdefault(peer, time.monotonic())
 
     def _poll_failures(self, op: str, peer: int | None, now: float) -> None:
