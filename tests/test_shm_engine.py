@@ -350,3 +350,33 @@ def test_segment_has_no_name_in_dev_shm(tmp_path: Any) -> None:
     results = run_ranks(tmp_path, 2, _list_shm)
     during = set(results[0][1]) | set(results[1][1])
     assert not [e for e in during - set(before) if "distrib" in e]
+
+
+def _mismatch(eng: Any, rank: int, n: int) -> Any:
+    import msgpack
+
+    dl = time.monotonic() + 10
+    buf = np.ones(100, np.float32)
+    eng.call_descriptor = msgpack.packb({"op": "all_reduce", "shape": [100]})
+    eng.all_reduce(buf, ReduceOp.SUM, 0, dl)  # matching: passes
+    try:
+        if rank == 1:
+            eng.call_descriptor = msgpack.packb({"op": "broadcast", "shape": [100], "root": 0})
+            eng.broadcast(buf, 0, 1, dl)
+        else:
+            eng.call_descriptor = msgpack.packb({"op": "all_reduce", "shape": [100]})
+            eng.all_reduce(buf, ReduceOp.SUM, 1, dl)
+    except Exception as exc:
+        return type(exc).__name__, exc.peer, str(exc)
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_mismatched_collectives_are_named_on_both_sides(tmp_path: Any) -> None:
+    results = run_ranks(tmp_path, 2, _mismatch)
+    name, peer, msg = results[0][1]
+    assert name == "DistMismatchError" and peer == 1, msg
+    assert "all_reduce(shape=[100])" in msg
+    name, peer, msg = results[1][1]
+    assert name == "DistMismatchError" and peer == 0, msg
+    assert "broadcast(shape=[100], root=0)" in msg
