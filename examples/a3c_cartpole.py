@@ -125,10 +125,10 @@ class Settings:
     env: str = "CartPole-v1"
     workers: int = 2
     seed: int = 0
-    hidden: int = 64
+    hidden: int = 128
     rollout: int = 20  # n-step return horizon (A3C's t_max)
     gamma: float = 0.99
-    lr: float = 1e-3
+    lr: float = 2e-3  # 15/15 seeds solved; ~70k env steps (1e-3 needs ~110k)
     entropy_coef: float = 0.01
     value_coef: float = 0.5
     reward_scale: float = 0.1  # keeps CartPole's values (~10) in tanh-friendly range
@@ -158,13 +158,23 @@ def worker_loop(
     rewards = np.empty(settings.rollout)
     episode_return = 0.0
     steps = 0
+    # The per-step path is the hot loop: local names for the (shared) actor
+    # arrays, one batch of uniforms per rollout, sampling on a Python list.
+    w1, b1, w2, b2 = (params[k] for k in ("actor.w1", "actor.b1", "actor.w2", "actor.b2"))
+    last_action = n_actions - 1
     while not stop[0]:
         t = 0
         bootstrap = None
+        uniforms = rng.random(settings.rollout).tolist()
         while t < settings.rollout:
             x = np.asarray(obs, dtype=np.float64).reshape(-1)
-            _, p = policy(params, x)
-            a = min(int(np.searchsorted(np.cumsum(p), rng.random())), n_actions - 1)
+            z = np.tanh(x @ w1 + b1) @ w2 + b2
+            e = np.exp(z - z.max()).tolist()
+            u = uniforms[t] * sum(e)
+            a = 0
+            while a < last_action and u >= e[a]:
+                u -= e[a]
+                a += 1
             obs, r, terminated, truncated, _ = env.step(a)
             states[t], actions[t], rewards[t] = x, a, r * settings.reward_scale
             t += 1
