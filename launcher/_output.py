@@ -36,9 +36,14 @@ class StreamPump:
         self.last_line = b""  # for the failure report's "last output" hint
 
     def feed(self, data: bytes) -> None:
-        """Accept bytes read from the pipe; emit every complete line."""
+        """Accept bytes read from the pipe; emit every complete line.
+
+        A carriage return also ends a line (progress bars redraw with ``\r``), so
+        those updates show live, each with its prefix; a ``\r`` that ends the data
+        waits, since a ``\n`` may follow it in the next read.
+        """
         data = self._partial + data
-        cut = data.rfind(b"\n") + 1
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1)) + 1
         if cut == 0 and len(data) < _MAX_PARTIAL:
             self._partial = data
             return
@@ -62,13 +67,19 @@ class StreamPump:
 
     def _emit(self, block: bytes) -> None:
         lines = block.splitlines(keepends=True)
-        if lines:
-            self.last_line = lines[-1].rstrip(b"\r\n")
+        shown = [ln for ln in lines if ln.strip(b"\r\n")]
+        if shown:
+            self.last_line = shown[-1].rstrip(b"\r\n")
         if self.log_file is not None:
             self.log_file.write(block)
             self.log_file.flush()
         if self.console is not None:
-            text = b"".join(self.prefix + line for line in lines) if self.prefix else block
+            # a bare "\r" (a progress bar starting its redraw) needs no prefix of its own
+            text = (
+                b"".join(line if line == b"\r" else self.prefix + line for line in lines)
+                if self.prefix
+                else block
+            )
             try:
                 self.console.write(text)  # one write per read: whole lines only
                 self.console.flush()

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import pytest
 from test_launcher_helpers import LauncherHarness
@@ -304,3 +305,31 @@ def test_python_api_launch(launch):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert sorted(r.stdout.splitlines()) == ["[0]: api rank 0", "[1]: api rank 1"]
+
+
+def test_carriage_return_progress_shows_before_the_newline(launch):
+    import select
+
+    script = launch.script(
+        "progress.py",
+        """
+        import os, sys, time
+        sys.stdout.write("\\rstep 1/2")
+        sys.stdout.write("\\rstep 2/2")  # no newline yet: a progress bar mid-flight
+        end = time.monotonic() + 20
+        while not os.path.exists("seen"):
+            assert time.monotonic() < end, "the launcher never showed the progress line"
+            time.sleep(0.01)
+        print(" done")
+        """,
+    )
+    p = launch.popen("--nproc", "1", script)
+    seen, end = "", time.monotonic() + 20
+    fd = p.stdout.fileno()
+    while "[0]: step 1/2\r" not in seen and time.monotonic() < end:
+        if select.select([fd], [], [], 0.1)[0]:
+            seen += os.read(fd, 4096).decode()
+    (launch.dir / "seen").write_text("")
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert seen + out == "\r[0]: step 1/2\r[0]: step 2/2 done\n"
