@@ -237,9 +237,12 @@ class DistributedDataParallel:
             bucket = self.buckets[self._next_launch]
             buf = self.comm_hook.compress(bucket.flat, self.world_size, bucket)
             if self.world_size > 1:
-                bucket.work = distrib.all_reduce(
-                    buf, op=distrib.ReduceOp.SUM, group=self.group, async_op=True
+                op = (
+                    distrib.ReduceOp.AVG
+                    if self.comm_hook.reduce_op(buf) == "avg"
+                    else (distrib.ReduceOp.SUM)
                 )
+                bucket.work = distrib.all_reduce(buf, op=op, group=self.group, async_op=True)
             else:
                 bucket.work = _DoneWork()
             bucket.sent = buf

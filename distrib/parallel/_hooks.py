@@ -16,9 +16,13 @@ __all__ = ["AllreduceHook", "CommHook", "Fp16CompressHook", "allreduce_hook", "f
 
 
 class CommHook:
-    """Interface: ``compress`` returns the buffer to sum across ranks."""
+    """Interface: ``compress`` returns the buffer to reduce across ranks with ``reduce_op``."""
 
     name = "custom"
+
+    def reduce_op(self, comm_buf: Any) -> str:
+        """``"sum"`` (compress pre-divided by the world size) or ``"avg"``."""
+        return "sum"
 
     def compress(self, flat: Any, world_size: int, bucket: Any) -> Any:
         raise NotImplementedError
@@ -28,14 +32,22 @@ class CommHook:
 
 
 class AllreduceHook(CommHook):
-    """Sum the gradients in their own dtype, pre-divided by the world size (torch's default)."""
+    """Average the gradients in their own dtype (``ReduceOp.AVG``).
+
+    float32/float64 buckets are summed and divided once by the group, on its
+    progress thread (off the training thread); float16 buckets are divided
+    first, as torch does, so that the sum stays in range.
+    """
 
     name = "allreduce"
 
     def compress(self, flat: Any, world_size: int, bucket: Any) -> Any:
-        if world_size > 1:
-            flat *= 1.0 / world_size  # dividing first keeps float16 sums in range
+        if world_size > 1 and flat.dtype == np.float16:
+            flat *= 1.0 / world_size
         return flat
+
+    def reduce_op(self, flat: Any) -> str:
+        return "sum" if flat.dtype == np.float16 else "avg"
 
     def decompress(self, comm_buf: Any, flat: Any, world_size: int) -> None:
         pass  # reduced in place
