@@ -40,6 +40,9 @@ __all__ = ["Agent"]
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # After the workers are gone, wait this long for EOF on pipes an escaped process holds.
 _DRAIN_S = 1.0
+# Processes a successful worker leaves behind get this long to exit on their own
+# (multiprocessing's resource tracker exits within milliseconds of its parent).
+_LINGER_S = 1.0
 
 
 @dataclass
@@ -295,6 +298,7 @@ class Agent:
         result: AttemptResult | None = None
         stop_sent_at: float | None = None
         killed = False
+        linger_until: float | None = None
         try:
             while True:
                 now = time.monotonic()
@@ -311,7 +315,11 @@ class Agent:
                     alive = [w for w in workers if w.group_alive()]
                     if not alive:
                         break
-                    if stop_sent_at is None:  # success, but a worker left processes behind
+                    if stop_sent_at is None and linger_until is None:
+                        linger_until = now + _LINGER_S
+                    if stop_sent_at is None and now < linger_until:
+                        pass  # helpers such as multiprocessing's resource tracker exit soon
+                    elif stop_sent_at is None:  # success, but a worker left processes behind
                         self.say(
                             f"ranks {[w.rank for w in alive]} exited 0 but left processes; stopping them"
                         )

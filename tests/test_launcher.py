@@ -333,3 +333,25 @@ def test_carriage_return_progress_shows_before_the_newline(launch):
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert seen + out == "\r[0]: step 1/2\r[0]: step 2/2 done\n"
+
+
+def test_multiprocessing_spawn_inside_a_worker(launch):
+    # spawn re-imports the script through __main__.__file__: the bootstrap must set it
+    # up as `python script.py` would.
+    script = launch.script(
+        "pool.py",
+        """
+        import multiprocessing as mp
+
+        def square(x):
+            return x * x
+
+        if __name__ == "__main__":
+            with mp.get_context("spawn").Pool(2) as pool:
+                print(pool.map(square, range(5)))
+        """,
+    )
+    r = launch.run("--nproc", "1", script)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "[0]: [0, 1, 4, 9, 16]\n"
+    assert "left processes" not in r.stderr
