@@ -156,14 +156,14 @@ def plot(history: list[tuple[float, float]], path: str, world: int) -> None:
     loss = [h[0] for h in history]
     acc = [h[1] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(loss) + 1), loss, label="train loss")
+    (l1,) = ax.plot(range(1, len(loss) + 1), loss, label="train loss")
     ax2 = ax.twinx()
-    ax2.plot(range(1, len(acc) + 1), acc, color="C1", label="test accuracy")
+    (l2,) = ax2.plot(range(1, len(acc) + 1), acc, color="C1", label="test accuracy")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax2.set_ylabel("accuracy")
     ax.set_title(f"DDP MLP on sklearn digits, {world} rank(s)")
-    fig.legend(loc="center right")
+    ax.legend(handles=[l1, l2], loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
