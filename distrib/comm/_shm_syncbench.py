@@ -25,8 +25,18 @@ from ._shm_sync import PhaseSync
 _FOREVER = 10**12  # spin count meaning "never sleep"
 
 
-def _sync_for(seg: SharedSegment, rank: int, n: int, spin: int) -> PhaseSync:
-    return PhaseSync(seg.header, seg.addr, rank, n, list(range(n)), [os.getpid()] * n, spin=spin)
+def _sync_for(seg: SharedSegment, rank: int, n: int, spin: Any) -> PhaseSync:
+    spin, yield_s = spin if isinstance(spin, tuple) else (spin, 0.0)
+    return PhaseSync(
+        seg.header,
+        seg.addr,
+        rank,
+        n,
+        list(range(n)),
+        [os.getpid()] * n,
+        spin=spin,
+        yield_s=yield_s,
+    )
 
 
 def _pingpong_shm(seg: SharedSegment, rank: int, spin: int, rounds: int, out: Any) -> None:
@@ -131,43 +141,47 @@ def main(argv: list[str] | None = None) -> None:
     seg = SharedSegment.create(SegmentLayout(max(2, args.oversubscribe), 4096))
     try:
         print(f"ping-pong round trip, 2 processes, {os.cpu_count()} cores")
-        print(f"{'method':<34}{'round trip (us)':>16}")
+        print(f"{'method':<44}{'round trip (us)':>16}")
         for label, spin in (
             ("spin only (shared word)", _FOREVER),
             ("futex wait, no spin", 0),
-            ("spin 400 then futex (engine)", 400),
+            ("spin 400 then futex", 400),
+            ("spin 400, yield 2 ms, futex (engine)", (400, 0.002)),
+            ("yield 2 ms, futex (engine, oversubscribed)", (0, 0.002)),
         ):
             for q in range(len(seg.header) // 4):
                 seg.header.cast("I")[q] = 0
             rounds = args.rounds if spin else args.rounds // 4
             res = _run(_pingpong_shm, [(seg, r, spin, rounds) for r in range(2)])
-            print(f"{label:<34}{res[0] * 1e6:>16.1f}")
+            print(f"{label:<44}{res[0] * 1e6:>16.1f}")
         for q in range(len(seg.header) // 4):
             seg.header.cast("I")[q] = 0
         res = _run(_pingpong_yield, [(seg, r, args.rounds) for r in range(2)])
-        print(f"{'sched_yield loop':<34}{res[0] * 1e6:>16.1f}")
+        print(f"{'sched_yield loop':<44}{res[0] * 1e6:>16.1f}")
         with tempfile.TemporaryDirectory() as tmp:
             addr = f"ipc://{tmp}/pingpong"
             res = _run(_pingpong_zmq, [(addr, r, args.rounds // 4) for r in range(2)])
-            print(f"{'ZeroMQ PAIR ipc:// message':<34}{res[0] * 1e6:>16.1f}")
+            print(f"{'ZeroMQ PAIR ipc:// message':<44}{res[0] * 1e6:>16.1f}")
         n = args.oversubscribe
         print(f"\nbarrier among {n} processes on {os.cpu_count()} cores")
-        print(f"{'method':<34}{'barriers/s':>16}")
+        print(f"{'method':<44}{'barriers/s':>16}")
         for label, spin in (
             ("spin only", _FOREVER),
             ("futex wait, no spin", 0),
-            ("spin 400 then futex (engine)", 400),
+            ("spin 400 then futex", 400),
+            ("spin 400, yield 2 ms, futex", (400, 0.002)),
+            ("yield 2 ms, futex (engine)", (0, 0.002)),
         ):
             for q in range(len(seg.header) // 4):
                 seg.header.cast("I")[q] = 0
             rounds = 300 if spin == _FOREVER else 3000
             res = _run(_barriers, [(seg, r, n, spin, rounds) for r in range(n)], n)
             if len(res) < n:
-                print(f"{label:<34}{'(did not finish)':>16}")
+                print(f"{label:<44}{'(did not finish)':>16}")
                 continue
             rounds = min(r[1] for r in res)
             secs = max(r[2] for r in res)
-            print(f"{label:<34}{rounds / secs:>16.0f}")
+            print(f"{label:<44}{rounds / secs:>16.0f}")
     finally:
         seg.close()
 
