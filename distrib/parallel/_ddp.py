@@ -221,7 +221,7 @@ class DistributedDataParallel:
                 view += grad
             else:
                 view[...] = grad
-            if not self._accumulating and not _is_cupy(grad) and _writeable(grad):
+            if not self._accumulating and _writeable(grad):
                 self._user_out[name] = grad
         bucket.ready.add(name)
         if self._accumulating:
@@ -386,4 +386,4 @@ def _same_memory(a: Any, b: Any) -> bool:
 
 
 def _writeable(a: Any) -> bool:
-    return isinstance(a, np.ndarray) and a.flags.writeable
+    return _is_cupy(a) or (isinstance(a, np.ndarray) and a.flags.writeable)
