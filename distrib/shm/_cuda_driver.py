@@ -1,0 +1,122 @@
+"""Thin helpers over cupy's CUDA runtime bindings, plus the one driver call cupy lacks.
+
+cupy's memory pool sub-allocates: a cupy array's pointer usually lies inside a
+larger ``cudaMalloc`` allocation, and CUDA IPC exports whole allocations. The
+driver's ``cuMemGetAddressRange`` (reached through ctypes, since cupy does not
+bind it) gives the base and size of the allocation that contains a pointer, so
+an array travels as (handle of the base allocation, byte offset).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+from typing import Any
+
+from .._errors import DistBackendError, DistUsageError
+
+__all__ = [
+    "allocation_range",
+    "bind_device",
+    "check_not_forked",
+    "device_identity",
+    "import_cupy",
+    "mark_cuda_used",
+]
+
+_libcuda: Any = None
+# pid of the process that first touched CUDA through distrib; a forked child
+# inherits the value and so can tell that its parent had CUDA initialised.
+_cuda_pid: int | None = None
+
+# cudaMemoryType values reported by cudaPointerGetAttributes.
+MEMORY_TYPE_DEVICE = 2
+MEMORY_TYPE_MANAGED = 3
+
+
+def import_cupy(what: str) -> Any:
+    """Import cupy, or raise a ``DistBackendError`` that says what needed it."""
+    try:
+        import cupy
+    except ImportError as exc:
+        raise DistBackendError(
+            f"{what} needs cupy, which is not importable on host {socket.gethostname()} "
+            f'(pid {os.getpid()}): {exc}. Install it with `pip install "distrib[gpu]"` '
+            "on a machine with a CUDA device.",
+            op=what,
+        ) from None
+    return cupy
+
+
+def mark_cuda_used() -> None:
+    """Remember that this process has initialised CUDA (see ``check_not_forked``)."""
+    global _cuda_pid
+    if _cuda_pid is None:
+        _cuda_pid = os.getpid()
+
+
+def check_not_forked(what: str) -> None:
+    """Raise a clear error if this process was forked from one that had initialised CUDA.
+
+    A CUDA context does not survive ``fork``: every CUDA call in the child fails
+    with an opaque initialisation error.
+    """
+    if _cuda_pid is not None and _cuda_pid != os.getpid():
+        raise DistUsageError(
+            f"{what}: this process (pid {os.getpid()}) was forked from pid {_cuda_pid} after "
+            "that process had initialised CUDA, and CUDA cannot be used in a forked child. "
+            "Start workers with the 'spawn' or 'forkserver' method "
+            "(distrib.multiprocessing.get_context('spawn')).",
+            op=what,
+        )
+
+
+def _driver() -> Any:
+    global _libcuda
+    if _libcuda is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuMemGetAddressRange_v2
+        fn.argtypes = [
+            ctypes.POINTER(ctypes.c_uint64),
+            ctypes.POINTER(ctypes.c_size_t),
+            ctypes.c_uint64,
+        ]
+        fn.restype = ctypes.c_int
+        _libcuda = lib
+    return _libcuda
+
+
+def bind_device(cupy: Any, device: int) -> None:
+    """Make ``device``'s primary context current in this thread.
+
+    cupy's ``Device`` context manager skips ``cudaSetDevice`` when the device
+    number already matches, which leaves a fresh thread (a queue's feeder
+    thread, a finalizer) without a current context: driver calls and IPC
+    opens then fail with "invalid device context" (seen on an H100).
+    """
+    cupy.cuda.runtime.setDevice(device)
+
+
+def allocation_range(ptr: int, *, what: str) -> tuple[int, int]:
+    """Return ``(base, size)`` of the device allocation that contains ``ptr``.
+
+    The pointer's device context must be current in this thread (``bind_device``).
+    """
+    base = ctypes.c_uint64(0)
+    size = ctypes.c_size_t(0)
+    rc = _driver().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr)
+    if rc != 0:
+        raise DistBackendError(
+            f"{what}: cuMemGetAddressRange({ptr:#x}) failed with CUDA driver error {rc}; "
+            "the array's memory is not a device allocation this process can export",
+            op=what,
+        )
+    return int(base.value), int(size.value)
+
+
+def device_identity(device_id: int) -> str:
+    """A string naming one physical GPU on one machine (hostname + PCI bus id)."""
+    cupy = import_cupy("device_identity")
+    bus = cupy.cuda.runtime.deviceGetPCIBusId(device_id)
+    return f"{socket.gethostname()}/{bus}"

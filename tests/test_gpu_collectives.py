@@ -1,0 +1,384 @@
+"""Every GPU collective at world sizes 1..4 with all ranks on one GPU, against numpy.
+
+Ranks share the device, so ``make_gpu_engine`` picks the CUDA-IPC engine (NCCL
+refuses duplicate GPUs). Each rank derives every rank's input from a seed, so
+it computes the numpy reference itself. Needs cupy and a CUDA device.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import traceback
+
+import numpy as np
+import pytest
+
+
+def _cupy_or_skip():
+    try:
+        import cupy
+    except ImportError as exc:
+        pytest.skip(f"needs cupy ({exc})", allow_module_level=True)
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        pytest.skip(f"needs a CUDA device ({exc})", allow_module_level=True)
+    if count < 1:
+        pytest.skip("needs a CUDA device (none visible)", allow_module_level=True)
+    return cupy
+
+
+cupy = _cupy_or_skip()
+
+from distrib.comm._store import TCPStore  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(120)]
+SPAWN = mp.get_context("spawn")
+
+# (dtype, ops) cases; lengths include one that does not divide by any world size,
+# one large enough for the vector path with a tail, and a misaligned view.
+# Every op on float32 and int32; one or two per other dtype (each pair compiles kernels).
+REDUCE_CASES = [
+    ("float32", ["SUM", "AVG", "PRODUCT", "MIN", "MAX"]),
+    ("int32", ["SUM", "PRODUCT", "BAND", "BOR", "BXOR"]),
+    ("float64", ["SUM"]),
+    ("float16", ["SUM"]),
+    ("int8", ["MAX"]),
+    ("uint64", ["BXOR"]),
+    ("complex64", ["PRODUCT"]),
+    ("bool", ["SUM", "BXOR"]),
+]
+LENGTHS = [1, 1003, (1 << 18) + 5]
+
+
+def _inputs(seed, size, n, dtype):
+    """Every rank's input for one case (identical on every rank)."""
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    out = []
+    for _ in range(size):
+        if dt.kind == "b":
+            out.append(rng.random(n) < 0.5)
+        elif dt.kind in "iu":
+            out.append(rng.integers(1, 6, n).astype(dt))
+        elif dt.kind == "c":
+            out.append((rng.random(n) + 1j * rng.random(n) + 0.5).astype(dt))
+        else:
+            out.append((rng.random(n) + 0.5).astype(dt))
+    return out
+
+
+_NP = {
+    "SUM": np.add,
+    "AVG": np.add,
+    "PRODUCT": np.multiply,
+    "MIN": np.minimum,
+    "MAX": np.maximum,
+    "BAND": np.bitwise_and,
+    "BOR": np.bitwise_or,
+    "BXOR": np.bitwise_xor,
+}
+
+
+def _reference(xs, opname):
+    acc = xs[0].astype(np.float64) if xs[0].dtype.kind == "f" else xs[0].copy()
+    if xs[0].dtype.kind == "c":
+        acc = xs[0].astype(np.complex128)
+    for x in xs[1:]:
+        acc = _NP[opname](acc, x)
+    # Engines accumulate AVG as SUM; the process group divides (tested in test_gpu_group.py).
+    return acc.astype(xs[0].dtype)
+
+
+def _check(got, want, what):
+    tol = {"e": 2e-3, "f": 1e-5, "d": 1e-12, "F": 1e-5, "D": 1e-12}.get(want.dtype.char)
+    if tol is None:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+    else:
+        np.testing.assert_allclose(got, want, rtol=tol, atol=0, err_msg=what)
+
+
+def _engine(rank, size, port, prefix, timeout=60.0):
+    from distrib.comm._engine import EngineContext
+    from distrib.comm._gpu import make_gpu_engine
+    from distrib.comm._store import PrefixStore, TCPStore
+
+    store = PrefixStore(prefix, TCPStore("127.0.0.1", port, is_master=False, timeout=timeout))
+    ctx = EngineContext(
+        store=store,
+        rank=rank,
+        size=size,
+        global_ranks=list(range(size)),
+        timeout=timeout,
+        host_ids=["h"] * size,
+    )
+    return make_gpu_engine(ctx), store
+
+
+def _run_all(engine, rank, size):
+    import cupy
+
+    from distrib.comm._ops import ReduceOp
+
+    seq = iter(range(1, 1 << 30))
+    dl = time.monotonic() + 100
+
+    def dev(a):
+        return cupy.asarray(a)
+
+    case = 0
+    for dtype, ops in REDUCE_CASES:
+        for n in LENGTHS:
+            for opname in ops:
+                case += 1
+                xs = _inputs(case, size, n, dtype)
+                want = _reference(xs, opname)
+                op = ReduceOp[opname]
+                buf = dev(xs[rank])
+                engine.all_reduce(buf, op, next(seq), dl)
+                _check(buf.get(), want, f"all_reduce {dtype} {opname} n={n}")
+                for root in range(size):
+                    buf = dev(xs[rank])
+                    engine.reduce(buf, op, root, next(seq), dl)
+                    if rank == root:
+                        _check(buf.get(), want, f"reduce {dtype} {opname} root={root}")
+            # reduce_scatter over size*m elements, m = n
+            xs = _inputs(case + 1000, size, n * size, dtype)
+            opname = ops[0]
+            want = _reference(xs, opname)[rank * n : (rank + 1) * n]
+            out = cupy.empty(n, dtype=dtype)
+            engine.reduce_scatter(dev(xs[rank]), out, ReduceOp[opname], next(seq), dl)
+            _check(out.get(), want, f"reduce_scatter {dtype} {opname} n={n}")
+
+    # A misaligned view (offset 4 bytes into a pooled allocation): the scalar path.
+    xs = _inputs(7, size, 4099, "float32")
+    base = cupy.zeros(4100, dtype=cupy.float32)
+    view = base[1:]
+    view[...] = dev(xs[rank])
+    engine.all_reduce(view, ReduceOp.SUM, next(seq), dl)
+    _check(view.get(), _reference(xs, "SUM"), "all_reduce misaligned view")
+    assert float(base[0]) == 0.0, "wrote outside the view"
+
+    for n in (1, 1001):
+        xs = _inputs(99 + n, size, n, "float64")
+        for root in range(size):
+            buf = dev(xs[rank])
+            engine.broadcast(buf, root, next(seq), dl)
+            _check(buf.get(), xs[root], f"broadcast root={root}")
+            out = cupy.full(n * size, -1.0) if rank == root else None
+            engine.gather(dev(xs[rank]), out, root, next(seq), dl)
+            if rank == root:
+                _check(out.get(), np.concatenate(xs), f"gather root={root}")
+            big = _inputs(200 + root, size, n * size, "int64")
+            out = cupy.full(n, -1, dtype=cupy.int64)
+            engine.scatter(dev(big[root]) if rank == root else None, out, root, next(seq), dl)
+            _check(out.get(), big[root][rank * n : (rank + 1) * n], f"scatter root={root}")
+        out = cupy.full(n * size, -7.0)
+        out[rank * n : (rank + 1) * n] = dev(xs[rank])
+        engine.all_gather(out, next(seq), dl)
+        _check(out.get(), np.concatenate(xs), "all_gather")
+        blocks = _inputs(300 + n, size, n * size, "int32")
+        out = cupy.full(n * size, -1, dtype=cupy.int32)
+        engine.all_to_all(dev(blocks[rank]), out, next(seq), dl)
+        want = np.concatenate([blocks[i][rank * n : (rank + 1) * n] for i in range(size)])
+        _check(out.get(), want, "all_to_all")
+
+    # send/recv around a ring, twice with different tags, sends first (they must not block)
+    if size > 1:
+        right, left = (rank + 1) % size, (rank - 1) % size
+        mine = [dev(np.full(513, rank * 10 + t, dtype=np.float32)) for t in range(2)]
+        for t in range(2):
+            engine.send(mine[t], right, t, dl)
+            mine[t][...] = -5  # the send buffer may be reused at once
+        for t in (1, 0):
+            got = cupy.empty(513, dtype=cupy.float32)
+            engine.recv(got, left, t, dl)
+            _check(got.get(), np.full(513, left * 10 + t, dtype=np.float32), f"recv tag={t}")
+    engine.barrier(next(seq), dl)
+
+
+def _worker(rank, size, port, prefix, out, own_gpu=False):
+    import cupy
+
+    try:
+        cupy.cuda.Device(rank if own_gpu else 0).use()
+        engine, store = _engine(rank, size, port, prefix)
+        try:
+            _run_all(engine, rank, size)
+        finally:
+            engine.close()
+            store.close()
+        out.put((rank, "ok", type(engine).__name__))
+    except BaseException:
+        out.put((rank, traceback.format_exc(), ""))
+
+
+def _spawn(target, size, extra=()):
+    master = TCPStore("127.0.0.1", 0, is_master=True, timeout=60)
+    out = SPAWN.Queue()
+    procs = [
+        SPAWN.Process(target=target, args=(r, size, master.port, f"t{size}", out, *extra))
+        for r in range(size)
+    ]
+    for p in procs:
+        p.start()
+    return master, out, procs
+
+
+def _finish(master, procs):
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=10)
+    master.close()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_every_collective_on_one_gpu(size):
+    master, out, procs = _spawn(_worker, size)
+    try:
+        results = sorted(out.get(timeout=110) for _ in range(size))
+    finally:
+        _finish(master, procs)
+    # One rank alone takes NCCL (when cupy has it); ranks sharing the GPU take CUDA IPC.
+    expected = "NcclEngine" if size == 1 and _nccl_available() else "CudaIpcEngine"
+    for rank, status, engine in results:
+        assert status == "ok", f"rank {rank}:\n{status}"
+        assert engine == expected
+
+
+def _nccl_available():
+    try:
+        from cupy.cuda import nccl
+    except ImportError:
+        return False
+    return bool(getattr(nccl, "available", False))
+
+
+@pytest.mark.skipif(
+    cupy.cuda.runtime.getDeviceCount() < 2, reason="the multi-GPU NCCL path needs 2+ GPUs"
+)
+def test_every_collective_over_nccl_one_gpu_per_rank():
+    size = min(4, cupy.cuda.runtime.getDeviceCount())
+    master, out, procs = _spawn(_worker, size, (True,))
+    try:
+        results = sorted(out.get(timeout=110) for _ in range(size))
+    finally:
+        _finish(master, procs)
+    for rank, status, engine in results:
+        assert status == "ok", f"rank {rank}:\n{status}"
+        assert engine == "NcclEngine"
+
+
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+}
+"""
+
+
+def _watchdog_worker(port, out):
+    import cupy
+
+    from distrib.comm._nccl import NcclEngine
+    from distrib.comm._ops import ReduceOp
+    from distrib.comm._store import PrefixStore, TCPStore
+
+    try:
+        store = PrefixStore("wd", TCPStore("127.0.0.1", port, is_master=False, timeout=30))
+        engine = NcclEngine(store, 0, 1, 0, timeout=0.3)
+        buf = cupy.ones(1000, dtype=cupy.float32)
+        engine.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 10)
+        engine.wait_idle(time.monotonic() + 10)  # a normal call completes
+        rate = cupy.cuda.Device().attributes["ClockRate"] * 1000
+        cupy.RawKernel(_SPIN, "spin")((1,), (1,), (np.int64(int(1.5 * rate)),))
+        engine.all_reduce(buf, ReduceOp.SUM, 2, time.monotonic() + 10)  # stuck behind the spin
+        try:
+            engine.wait_idle(time.monotonic() + 10)
+            out.put("no error")
+        except Exception as exc:
+            out.put(f"{type(exc).__name__}: {exc}")
+        engine.close()
+        store.close()
+    except BaseException:
+        out.put(traceback.format_exc())
+
+
+@pytest.mark.skipif(not _nccl_available(), reason="cupy has no NCCL binding here")
+def test_nccl_watchdog_aborts_a_late_operation():
+    master = TCPStore("127.0.0.1", 0, is_master=True, timeout=30)
+    out = SPAWN.Queue()
+    proc = SPAWN.Process(target=_watchdog_worker, args=(master.port, out))
+    proc.start()
+    try:
+        status = out.get(timeout=60)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
+        master.close()
+    assert status.startswith("DistTimeoutError"), status
+    assert "aborted" in status
+
+
+def _failure_worker(rank, size, port, prefix, out, scenario):
+    import os
+
+    import cupy
+
+    from distrib.comm._ops import ReduceOp
+
+    cupy.cuda.Device(0).use()
+    engine, store = _engine(rank, size, port, prefix, timeout=20)
+    buf = cupy.ones(100, dtype=cupy.float32)
+    try:
+        if rank == 1:
+            if scenario == "peer exits":
+                os._exit(0)
+            if scenario == "mismatch":
+                engine.broadcast(buf, 0, 1, time.monotonic() + 20)
+            else:  # "timeout": never call, wait until rank 0 is done
+                out.put((rank, "waiting", 0.0))
+                time.sleep(0.1)
+                store.get("rank0-done")
+            out.put((rank, "no error", 0.0))
+            return
+        t0 = time.monotonic()
+        engine.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 1.5)
+        out.put((rank, "no error", time.monotonic() - t0))
+    except BaseException as exc:
+        out.put((rank, f"{type(exc).__name__}: {exc}", time.monotonic() - t0 if rank == 0 else 0))
+    finally:
+        if rank == 0:
+            store.set("rank0-done", b"1")
+        engine.abort("test over")
+        engine.close()
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("scenario", "error"),
+    [
+        ("timeout", "DistTimeoutError"),
+        ("peer exits", "DistPeerLostError"),
+        ("mismatch", "DistMismatchError"),
+    ],
+)
+def test_failures_become_errors(scenario, error):
+    master, out, procs = _spawn(_failure_worker, 2, (scenario,))
+    try:
+        results = {}
+        while 0 not in results:
+            rank, status, elapsed = out.get(timeout=60)
+            results[rank] = (status, elapsed)
+    finally:
+        _finish(master, procs)
+    status, elapsed = results[0]
+    assert status.startswith(error), status
+    assert "rank 0" in status
+    if scenario == "peer exits":
+        assert elapsed < 1.5, "a dead peer must be reported before the timeout"
