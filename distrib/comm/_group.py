@@ -25,6 +25,7 @@ from typing import Any
 
 import msgpack
 
+from .._config import config
 from .._errors import (
     DistBackendError,
     DistClosedError,
@@ -79,6 +80,8 @@ class ProcessGroup:
         self.timeout = timeout
         self.backend = backend
         self._failure: DistError | None = None
+        # DISTRIB_CHECK_MISMATCH=0 turns the collective consistency check off (read once).
+        self.check_mismatch = config().check_mismatch is not False
         self._closed = False
         self._fail_store = store.clone()
         self._fail_store.set_timeout(_FAILURE_STORE_TIMEOUT_S)

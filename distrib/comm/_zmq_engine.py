@@ -31,7 +31,7 @@ __all__ = ["ZmqEngine"]
 SEGMENT_BYTES = 1 << 20
 # All-reduce below this many bytes uses recursive doubling instead of the ring
 # (crossover measured with distrib-bench --nproc 2/4: see docs/collectives.md).
-ALLREDUCE_SMALL_MAX = 64 * 1024
+ALLREDUCE_SMALL_MAX = 96 * 1024
 # Broadcast/reduce below this many bytes use a binomial tree, above it a pipelined chain.
 TREE_MAX = 256 * 1024
 
