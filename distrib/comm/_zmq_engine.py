@@ -285,7 +285,7 @@ class ZmqEngine(Engine):
 
     def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
         frame = self.links.recv(src, P2P, tag, b"", "recv", deadline)
-        data = np.frombuffer(frame.buffer, dtype=np.uint8)
+        data = np.frombuffer(frame, dtype=np.uint8)
         if data.nbytes != buf.nbytes:
             raise DistMismatchError(
                 f"recv: {self.links.gname(src)} sent {data.nbytes} bytes with tag {tag} but "

@@ -42,7 +42,7 @@ __all__ = ["COLLECTIVE", "P2P", "ZmqLinks", "describe"]
 
 COLLECTIVE = 0
 P2P = 1
-_HEADER = struct.Struct("<Bq")
+_HEADER = struct.Struct("<BqI")  # kind, seq (or tag), descriptor length
 # Below this many bytes a send copies (pyzmq's own copy threshold): tracking costs more.
 ZERO_COPY_MIN = 65536
 # A disconnected peer is declared lost after this long without its data (lets in-flight
@@ -134,8 +134,13 @@ class ZmqLinks:
         """Queue one message; large payloads go zero-copy and are tracked unless ``copy``
         (the caller overwrites ``payload`` before the op ends)."""
         sock = self.dealers[peer]
-        sock.send(_HEADER.pack(kind, seq) + desc, zmq.SNDMORE)
-        if payload.nbytes >= ZERO_COPY_MIN and not copy:
+        header = _HEADER.pack(kind, seq, len(desc))
+        if payload.nbytes < ZERO_COPY_MIN:
+            # One frame: a multipart message costs a second trip through zmq per message.
+            sock.send(b"".join((header, desc, payload)), copy=True)
+            return
+        sock.send(header + desc, zmq.SNDMORE)
+        if not copy:
             self._trackers.append(sock.send(payload, copy=False, track=True))
         else:
             sock.send(payload, copy=True)
@@ -191,7 +196,9 @@ class ZmqLinks:
             found = self._take(peer, kind, seq)
         their_desc, frame = found
         if kind == COLLECTIVE and (frame is None or their_desc != desc):
-            raise self._mismatch(peer, seq, desc, their_desc, "same" if frame else "later")
+            raise self._mismatch(
+                peer, seq, desc, their_desc, "same" if frame is not None else "later"
+            )
         return frame
 
     def _mismatch(self, peer: int, seq: int, mine: bytes, theirs: bytes, how: str) -> Exception:
@@ -239,15 +246,18 @@ class ZmqLinks:
                     frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     frames = None
-        if len(frames) != 3:
+        if len(frames) not in (2, 3):
             return  # not ours (a stray connection); ignore
-        ident, header, payload = frames
-        src = _rank_of(ident.bytes, self.size)
-        hdr = header.bytes
-        if src is None or len(hdr) < _HEADER.size:
+        src = _rank_of(frames[0].bytes, self.size)
+        whole = frames[1].buffer
+        if src is None or len(whole) < _HEADER.size:
             return
-        kind, seq = _HEADER.unpack_from(hdr)
-        self._stash[src].append((kind, seq, hdr[_HEADER.size :], payload))
+        kind, seq, desc_len = _HEADER.unpack_from(whole)
+        end = _HEADER.size + desc_len
+        desc = bytes(whole[_HEADER.size : end])
+        # Two frames: header and payload in one (small); three: payload separate (large).
+        payload = whole[end:] if len(frames) == 2 else frames[2].buffer
+        self._stash[src].append((kind, seq, desc, payload))
 
     def _timeout_error(self, peer: int, op: str, seq: int | None) -> DistTimeoutError:
         chain = self._diagnose_timeout(peer, seq) if seq is not None else [peer]
@@ -338,6 +348,6 @@ def _rank_of(ident: bytes, size: int) -> int | None:
     return r if 0 <= r < size else None
 
 
-def frame_array(frame: Any, dtype: np.dtype) -> np.ndarray:
-    """A read-only numpy view of a received frame's bytes (no copy)."""
-    return np.frombuffer(frame.buffer, dtype=dtype)
+def frame_array(payload: Any, dtype: np.dtype) -> np.ndarray:
+    """A read-only numpy view of a received payload (a memoryview of zmq's frame, no copy)."""
+    return np.frombuffer(payload, dtype=dtype)
