@@ -380,3 +380,44 @@ def test_mismatched_collectives_are_named_on_both_sides(tmp_path: Any) -> None:
     name, peer, msg = results[1][1]
     assert name == "DistMismatchError" and peer == 0, msg
     assert "broadcast(shape=[100], root=0)" in msg
+
+
+def _large_reductions(eng: Any, rank: int, n: int) -> Any:
+    if eng._reader is None:
+        return "no-cma"
+    dl = time.monotonic() + 30
+    out = {}
+    for count, dtype in ((1_000_003, np.int32), (400_001, np.float64), (262_144, np.int64)):
+        buf = _data(rank, count, dtype)
+        eng.all_reduce(buf, ReduceOp.SUM, 0, dl)
+        out[(count, np.dtype(dtype).name)] = buf
+    rng = np.random.default_rng(rank)
+    buf = rng.standard_normal(700_001).astype(np.float32)
+    eng.all_reduce(buf, ReduceOp.SUM, 0, dl)
+    out["float"] = buf
+    buf = _data(rank, 300_000, np.int64)  # the staged (non-CMA) reduce path in between
+    eng.reduce(buf, ReduceOp.MAX, n - 1, 0, dl)
+    if rank == n - 1:
+        out["reduce"] = buf
+    return out
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("n", [2, 3])
+def test_single_copy_large_all_reduce_matches_numpy(tmp_path: Any, n: int) -> None:
+    results = run_ranks(tmp_path, n, _large_reductions, part=None)
+    if results[0][1] == "no-cma":
+        pytest.skip("process_vm_readv is not permitted here: the staged path is used instead")
+    inputs = [
+        np.random.default_rng(q).standard_normal(700_001).astype(np.float32) for q in range(n)
+    ]
+    want_float = _fold(np.add, inputs)  # rank order, as documented
+    for rank in range(n):
+        res = results[rank][1]
+        for count, dtype in ((1_000_003, np.int32), (400_001, np.float64), (262_144, np.int64)):
+            want = _fold(np.add, [_data(q, count, dtype) for q in range(n)])
+            np.testing.assert_array_equal(res[(count, np.dtype(dtype).name)], want)
+        np.testing.assert_array_equal(res["float"], want_float)
+        if rank == n - 1:
+            want = _fold(np.maximum, [_data(q, 300_000, np.int64) for q in range(n)])
+            np.testing.assert_array_equal(res["reduce"], want)

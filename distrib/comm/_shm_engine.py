@@ -41,6 +41,7 @@ from .._errors import (
 )
 from ._engine import Engine
 from ._ops import ReduceOp, ufunc
+from ._shm_cma import RemoteReader
 from ._shm_segment import SharedSegment
 from ._shm_sync import PhaseSync
 
@@ -51,6 +52,10 @@ _MIN_REDUCE_PART = 64 << 10  # bytes: below this, per-step Python overhead domin
 # Reductions up to this size take the one-shot path (one synchronisation, every
 # rank reduces the whole buffer); see docs/performance.md for the crossover.
 _ONE_SHOT_MAX = 64 << 10
+# All-reduces from this size read peers' buffers directly (process_vm_readv),
+# in parts of _CMA_PART bytes per rank; see docs/performance.md.
+_CMA_MIN = 1 << 20
+_CMA_PART = 512 << 10
 
 
 def _bounds(count: int, parts: int) -> list[int]:
@@ -88,6 +93,8 @@ class ShmEngine(Engine):
         check_failed: raises a failure another rank published (polled while waiting).
         store: the group's store, used only to name both calls in a mismatch error.
         verify: compare call descriptors across ranks (``DISTRIB_CHECK_MISMATCH``).
+        cma: every local rank can ``process_vm_readv`` every other (probed at
+            rendezvous): large all-reduces then read peers' buffers directly.
     """
 
     def __init__(
@@ -101,8 +108,12 @@ class ShmEngine(Engine):
         check_failed: Callable[[], None] | None = None,
         store: Any = None,
         verify: bool = True,
+        cma: bool = False,
     ) -> None:
         self.rank = rank
+        self._pids = pids
+        self._reader = RemoteReader() if cma else None
+        self._scratch: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
         self.verifies_descriptors = verify
         self._store = store  # only to show both descriptors in a mismatch error
         self._digest_of: tuple[bytes, int] = (b"", 0)
@@ -249,6 +260,9 @@ class ShmEngine(Engine):
         if buf.nbytes <= min(_ONE_SHOT_MAX, self._half_bytes):
             self._reduce_one_shot(buf, fn, root, deadline, name, slots)
             return
+        if root is None and self._reader is not None and buf.nbytes >= _CMA_MIN:
+            self._all_reduce_cma(buf, fn, deadline, name)
+            return
         step = n * self._reduce_part(buf.nbytes, buf.dtype)
         for start in range(0, buf.size, step):
             chunk = buf[start : start + step]
@@ -321,6 +335,84 @@ class ShmEngine(Engine):
                 fn(buf, slots[q][h][:count], out=buf)
         sync.signal(2 * k + 2)
         self._step = k + 1
+
+    def _all_reduce_cma(self, buf: Any, fn: Any, deadline: float, name: str) -> None:
+        """Large all-reduce reading the peers' own buffers (one copy per byte moved).
+
+        Step 0 publishes every rank's buffer address. Then per chunk, rank r
+        reduces its part r, reading the others' (still original) part r
+        straight from their buffers, writes it into its own buffer and signals;
+        others copy that final part straight out of its buffer once signalled.
+        A rank overwrites a part of its buffer only after the part's owner has
+        signalled, i.e. has read it; and nobody returns before everyone has
+        finished reading (the last wait), so the buffers stay valid.
+        """
+        n, r, sync, reader, pids = self.size, self.rank, self._sync, self._reader, self._pids
+        assert reader is not None
+        itemsize = buf.itemsize
+        k = self._begin(name, deadline)
+        h = k & 1
+        sync.publish_addr(buf.ctypes.data)
+        verify = self.verifies_descriptors
+        if verify:
+            sync.publish_digest(h, self._digest())
+        sync.signal(2 * k + 1)
+        addrs = [0] * n
+        for q in range(n):
+            if q != r:
+                sync.wait(q, 2 * k + 1, name, deadline)
+                if verify:
+                    self._compare_digest(q, h, k, name)
+                addrs[q] = sync.addr(q)
+        sync.signal(2 * k + 2)
+        self._step = k + 1
+        acc, tmp = self._cma_scratch(buf.dtype)
+        part = acc.size
+        step = n * part
+        for start in range(0, buf.size, step):
+            chunk = buf[start : start + step]
+            b = _bounds(chunk.size, n)
+            k = self._step
+            self._sync.check(name)
+            lo, hi = b[r], b[r + 1]
+            c = hi - lo
+            own = chunk[lo:hi]
+            if c:
+                off = (start + lo) * itemsize
+                # rank order: ((x0 op x1) op x2) ..., as on every other path
+                if r == 0:
+                    res = own
+                else:
+                    res = acc[:c]
+                    reader.read(pids[0], addrs[0] + off, res.ctypes.data, c * itemsize)
+                for q in range(1, n):
+                    if q == r:
+                        fn(res, own, out=res)
+                    else:
+                        src = tmp[:c]
+                        reader.read(pids[q], addrs[q] + off, src.ctypes.data, c * itemsize)
+                        fn(res, src, out=res)
+                if r != 0:
+                    np.copyto(own, res)
+            sync.signal(2 * k + 1)  # my part of this chunk is final
+            for q in range(n):
+                if q != r and b[q] < b[q + 1]:
+                    sync.wait(q, 2 * k + 1, name, deadline)
+                    dst = chunk[b[q] : b[q + 1]]
+                    off = (start + b[q]) * itemsize
+                    reader.read(pids[q], addrs[q] + off, dst.ctypes.data, dst.nbytes)
+            sync.signal(2 * k + 2)  # done reading the others' chunk
+            self._step = k + 1
+        # nobody's buffer may change (return to its caller) while others still read it
+        sync.wait_all(2 * self._step, name, deadline)
+
+    def _cma_scratch(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        pair = self._scratch.get(dtype)
+        if pair is None:
+            count = max(1, _CMA_PART // dtype.itemsize)
+            pair = (np.empty(count, dtype), np.empty(count, dtype))
+            self._scratch[dtype] = pair
+        return pair
 
     def reduce_scatter(self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float) -> None:
         if self.size == 1:

@@ -7,14 +7,18 @@ Protocol (all values msgpack, through the group's store under ``prefix``):
    resolves and two simulated hosts in network namespaces stay apart).
 2. The first rank of each host creates the memfd segment and sets
    ``seg/<leader>`` = ``[pid, fd, total_bytes, part_bytes]``.
-3. Each local rank maps it and sets ``mapped/<rank>`` = ``[ok, pid]``; once all
-   have answered, the creator closes its descriptor (nothing has a name, so
-   nothing can leak). If any rank of the host failed, all of them fall back
-   to ZeroMQ together (``None``).
+3. Each local rank maps it and sets ``mapped/<rank>`` = ``[ok, pid, addr,
+   token]``; once all have answered, the creator closes its descriptor
+   (nothing has a name, so nothing can leak). If any rank of the host failed,
+   all of them fall back to ZeroMQ together (``None``).
+4. Each rank reads every peer's 16-byte token at ``addr`` with
+   ``process_vm_readv`` and sets ``cma/<rank>``; single-copy reads are used
+   only if every rank could read every peer.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Callable
@@ -23,6 +27,7 @@ from typing import Any
 import msgpack
 
 from .._errors import DistTimeoutError, ShmError
+from ._shm_cma import RemoteReader, available
 from ._shm_engine import ShmEngine
 from ._shm_segment import SegmentLayout, SharedSegment
 
@@ -75,6 +80,7 @@ def connect_local(
     check_failed: Callable[[], None] | None = None,
     store_for_errors: Any = None,
     verify: bool = True,
+    use_cma: bool = True,
 ) -> ShmEngine | None:
     """Create or map this host's segment and return the engine, or ``None`` to fall back.
 
@@ -101,18 +107,34 @@ def connect_local(
                 seg = SharedSegment.attach(pid, fd, layout)
             except ShmError:
                 seg = None
-    store.set(f"{prefix}/mapped/{local_rank}", msgpack.packb([seg is not None, os.getpid()]))
+    # a private token each peer must be able to read with process_vm_readv
+    token = os.urandom(16)
+    token_buf = ctypes.create_string_buffer(token, len(token))
+    mine = [seg is not None, os.getpid(), ctypes.addressof(token_buf), token]
+    store.set(f"{prefix}/mapped/{local_rank}", msgpack.packb(mine))
     keys = [f"{prefix}/mapped/{q}" for q in range(local_size)]
     try:
         _wait_keys(store, keys, deadline, op)
         answers = [msgpack.unpackb(store.get(k)) for k in keys]
+        reader = RemoteReader()
+        cma_ok = available() and all(
+            reader.probe(pid, addr, tok)
+            for q, (_, pid, addr, tok) in enumerate(answers)
+            if q != local_rank
+        )
+        # second round: everyone has probed (token_buf may go) and agrees on CMA
+        store.set(f"{prefix}/cma/{local_rank}", b"1" if cma_ok else b"0")
+        cma_keys = [f"{prefix}/cma/{q}" for q in range(local_size)]
+        _wait_keys(store, cma_keys, deadline, op)
+        cma = all(store.get(k) == b"1" for k in cma_keys)
     except BaseException:
         if seg is not None:
             seg.close()
         raise
+    del token_buf
     if seg is not None:
         seg.release_fd()  # every rank has answered: each that could map it has
-    if not all(ok for ok, _ in answers):
+    if not all(a[0] for a in answers):
         if seg is not None:
             seg.close()
         return None
@@ -122,8 +144,9 @@ def connect_local(
         local_rank,
         local_size,
         global_ranks,
-        [pid for _, pid in answers],
+        [a[1] for a in answers],
         check_failed=check_failed,
+        cma=cma and use_cma,
         store=store_for_errors,
         verify=verify,
     )

@@ -59,6 +59,7 @@ _COUNTER = 0
 _WAITING_ON = 1
 _PID = 2
 _DIGEST = 3  # 4 words: the call-descriptor digest (2 words) for each pipeline half
+_ADDR = 7  # 2 words: address of this rank's buffer in the current single-copy op
 # global line (before the rank lines): abort word = 1 + the local rank that aborted
 _ABORT = 0
 _CULPRIT = 1  # 1 + the (global) rank whose death or lateness caused the abort
@@ -360,6 +361,17 @@ class PhaseSync:
     def digest(self, q: int, half: int) -> int:
         """Local rank ``q``'s published call digest for ``half``."""
         base = _WORDS_PER_LINE * (1 + q) + _DIGEST + 2 * half
+        return self._words[base] | (self._words[base + 1] << 32)
+
+    def publish_addr(self, addr: int) -> None:
+        """Write the address of this rank's buffer for a single-copy (CMA) op."""
+        base = _WORDS_PER_LINE * (1 + self.rank) + _ADDR
+        self._words[base] = addr & 0xFFFFFFFF
+        self._words[base + 1] = addr >> 32
+
+    def addr(self, q: int) -> int:
+        """Local rank ``q``'s published buffer address."""
+        base = _WORDS_PER_LINE * (1 + q) + _ADDR
         return self._words[base] | (self._words[base + 1] << 32)
 
     def publish_pid(self) -> None:
