@@ -124,7 +124,9 @@ def _run(
     def body(deadline: float) -> Any:
         engine.call_descriptor = desc
         if check and not engine.verifies_descriptors and pg.size() > 1:
-            _verify_descriptor(pg, engine, desc, seq, op, deadline)
+            # The digests are numpy arrays: the CPU engine carries them for every engine.
+            pg.cpu_engine.call_descriptor = desc
+            _verify_descriptor(pg, pg.cpu_engine, desc, seq, op, deadline)
         return action(engine, seq, deadline)
 
     return pg.submit(op, body, async_op)

@@ -15,7 +15,6 @@ with the same cause instead of waiting out their timeout.
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 import socket
 import threading
@@ -165,13 +164,15 @@ class ProcessGroup:
     def _reported(self, blob: bytes) -> DistError:
         info = msgpack.unpackb(blob, raw=False)
         cls = _FAILURE_CLASSES.get(info.get("cls"), DistError)
-        return cls(
+        err = cls(
             f"rank {self.global_rank} stopped: rank {info.get('rank')} reported a failure "
             f"of this group: {info.get('msg')}",
             rank=self.global_rank,
             op=info.get("op"),
             peer=info.get("peer"),
         )
+        err.reported_by_peer = True  # type: ignore[attr-defined]  # not re-published
+        return err
 
     def _diagnose_timeout(self, peer: int, seq: int) -> list[int]:
         """Record "waiting for ``peer`` in op ``seq``" and follow the others' records."""
@@ -252,7 +253,7 @@ class ProcessGroup:
         except DistError as exc:
             if self._failure is None:
                 self._failure = exc
-                if "reported a failure of this group" not in str(exc):
+                if not getattr(exc, "reported_by_peer", False):
                     self._publish(exc)
                 self.cpu_engine.abort(str(exc))
             work._finish(exc)
@@ -286,7 +287,3 @@ class ProcessGroup:
             except Exception:
                 pass
         self._fail_store.close()
-
-
-def _pid() -> int:
-    return os.getpid()
