@@ -256,8 +256,8 @@ def test_thousands_of_arrays_in_flight():
     sent = [shm.full(size, float(i)) for i in range(1000)]
     for a in sent:  # 1000 shared segments and 1000 private copies, all queued at once
         q.put(a)
-        q.put(np.full(10_000, 1.0))
-    assert out.get(timeout=WAIT_S) == sum(range(1000)) * size + 1000 * 10_000
+        q.put(np.full(20_000, 1.0))  # 160 KB: above the inline threshold
+    assert out.get(timeout=WAIT_S) == sum(range(1000)) * size + 1000 * 20_000
     proc.join(WAIT_S)
     assert proc.exitcode == 0
 

@@ -27,7 +27,7 @@ __all__ = ["ArrayPickler", "Preserialized", "dumps", "inline_threshold", "loads"
 # Private arrays up to this many bytes are pickled inline instead of copied into
 # shared memory: below it a pickled copy beats creating and mapping a segment
 # (measured with benchmarks/bench_passing.py --inline-sweep: see docs/shm.md).
-DEFAULT_INLINE_THRESHOLD = 64 * 1024
+DEFAULT_INLINE_THRESHOLD = 128 * 1024
 
 
 def inline_threshold() -> int:

@@ -161,6 +161,13 @@ def share(arr: Any) -> np.ndarray:
         return arr
     src = np.asarray(arr)
     order = "F" if src.flags.f_contiguous and not src.flags.c_contiguous else "C"
+    contiguous = src.flags.c_contiguous or src.flags.f_contiguous
+    if src.nbytes > _arena.ARENA_MAX_BYTES and contiguous:
+        _checked_dtype(src.dtype)
+        data = src.reshape(-1, order=order).view(np.uint8)
+        seg = create_segment(src.nbytes, get_sharing_strategy(), memoryview(data))
+        raw = np.asarray(Block(seg, 0, src.nbytes))
+        return np.ndarray(src.shape, dtype=src.dtype, buffer=raw, order=order)
     out = _new(src.shape, src.dtype, order)[0]
     np.copyto(out, src, casting="no")
     return out

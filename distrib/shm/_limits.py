@@ -54,8 +54,15 @@ def _fmt(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+# Below this, reading /proc/meminfo (~50 us) costs more than it can save: the
+# allocation itself still fails with ENOMEM/ENOSPC when memory is really gone.
+_CHECK_FROM_BYTES = 16 << 20
+
+
 def check_anonymous_space(nbytes: int) -> None:
     """Raise ShmOutOfMemoryError if ``nbytes`` exceeds the memory available now."""
+    if nbytes < _CHECK_FROM_BYTES:
+        return
     available = _meminfo_bytes("MemAvailable")
     if available is None:
         return
