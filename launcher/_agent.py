@@ -29,7 +29,7 @@ from distrib._errors import DistError
 
 from ._guardian import Guardian
 from ._options import STDERR, STDOUT, LaunchOptions
-from ._output import StreamPump
+from ._output import StreamPump, write_all
 from ._procs import set_child_subreaper
 from ._rendezvous import Round, SingleNodeRendezvous
 from ._report import format_report, root_cause
@@ -84,8 +84,7 @@ class Agent:
     def say(self, message: str) -> None:
         """Print a launcher message on stderr."""
         try:
-            self.stderr.write(f"distrib-run: {message}\n".encode())
-            self.stderr.flush()
+            write_all(self.stderr, f"distrib-run: {message}\n".encode())
         except (BrokenPipeError, ValueError):
             pass
 
@@ -170,8 +169,7 @@ class Agent:
             headline=headline,
         )
         try:
-            self.stderr.write(text.encode())
-            self.stderr.flush()
+            write_all(self.stderr, text.encode())
         except (BrokenPipeError, ValueError):
             pass
 

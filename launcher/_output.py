@@ -8,13 +8,35 @@ inside a line. Partial lines wait for their newline (or EOF, or a size cap).
 from __future__ import annotations
 
 import os
+import select
 from typing import BinaryIO
 
-__all__ = ["StreamPump"]
+__all__ = ["StreamPump", "write_all"]
 
 # A worker printing without newlines must not grow our buffer forever; 64 KiB is far
 # longer than any log line and still small.
 _MAX_PARTIAL = 64 * 1024
+
+
+def write_all(stream: BinaryIO, data: bytes) -> None:
+    """Write every byte of ``data`` to ``stream``, then flush.
+
+    An unbuffered stream (``PYTHONUNBUFFERED=1`` makes ``sys.stdout.buffer`` a raw
+    ``FileIO``) performs one ``write(2)``, which a signal such as SIGCHLD can cut
+    short after part of a large block went out; a non-blocking one may take
+    nothing. Plain ``stream.write`` would silently drop the rest.
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            n = stream.write(view)
+        except BlockingIOError as exc:
+            n = exc.characters_written
+        if not n:
+            select.select([], [stream], [], 1.0)  # full pipe: wait until writable
+            continue
+        view = view[n:]
+    stream.flush()
 
 
 class StreamPump:
@@ -81,7 +103,6 @@ class StreamPump:
                 else block
             )
             try:
-                self.console.write(text)  # one write per read: whole lines only
-                self.console.flush()
+                write_all(self.console, text)  # one block per read: whole lines only
             except (BrokenPipeError, ValueError):
                 self.console = None  # console went away (`| head`): keep the log file

@@ -135,6 +135,8 @@ def test_lines_never_interleave_and_partial_lines_are_flushed(launch):
         sys.stdout.write("no newline at the end " + r)
         """,
     )
+    # Unbuffered, the launcher's stdout is a raw FileIO whose writes SIGCHLD can cut short.
+    launch.env["PYTHONUNBUFFERED"] = "1"
     r = launch.run("--nproc", "3", script)
     assert r.returncode == 0, r.stderr
     counts = {0: 0, 1: 0, 2: 0}
@@ -355,3 +357,32 @@ def test_multiprocessing_spawn_inside_a_worker(launch):
     assert r.returncode == 0, r.stderr
     assert r.stdout == "[0]: [0, 1, 4, 9, 16]\n"
     assert "left processes" not in r.stderr
+
+
+def test_write_all_survives_short_writes():
+    # A non-blocking raw pipe takes at most its capacity (64 KiB) per write: short
+    # writes are certain, and every byte must still arrive, in order.
+    import io
+    import threading
+
+    from launcher._output import write_all
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    received = bytearray()
+
+    def drain():
+        while True:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    with io.FileIO(w, "wb") as raw:
+        write_all(raw, payload)
+    reader.join(timeout=30)
+    os.close(r)
+    assert not reader.is_alive() and bytes(received) == payload
