@@ -116,12 +116,11 @@ def _run(
 ) -> Any:
     """Issue ``action(engine, seq, deadline)`` on ``pg`` after the descriptor check."""
     engine = pg.engine_for(sample)
-    seq = pg.next_seq()
     check = pg.check_mismatch
     if not check:
         desc = b""  # DISTRIB_CHECK_MISMATCH=0: every rank sends and expects an empty descriptor
 
-    def body(deadline: float) -> Any:
+    def body(deadline: float, seq: int) -> Any:
         engine.call_descriptor = desc
         if check and not engine.verifies_descriptors and pg.size() > 1:
             # The digests are numpy arrays: the CPU engine carries them for every engine.
@@ -545,7 +544,7 @@ def _p2p(pg: ProcessGroup, op: str, tensor: Any, peer: int, tag: int, sending: b
         )
     engine = pg.engine_for(tensor)
 
-    def body(deadline: float) -> list[Any]:
+    def body(deadline: float, seq: int) -> list[Any]:
         flat = _flat(tensor)
         if sending:
             engine.send(flat, peer_g, tag, deadline)
@@ -561,14 +560,14 @@ def send(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> None:
     """Send ``tensor`` to rank ``dst`` (matched by ``recv`` with the same ``tag``)."""
     pg = resolve_group(group, "send")
     if pg is not None:
-        pg.submit("send", _p2p(pg, "send", tensor, dst, tag, True), False)
+        pg.submit("send", _p2p(pg, "send", tensor, dst, tag, True), False, False)
 
 
 def recv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> int:
     """Receive into ``tensor`` from rank ``src``; returns ``src``."""
     pg = resolve_group(group, "recv")
     if pg is not None:
-        pg.submit("recv", _p2p(pg, "recv", tensor, src, tag, False), False)
+        pg.submit("recv", _p2p(pg, "recv", tensor, src, tag, False), False, False)
     return src
 
 
@@ -576,7 +575,9 @@ def isend(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> Any:
     """Asynchronous ``send``; returns a ``Work``."""
     pg = resolve_group(group, "isend")
     return (
-        None if pg is None else pg.submit("isend", _p2p(pg, "isend", tensor, dst, tag, True), True)
+        None
+        if pg is None
+        else pg.submit("isend", _p2p(pg, "isend", tensor, dst, tag, True), True, False)
     )
 
 
@@ -584,5 +585,7 @@ def irecv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> Any:
     """Asynchronous ``recv``; returns a ``Work``."""
     pg = resolve_group(group, "irecv")
     return (
-        None if pg is None else pg.submit("irecv", _p2p(pg, "irecv", tensor, src, tag, False), True)
+        None
+        if pg is None
+        else pg.submit("irecv", _p2p(pg, "irecv", tensor, src, tag, False), True, False)
     )

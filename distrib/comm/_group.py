@@ -141,9 +141,6 @@ class ProcessGroup:
             return self._gpu_engine
         return self.cpu_engine
 
-    def next_seq(self) -> int:
-        return next(self._seq)
-
     # -- failure publication -------------------------------------------------
 
     def _check_failed(self) -> None:
@@ -215,8 +212,16 @@ class ProcessGroup:
 
     # -- execution -----------------------------------------------------------
 
-    def submit(self, op: str, body: Callable[[float], list[Any] | None], async_op: bool) -> Any:
-        """Run ``body(deadline)`` after every earlier operation; return a ``Work`` when async."""
+    def submit(
+        self,
+        op: str,
+        body: Callable[[float, int], list[Any] | None],
+        async_op: bool,
+        collective: bool = True,
+    ) -> Any:
+        """Run ``body(deadline, seq)`` after every earlier operation; return a ``Work`` when
+        async. Collectives get the next ``seq`` (taken with the ticket, so the two orders
+        agree even when several threads issue operations)."""
         if self._closed:
             raise DistClosedError(
                 f"{op}: the process group of rank {self.global_rank} was destroyed",
@@ -228,6 +233,7 @@ class ProcessGroup:
         with self._cond:
             ticket = self._next_ticket
             self._next_ticket += 1
+            seq = next(self._seq) if collective else -1
         work = Work(op, self.global_rank)
         if async_op:
             if self._thread is None:
@@ -235,20 +241,20 @@ class ProcessGroup:
                     target=self._progress, name=f"distrib-progress-{self.global_ranks}", daemon=True
                 )
                 self._thread.start()
-            self._queue.put((ticket, op, body, work))
+            self._queue.put((ticket, seq, body, work))
             return work
-        self._run(ticket, op, body, work)
+        self._run(ticket, seq, body, work)
         work.wait()
         return None
 
-    def _run(self, ticket: int, op: str, body: Callable[[float], Any], work: Work) -> None:
+    def _run(self, ticket: int, seq: int, body: Callable[[float, int], Any], work: Work) -> None:
         with self._cond:
             while self._running_ticket != ticket:
                 self._cond.wait(1.0)
         try:
             if self._failure is not None:
                 raise self._failure
-            result = body(time.monotonic() + self.timeout)
+            result = body(time.monotonic() + self.timeout, seq)
             work._finish(None, result)
         except DistError as exc:
             if self._failure is None:
