@@ -32,8 +32,9 @@ SEGMENT_BYTES = 1 << 20
 # All-reduce below this many bytes uses recursive doubling instead of the ring
 # (crossover measured with distrib-bench --nproc 2/4: see docs/collectives.md).
 ALLREDUCE_SMALL_MAX = 96 * 1024
-# Broadcast/reduce below this many bytes use a binomial tree, above it a pipelined chain.
-TREE_MAX = 256 * 1024
+# Broadcast/reduce up to this many bytes use a binomial tree, above it a pipelined chain
+# (measured at n=4: reduce tree/chain 232/415 us at 16K, 860/844 at 64K, 1478/1226 at 256K).
+TREE_MAX = 64 * 1024
 
 
 def _segments(view: np.ndarray) -> Iterator[np.ndarray]:
