@@ -203,6 +203,10 @@ class PhaseSync:
         my_wait = self._waiting_idx[self.rank]
         try:
             while True:
+                # The counter first: a peer may signal and then exit (its part
+                # is done); only a peer that died *before* signalling is lost.
+                if ((words[idx] - target) & 0xFFFFFFFF) < 0x80000000:
+                    return
                 self.check(op, q)
                 now = time.monotonic()
                 if now >= deadline:
@@ -217,7 +221,10 @@ class PhaseSync:
                     )
                 if now - self._last_liveness >= _LIVENESS_S:
                     self._last_liveness = now
-                    self._check_alive(q, op)
+                    if self._is_dead(q):
+                        if ((words[idx] - target) & 0xFFFFFFFF) < 0x80000000:
+                            return  # it signalled, then exited
+                        self._raise_lost(q, op)
                     if self._check_failed is not None:
                         self._check_failed()
                 words[my_wait] = q + 1
@@ -275,16 +282,14 @@ class PhaseSync:
         for idx in self._counter_idx:
             self._wake(idx)
 
-    def _check_alive(self, q: int, op: str) -> None:
-        dead = self._is_dead(q)
-        if dead:
-            raise DistPeerLostError(
-                f"{op}: rank {self._global[self.rank]}: peer rank {self._global[q]} "
-                f"(pid {self._pids[q]}) exited during a shared-memory collective",
-                rank=self._global[self.rank],
-                op=op,
-                peer=self._global[q],
-            )
+    def _raise_lost(self, q: int, op: str) -> None:
+        raise DistPeerLostError(
+            f"{op}: rank {self._global[self.rank]}: peer rank {self._global[q]} "
+            f"(pid {self._pids[q]}) exited during a shared-memory collective",
+            rank=self._global[self.rank],
+            op=op,
+            peer=self._global[q],
+        )
 
     def _is_dead(self, q: int) -> bool:
         fd = self._pidfds.get(q)
