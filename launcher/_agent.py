@@ -92,9 +92,10 @@ class Agent:
 
     def run(self) -> int:
         """Run attempts until success, a non-retryable failure, or restarts run out."""
-        self._guardian = Guardian(self.opts.grace_period)  # fork before any thread
-        set_child_subreaper()
         self._error_dir = tempfile.mkdtemp(prefix="distrib-run-err-")
+        # fork before any thread exists; it removes the error files if we are killed
+        self._guardian = Guardian(self.opts.grace_period, self._error_dir)
+        set_child_subreaper()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)

@@ -13,6 +13,7 @@ It runs in its own session, so signals aimed at the launcher's group miss it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -25,13 +26,15 @@ __all__ = ["Guardian"]
 class Guardian:
     """Fork the guardian now (before any thread starts); feed it worker groups."""
 
-    def __init__(self, grace_period: float) -> None:
+    def __init__(self, grace_period: float, scratch_dir: str | None = None) -> None:
         read_fd, self._write_fd = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:  # the guardian; never returns
             try:
                 os.close(self._write_fd)
                 _guard(read_fd, grace_period)
+                if scratch_dir is not None:  # the launcher could not clean up after itself
+                    shutil.rmtree(scratch_dir, ignore_errors=True)
             finally:
                 os._exit(0)
         os.close(read_fd)
@@ -87,7 +90,7 @@ def _guard(read_fd: int, grace_period: float) -> None:
         *lines, buf = buf.split(b"\n")
         for line in lines:
             if line == b"exit":
-                return
+                os._exit(0)  # a clean shutdown: the launcher cleaned up itself
             if line[:1] == b"+":
                 groups.add(int(line[1:]))
             elif line[:1] == b"-":

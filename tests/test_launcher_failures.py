@@ -168,6 +168,7 @@ GRANDPARENT = """
     with open(f"pids.{rank}.tmp", "w") as f:
         f.write(f"{os.getpid()} {child.pid}\\n")
     os.rename(f"pids.{rank}.tmp", f"pids.{rank}")
+    open(f"errfile.{rank}", "w").write(os.environ["DISTRIB_ERROR_FILE"] + "\\n")
     EXIT
 """
 
@@ -177,9 +178,12 @@ def test_sigkill_of_launcher_leaves_no_orphans(launch):
     p = launch.popen("--nproc", "2", "--grace-period", "2", script)
     pids = _descendant_pids(launch)
     assert all(psutil.pid_exists(pid) for pid in pids)
+    scratch = os.path.dirname(os.path.dirname(launch.wait_for_file("errfile.0").strip()))
+    assert os.path.isdir(scratch)
     p.kill()  # SIGKILL: no chance to clean up; PDEATHSIG + the guardian must
     p.communicate(timeout=30)
     assert launch.leftovers(wait_s=15) == []  # workers, grandchildren and the guardian
+    assert not os.path.exists(scratch)  # the guardian also removed the error-file directory
 
 
 def test_worker_exiting_leaves_no_grandchild_behind(launch):
