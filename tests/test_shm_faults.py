@@ -86,6 +86,7 @@ _KILLED_JOB = textwrap.dedent(
         time.sleep(60)
 
     if __name__ == "__main__":
+        _client.ORPHAN_GRACE_S = 1.0  # the daemon gives up on the orphaned handle sooner
         shm.set_sharing_strategy(sys.argv[1])
         ctx = mp.get_context("fork")
         q, ready = ctx.Queue(), ctx.Event()

@@ -9,7 +9,9 @@ Slot lifetime: a slot goes back to its slab's free list only when it never
 left this process — not pickled (``Block.handed_out``) and not inherited by a
 child (allocated before a fork, tracked by ``fork_epoch``). Another process
 may still use a slot that did leave, so such a slot is reclaimed with its whole
-slab, when every process has dropped the slab.
+slab, when every process has dropped the slab. The allocator keeps a slab
+alive while it has live blocks and free slots, plus one idle anonymous slab
+per size class as a cache.
 """
 
 from __future__ import annotations
@@ -31,25 +33,37 @@ _MIN_SLOT = 64
 class Slab:
     """One segment cut into equal slots, owned by the process that created it."""
 
-    __slots__ = ("__weakref__", "free", "owner_pid", "segment", "slot_bytes")
+    __slots__ = ("__weakref__", "free", "listed", "live", "owner_pid", "segment", "slot_bytes")
 
     def __init__(self, segment: Segment, slot_bytes: int) -> None:
         self.segment = segment
         self.slot_bytes = slot_bytes
         self.owner_pid = os.getpid()
         self.free = list(range(segment.size - slot_bytes, -1, -slot_bytes))
+        self.live = 0  # blocks of this process in the slab
+        self.listed = False  # in the allocator's list (which keeps the slab alive)
 
-    def give_back(self, offset: int, epoch: int) -> None:
-        """Return a slot that never left this process (called when its Block dies)."""
-        if self.owner_pid != os.getpid() or epoch != _arena.epoch:
-            return  # allocated before a fork: a child may still be using it
-        with _arena.lock:
-            self.free.append(offset)
-            avail = _arena.slabs.setdefault((self.segment.kind, self.slot_bytes), [])
-            if len(self.free) == 1:
-                avail.append(self)  # it was full and dropped; allocatable again
-            elif len(self.free) * self.slot_bytes == self.segment.size and len(avail) > 1:
-                avail.remove(self)  # keep at most one empty slab per class alive
+    def release(self, offset: int, epoch: int, handed_out: bool) -> None:
+        """A block of this slab died: recycle its slot if it never left this process."""
+        if self.owner_pid != os.getpid():
+            return  # inherited from the parent: not ours to manage
+        arena = _arena
+        with arena.lock:
+            self.live -= 1
+            if not handed_out and epoch == arena.epoch:  # not pickled, not forked since
+                self.free.append(offset)
+            avail = arena.slabs.setdefault((self.segment.kind, self.slot_bytes), [])
+            # Keep a slab while it has free slots and live blocks; once idle, keep
+            # at most one per class, and never a named one (its file would sit in
+            # /dev/shm for the life of the process).
+            idle_keep = self.segment.kind != "file_system" and (not avail or avail == [self])
+            keep = bool(self.free) and (self.live > 0 or idle_keep)
+            if keep and not self.listed:
+                avail.append(self)
+                self.listed = True
+            elif not keep and self.listed:
+                avail.remove(self)
+                self.listed = False
 
 
 class _Arena:
@@ -99,12 +113,16 @@ def allocate_slot(nbytes: int, kind: str) -> tuple[Slab, int]:
         if avail:
             slab = avail[-1]
             offset = slab.free.pop()
+            slab.live += 1
             if not slab.free:
                 avail.pop()
+                slab.listed = False
             return slab, offset
     slab = Slab(create_segment(SLAB_BYTES, kind), slot)  # outside the lock: may be slow
     with arena.lock:
         offset = slab.free.pop()
+        slab.live += 1
         if slab.free:
             arena.slabs.setdefault((kind, slot), []).append(slab)
+            slab.listed = True
     return slab, offset

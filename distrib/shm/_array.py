@@ -66,8 +66,8 @@ class Block:
         }
 
     def __del__(self) -> None:
-        if self.slab is not None and not self.handed_out:
-            self.slab.give_back(self.offset, self.epoch)
+        if self.slab is not None:
+            self.slab.release(self.offset, self.epoch, self.handed_out)
 
 
 # (seg_id, offset) -> Block alive in this process, so a block received twice

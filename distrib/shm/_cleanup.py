@@ -15,7 +15,8 @@ named file. A dead process closes its connection, which drops all its holds:
 this is what cleans up after ``kill -9``.
 
 The daemon exits once no process is connected and no ticket is outstanding
-(or, with tickets nobody can claim any more, after ``_ORPHAN_GRACE_S``),
+(or, with tickets nobody can claim any more, after the orphan grace period,
+``ORPHAN_GRACE_S`` in ``_client.py``, passed on the command line),
 unlinking any named file it still tracks. A handle pickled but never unpickled
 keeps its segment alive until then: that is the price of not depending on
 the sender.
@@ -33,9 +34,6 @@ import time
 
 import msgpack
 
-# How long tickets may wait with no process connected before we give up on
-# them: a receiver that was not yet connected may still come for its handle.
-_ORPHAN_GRACE_S = 10.0
 # How long the daemon waits for its first client before exiting.
 _FIRST_CLIENT_S = 60.0
 # SCM_MAX_FD: the most descriptors Linux passes in one message.
@@ -59,8 +57,9 @@ class _Seg:
 class Daemon:
     """Single-threaded event loop over the listener and client connections."""
 
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, orphan_grace_s: float) -> None:
         self.listener = listener
+        self.orphan_grace_s = orphan_grace_s
         self.sel = selectors.DefaultSelector()
         self.sel.register(listener, selectors.EVENT_READ)
         self.conns: dict[int, socket.socket] = {}
@@ -212,7 +211,7 @@ class Daemon:
             return idle > _FIRST_CLIENT_S
         if not any(seg.tickets for seg in self.segs.values()):
             return True
-        return idle > _ORPHAN_GRACE_S
+        return idle > self.orphan_grace_s
 
     def run(self) -> None:
         try:
@@ -257,7 +256,7 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """Run the daemon on the inherited listening socket whose fd is ``argv[0]``."""
+    """Run the daemon: ``argv`` = [listening socket fd, orphan grace seconds]."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -269,7 +268,7 @@ def main(argv: list[str]) -> None:
             pass
     listener = socket.socket(fileno=int(argv[0]))
     os.set_inheritable(listener.fileno(), False)
-    Daemon(listener).run()
+    Daemon(listener, float(argv[1])).run()
 
 
 if __name__ == "__main__":

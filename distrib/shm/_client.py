@@ -43,6 +43,10 @@ from . import _limits
 __all__ = ["batch", "daemon_address", "flush", "ref", "release", "take", "track", "unref"]
 
 _DEFAULT_TIMEOUT = 60.0
+# How long a daemon keeps tickets alive once no process is connected: a
+# receiver that never connected yet may still come for its handle. Set before
+# the daemon starts (tests shorten it).
+ORPHAN_GRACE_S = 10.0
 # Entries per refs/unrefs packet: stays far below the SEQPACKET size limit
 # (~200 KiB) and SCM_MAX_FD (253 descriptors per message).
 _REFS_PER_MESSAGE = 200
@@ -101,21 +105,21 @@ def _start_daemon(st: _State) -> str:
     try:
         listener.bind(name)
         listener.listen(128)
-        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
-        # close_fds: the daemon must hold nothing of ours but the listener (an
-        # inherited pipe would, for one, keep a multiprocessing sentinel open).
-        # A new session: a process-group kill of the user's job must spare it.
+        # Run the daemon's file directly: importing the package would pull in
+        # numpy (~0.3 s); the daemon needs only the standard library and msgpack.
+        # The command line names distrib.shm._cleanup so tools can recognise it.
+        bootstrap = (
+            "import runpy, sys; sys.argv[0] = 'distrib.shm._cleanup'; "
+            f"runpy.run_path({_cleanup_path()!r}, run_name='__main__')"
+        )
         popen = subprocess.Popen(
-            [sys.executable, "-m", "distrib.shm._cleanup", str(listener.fileno())],
+            [sys.executable, "-c", bootstrap, str(listener.fileno()), str(ORPHAN_GRACE_S)],
             pass_fds=[listener.fileno()],
             close_fds=True,
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=None if config().debug else subprocess.DEVNULL,
-            env=env,
         )
     finally:
         listener.close()  # the daemon holds its own copy; connects queue in the backlog
@@ -123,6 +127,10 @@ def _start_daemon(st: _State) -> str:
     st.spawned = [p for p in st.spawned if p.poll() is None]
     st.spawned.append(popen)
     return name
+
+
+def _cleanup_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cleanup.py")
 
 
 def daemon_address() -> str:
