@@ -36,6 +36,7 @@ import msgpack
 import numpy as np
 
 from .._errors import DistMismatchError, DistUsageError
+from ..shm._cuda_driver import check_not_forked, mark_cuda_used
 from ..shm._cuda_ipc import export_allocation, open_allocation, release_mapping
 from ..shm._cuda_kernels import copy_async, fused_reduce
 from ._engine import Engine
@@ -78,6 +79,8 @@ class CudaIpcEngine(Engine):
     ) -> None:
         import cupy
 
+        check_not_forked("GPU collectives")
+        mark_cuda_used()
         self._cupy = cupy
         self.rank = rank
         self.size = size

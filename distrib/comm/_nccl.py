@@ -21,7 +21,14 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .._errors import DistBackendError, DistClosedError, DistPeerLostError, DistTimeoutError
+from .._errors import (
+    DistBackendError,
+    DistClosedError,
+    DistPeerLostError,
+    DistTimeoutError,
+    DistUsageError,
+)
+from ..shm._cuda_driver import check_not_forked, mark_cuda_used
 from ..shm._cuda_kernels import copy_async, fused_reduce
 from ._engine import Engine
 from ._ops import ReduceOp
@@ -55,6 +62,8 @@ class NcclEngine(Engine):
         import cupy
         from cupy.cuda import nccl
 
+        check_not_forked("NCCL collectives")
+        mark_cuda_used()
         self._cupy = cupy
         self._nccl = nccl
         self.rank = rank
@@ -75,9 +84,11 @@ class NcclEngine(Engine):
             ReduceOp.AVG: nccl.NCCL_SUM,
         }
         if rank == 0:
-            store.set(f"{key}/uid", msgpack.packb(list(nccl.get_unique_id())))
-        uid = tuple(msgpack.unpackb(store.get(f"{key}/uid")))
-        self.comm = self._init_comm(uid, time.monotonic() + timeout)
+            uid = nccl.get_unique_id()  # bytes in cupy >= 14, a tuple of ints before
+            wire = bytes(uid) if isinstance(uid, (bytes, bytearray)) else list(uid)
+            store.set(f"{key}/uid", msgpack.packb(wire, use_bin_type=True))
+        got = msgpack.unpackb(store.get(f"{key}/uid"), raw=False)
+        self.comm = self._init_comm(got, time.monotonic() + timeout)
         with cupy.cuda.Device(device):
             self._scratch = cupy.zeros(1, dtype=cupy.int32)
         self._stop = threading.Event()
@@ -86,13 +97,20 @@ class NcclEngine(Engine):
         )
         self._watchdog.start()
 
-    def _init_comm(self, uid: tuple[int, ...], deadline: float) -> Any:
+    def _init_comm(self, uid: Any, deadline: float) -> Any:
         result: dict[str, Any] = {}
+        # cupy 14 takes the id as bytes, older cupy as a tuple of (signed) ints.
+        as_bytes = bytes(uid) if isinstance(uid, bytes) else bytes(b & 0xFF for b in uid)
+        as_tuple = tuple(b - 256 if b > 127 else b for b in as_bytes)
 
         def build() -> None:
             try:
                 with self._cupy.cuda.Device(self.device):
-                    result["comm"] = self._nccl.NcclCommunicator(self.size, uid, self.rank)
+                    try:
+                        comm = self._nccl.NcclCommunicator(self.size, as_bytes, self.rank)
+                    except TypeError:
+                        comm = self._nccl.NcclCommunicator(self.size, as_tuple, self.rank)
+                    result["comm"] = comm
             except BaseException as exc:
                 result["error"] = exc
 
@@ -325,7 +343,9 @@ class NcclEngine(Engine):
         if self.rank != root:
             self._grouped("gather", [("send", int(buf.data.ptr), blk, root)])
             return
-        base = int(out.data.ptr)  # the group checked that root has `out`
+        if out is None:
+            raise DistUsageError(f"rank {root}: gather needs `out` on the root", op="gather")
+        base = int(out.data.ptr)
         with self._cupy.cuda.Device(self.device):
             copy_async(self._cupy, base + root * blk, int(buf.data.ptr), blk, self._begin("gather"))
         pairs = [("recv", base + r * blk, blk, r) for r in range(self.size) if r != root]
@@ -336,7 +356,9 @@ class NcclEngine(Engine):
         if self.rank != root:
             self._grouped("scatter", [("recv", int(out.data.ptr), blk, root)])
             return
-        base = int(buf.data.ptr)  # the group checked that root has `buf`
+        if buf is None:
+            raise DistUsageError(f"rank {root}: scatter needs `buf` on the root", op="scatter")
+        base = int(buf.data.ptr)
         with self._cupy.cuda.Device(self.device):
             copy_async(
                 self._cupy, int(out.data.ptr), base + root * blk, blk, self._begin("scatter")

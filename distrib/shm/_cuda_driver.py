@@ -9,9 +9,11 @@ an array travels as (handle of the base allocation, byte offset).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import socket
+from multiprocessing import util as mp_util
 from typing import Any
 
 from .._errors import DistBackendError, DistUsageError
@@ -23,6 +25,7 @@ __all__ = [
     "device_identity",
     "import_cupy",
     "mark_cuda_used",
+    "remove_driver_ipc_files",
 ]
 
 _libcuda: Any = None
@@ -50,10 +53,46 @@ def import_cupy(what: str) -> Any:
 
 
 def mark_cuda_used() -> None:
-    """Remember that this process has initialised CUDA (see ``check_not_forked``)."""
+    """Remember that this process has initialised CUDA (see ``check_not_forked``).
+
+    Also arranges for the driver's IPC file to be removed at exit (see
+    ``remove_driver_ipc_files``).
+    """
     global _cuda_pid
     if _cuda_pid is None:
         _cuda_pid = os.getpid()
+        atexit.register(remove_driver_ipc_files)
+        # multiprocessing children leave through os._exit, which skips atexit; priority 0
+        # runs after the lease flush/warning hooks (priority 100).
+        mp_util.Finalize(None, remove_driver_ipc_files, exitpriority=0)
+
+
+def remove_driver_ipc_files() -> int:
+    """Unlink this process's ``/dev/shm/cuda.shm.<n>.<pid hex>.<n>`` files; return how many.
+
+    The CUDA driver creates such a file in a process that exports IPC events
+    and removes it in its own exit handler, which ``os._exit`` (how
+    multiprocessing children leave) skips: seen left behind on an H100 after
+    every worker. Call it only once no other process will open this process's
+    IPC handles any more (at exit); mappings already made stay valid.
+    """
+    if _cuda_pid != os.getpid():
+        return 0
+    suffix = f"{os.getpid():x}"
+    removed = 0
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return 0
+    for name in names:
+        parts = name.split(".")
+        if len(parts) == 5 and parts[:2] == ["cuda", "shm"] and parts[3] == suffix:
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def check_not_forked(what: str) -> None:
