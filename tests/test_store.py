@@ -275,3 +275,18 @@ def test_bad_arguments_are_clear():
             TCPStore("127.0.0.1", a.port, is_master=True)
         finally:
             a.close()
+
+
+@pytest.mark.timeout(30)
+def test_auth_token_from_environment(monkeypatch):
+    monkeypatch.setenv("DISTRIB_AUTH_TOKEN", "from-env")
+    master = TCPStore("127.0.0.1", 0, is_master=True, timeout=3)
+    client = TCPStore("127.0.0.1", master.port, timeout=3)  # same env: same secret
+    client.set("k", "v")
+    monkeypatch.delenv("DISTRIB_AUTH_TOKEN")
+    outsider = TCPStore("127.0.0.1", master.port, timeout=3)
+    with pytest.raises(distrib.DistAuthError, match="DISTRIB_AUTH_TOKEN"):
+        outsider.get("k")
+    assert client.get("k") == b"v"
+    for s in (outsider, client, master):
+        s.close()

@@ -149,10 +149,11 @@ def init_process_group(
                 op="init_process_group",
             )
         base, owns, bind_host = store, False, "127.0.0.1"
-        if getattr(store, "host", None) and not str(store.host).startswith("127."):
+        store_host = getattr(store, "host", None)
+        if store_host and not str(store_host).startswith("127."):
             from ._rendezvous import _bind_host_towards
 
-            bind_host = _bind_host_towards(store.host, getattr(store, "port", 0))
+            bind_host = _bind_host_towards(store_host, getattr(store, "port", 0))
     else:
         rdzv = rendezvous(init_method, rank, world_size, seconds)
         base, owns, bind_host = rdzv.store, rdzv.owns_store, rdzv.bind_host

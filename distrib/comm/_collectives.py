@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
@@ -343,9 +343,10 @@ def gather(
         engine.gather(_flat(tensor), out, root, seq, deadline)
         if out is None:
             return []
-        for i, t in enumerate(gather_list):
+        targets = cast(list, gather_list)
+        for i, t in enumerate(targets):
             xp.copyto(t, out[i * m : (i + 1) * m].reshape(t.shape))
-        return list(gather_list)
+        return list(targets)
 
     return _run(pg, "gather", tensor, desc, action, async_op)
 
@@ -373,7 +374,7 @@ def scatter(
         xp = xp_of(tensor)
         buf = None
         if pg.rank() == root:
-            buf = xp.concatenate([xp.asarray(a).reshape(-1) for a in scatter_list])
+            buf = xp.concatenate([xp.asarray(a).reshape(-1) for a in cast(list, scatter_list)])
         flat = _flat(tensor)
         engine.scatter(buf, flat, root, seq, deadline)
         _write_back(tensor, flat)

@@ -76,11 +76,11 @@ def make_cpu_engine_for(ctx: EngineContext) -> Engine:
     memory / hierarchical when ``distrib.comm._shm_engine`` offers one, else ZeroMQ."""
     if ctx.transport != "zmq" and ctx.size > 1:
         try:
-            from ._shm_engine import make_cpu_engine
+            from . import _shm_engine
         except ImportError:
-            make_cpu_engine = None
-        if make_cpu_engine is not None:
-            engine = make_cpu_engine(ctx)
+            _shm_engine = None  # type: ignore[assignment]
+        if _shm_engine is not None:
+            engine = _shm_engine.make_cpu_engine(ctx)
             if engine is not None:
                 return engine
     return ctx.make_zmq_engine()

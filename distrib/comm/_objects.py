@@ -169,7 +169,7 @@ def gather_object(
     mine[: len(payload)] = np.frombuffer(payload, np.uint8)
     outs = [np.empty(width, np.uint8) for _ in range(pg.size())] if is_dst else None
     gather(mine, outs, dst=dst, group=group)
-    if is_dst:
+    if outs is not None and object_gather_list is not None:
         for i, out in enumerate(outs):
             object_gather_list[i] = decode_object(out[: int(lens[i])].tobytes())
 

@@ -120,8 +120,9 @@ def rendezvous(
     if parsed.scheme == "file":
         rank, world_size = _check_rank(rank, world_size)
         path = parsed.path or parsed.netloc
-        store = FileStore(path, world_size, timeout=timeout)
-        return Rendezvous(store, rank, world_size, "127.0.0.1", True)
+        return Rendezvous(
+            FileStore(path, world_size, timeout=timeout), rank, world_size, "127.0.0.1", True
+        )
     if parsed.scheme == "tcp":
         host, port = parsed.hostname, parsed.port
         if not host or port is None:

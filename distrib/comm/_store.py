@@ -175,7 +175,7 @@ class TCPStore(Store):
             raise DistClosedError(f"{self!r} is closed", op="store")
         if self._sock is None or self._pid != os.getpid():
             # After fork the parent's socket belongs to the parent: make our own.
-            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
             host = (
@@ -374,7 +374,7 @@ class PrefixStore(Store):
         self.store = store
 
     @property  # type: ignore[override]
-    def timeout(self) -> float:
+    def timeout(self) -> float:  # type: ignore[override]
         return self.store.timeout
 
     def _k(self, key: str) -> str:

@@ -46,7 +46,7 @@ class StoreServer:
         self._parked: list[_Parked] = []
         self._nonces = wire.NonceWindow()
         self._stop = threading.Event()
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
@@ -173,12 +173,12 @@ class StoreServer:
             return wire.STATUS_OK, current + amount
         if command == "compare_set":
             key, expected, desired = _key(args[0]), _value(args[1]), _value(args[2])
-            current = data.get(key)
-            if (current is None and expected == b"") or current == expected:
+            stored = data.get(key)
+            if (stored is None and expected == b"") or stored == expected:
                 data[key] = desired
                 self._wake()
                 return wire.STATUS_OK, desired
-            return wire.STATUS_OK, expected if current is None else current
+            return wire.STATUS_OK, expected if stored is None else stored
         if command in ("get", "wait"):
             keys = [_key(k) for k in (args[0] if command == "wait" else [args[0]])]
             timeout = float(args[1])

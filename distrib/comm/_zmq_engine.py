@@ -14,7 +14,7 @@ ending at the root. The thresholds below were measured with ``distrib-bench``
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
@@ -236,7 +236,7 @@ class ZmqEngine(Engine):
             for seg in _segments(buf):
                 self._send(root, seq, seg)
         else:
-            blocks = _blocks(out, self.size)
+            blocks = _blocks(cast(np.ndarray, out), self.size)
             np.copyto(blocks[root], buf)
             for peer in range(self.size):
                 if peer != root:
@@ -246,7 +246,7 @@ class ZmqEngine(Engine):
 
     def scatter(self, buf: Any | None, out: Any, root: int, seq: int, deadline: float) -> None:
         if self.rank == root:
-            blocks = _blocks(buf, self.size)
+            blocks = _blocks(cast(np.ndarray, buf), self.size)
             for peer in range(self.size):
                 if peer != root:
                     for seg in _segments(blocks[peer]):

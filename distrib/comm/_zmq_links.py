@@ -70,7 +70,7 @@ class ZmqLinks:
         self.global_ranks = ctx.global_ranks
         self._check_failed = ctx.check_failed
         self._diagnose_timeout = ctx.diagnose_timeout
-        self._zctx = zmq.Context.instance()
+        self._zctx: zmq.Context = zmq.Context.instance()
         self._closed = False
         self._stash: dict[int, deque[tuple[int, int, bytes, Any]]] = {
             p: deque() for p in range(self.size)
@@ -300,7 +300,7 @@ class ZmqLinks:
 
     def _poll_failures(self, op: str, peer: int | None, now: float) -> None:
         lost = self._lost_since.get(peer) if peer is not None else None
-        if lost is not None and now - lost > DISCONNECT_GRACE_S:
+        if peer is not None and lost is not None and now - lost > DISCONNECT_GRACE_S:
             raise DistPeerLostError(
                 f"{op}: {self.gname(peer)} closed its connection or died while "
                 f"{self.gname(self.rank)} was waiting for it",
