@@ -82,8 +82,9 @@ class _Producer:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.slabs: dict[int, list[_Slab]] = {}  # device id -> slabs
-        # (device, slab index, slot) -> (memory kept alive, event kept alive, event handle)
-        self.held: dict[tuple[int, int, int], tuple[Any, Any, bytes]] = {}
+        # (device, slab index, slot) -> (memory kept alive, event kept alive, event handle,
+        # whether this process allocated the memory: only then does our exit free it)
+        self.held: dict[tuple[int, int, int], tuple[Any, Any, bytes, bool]] = {}
         self.sends = 0
         self.collect_streams: dict[int, Any] = {}
         # event handle -> event, for a receiver in this very process (CUDA refuses to
@@ -143,9 +144,11 @@ def _warn_held_at_exit() -> None:
     if prod is None or prod.pid != os.getpid() or not prod.held:
         return
     try:
-        still = prod.collect(import_cupy("ipc_collect"))
+        prod.collect(import_cupy("ipc_collect"))
     except Exception:
-        still = len(prod.held)
+        pass
+    # Arrays we only forwarded stay valid: their owner, not our exit, frees them.
+    still = sum(1 for held in prod.held.values() if held[3])
     if still:
         sys.stderr.write(
             f"distrib: process {os.getpid()} is exiting while {still} cupy array(s) it sent "
@@ -224,7 +227,8 @@ def _reduce_cupy_array(arr: Any) -> tuple[Any, tuple[dict[str, Any]]]:
         event = cupy.cuda.Event(block=False, disable_timing=True, interprocess=True)
         event.record(stream)
         event_handle = bytes(cupy.cuda.runtime.ipcGetEventHandle(event.ptr))
-        prod.held[(device, index, slot)] = (arr.data.mem, event, event_handle)
+        own = where.origin_pid == os.getpid()
+        prod.held[(device, index, slot)] = (arr.data.mem, event, event_handle, own)
         prod.events[event_handle] = event
         meta.update(
             handle=where.handle,
