@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import socket
 import sys
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -169,18 +169,12 @@ def plot(history: list[tuple[float, float]], path: str, world: int) -> None:
     plt.close(fig)
 
 
-def _spawned_worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    distrib.init_process_group(init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _spawned_worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None:
+    distrib.init_process_group(init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         train(args)
     finally:
         distrib.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -213,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             distrib.destroy_process_group()
         return 0 if acc >= args.target else 1
     if args.nproc == 1:
-        distrib.init_process_group(
-            init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-        )
+        distrib.init_process_group(rank=0, world_size=1)  # a private one-rank group
         try:
             acc = train(args)
         finally:
@@ -227,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     # N ranks each starting a thread per core would oversubscribe the machine.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    dmp.spawn(_spawned_worker, args=(args.nproc, _free_port(), args), nprocs=args.nproc)
+    # The ranks meet through a file store in a private temporary directory.
+    with tempfile.TemporaryDirectory(prefix="ddp-digits-") as tmp:
+        store = os.path.join(tmp, "store")
+        dmp.spawn(_spawned_worker, args=(args.nproc, store, args), nprocs=args.nproc)
     return 0  # rank 0 printed the accuracy; a failing rank raised above
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit("data-parallel result differs from single-process training")
 
 
-def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    distrib.init_process_group(init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _spawned(rank: int, world: int, store: str, args: argparse.Namespace) -> None:
+    distrib.init_process_group(init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         run(args)
     finally:
@@ -125,10 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import distrib.multiprocessing as dmp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dmp.spawn(_spawned, args=(args.nproc, port, args), nprocs=args.nproc)
+    with tempfile.TemporaryDirectory(prefix="torch-interop-") as tmp:
+        store = os.path.join(tmp, "store")
+        dmp.spawn(_spawned, args=(args.nproc, store, args), nprocs=args.nproc)
     return 0
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
+import shutil
+import tempfile
 import traceback
 
 import numpy as np
@@ -11,17 +14,16 @@ import pytest
 
 import distrib
 from distrib.parallel import DistributedDataParallel, fp16_compress_hook
-from tests._util import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUT = 30.0  # seconds for every collective and every join
 
 
-def _entry(fn, rank, world, port, results):
+def _entry(fn, rank, world, store_path, results):
     try:
         distrib.init_process_group(
-            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=TIMEOUT
+            init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=TIMEOUT
         )
         try:
             out = fn(rank, world)
@@ -36,8 +38,12 @@ def run_ranks(fn, world: int) -> dict[int, tuple[str, object]]:
     """Run ``fn(rank, world)`` in ``world`` forked processes; return rank -> (status, value)."""
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, results)) for r in range(world)]
+    # Rendezvous through a file, not a port: no race with other tests for a free port.
+    store_dir = tempfile.mkdtemp(prefix="distrib-ddp-test-")
+    store_path = os.path.join(store_dir, "store")
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world, store_path, results)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     out: dict[int, tuple[str, object]] = {}
@@ -55,6 +61,7 @@ def run_ranks(fn, world: int) -> dict[int, tuple[str, object]]:
                 p.join(timeout=5)
         results.close()
         results.join_thread()
+        shutil.rmtree(store_dir, ignore_errors=True)
     assert len(out) == world, f"only ranks {sorted(out)} reported"
     return out
 

@@ -70,6 +70,7 @@ def _sampler_defaults(rank, world):
     return (s.rank, s.num_replicas, list(s))
 
 
+@pytest.mark.timeout(90)
 def test_defaults_come_from_the_process_group():
     from tests.test_ddp import all_ok, run_ranks
 

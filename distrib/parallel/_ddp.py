@@ -237,11 +237,8 @@ class DistributedDataParallel:
             bucket = self.buckets[self._next_launch]
             buf = self.comm_hook.compress(bucket.flat, self.world_size, bucket)
             if self.world_size > 1:
-                op = (
-                    distrib.ReduceOp.AVG
-                    if self.comm_hook.reduce_op(buf) == "avg"
-                    else (distrib.ReduceOp.SUM)
-                )
+                avg = self.comm_hook.reduce_op(buf) == "avg"
+                op = distrib.ReduceOp.AVG if avg else distrib.ReduceOp.SUM
                 bucket.work = distrib.all_reduce(buf, op=op, group=self.group, async_op=True)
             else:
                 bucket.work = _DoneWork()
