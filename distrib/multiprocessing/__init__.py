@@ -10,6 +10,7 @@ forkserver; importing this module changes nothing in the standard one.
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as _stdlib
 from typing import Any
 
@@ -123,27 +124,27 @@ set_forkserver_preload = default_context.set_forkserver_preload
 set_start_method = default_context.set_start_method
 
 
-def ipc_collect() -> None:
-    """Free CUDA IPC memory that consumers have released (no-op without cupy)."""
+def ipc_collect() -> int:
+    """Free CUDA IPC memory that consumers have released; returns how many (0 without cupy)."""
+    if importlib.util.find_spec("cupy") is None:
+        return 0
     try:
         from ..shm import _cuda_ipc
     except ImportError:
-        return
+        return 0
     collect: Any = getattr(_cuda_ipc, "ipc_collect", None)
-    if collect is not None:
-        collect()
+    return int(collect() or 0) if collect is not None else 0
 
 
 def _register_gpu_reducers() -> None:
-    # cupy arrays travel as CUDA IPC handles (engineer F's module); optional.
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
+    # cupy arrays travel as CUDA IPC handles (distrib.shm._cuda_ipc); only when
+    # cupy is installed, and find_spec first so machines without it pay nothing.
+    if importlib.util.find_spec("cupy") is None:
         return
     try:
         from ..shm import _cuda_ipc
     except ImportError:
-        return
+        return  # the GPU part is not there (or cupy cannot load): arrays only
     _cuda_ipc.register_reducers(ArrayPickler)
 
 
