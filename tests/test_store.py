@@ -107,7 +107,7 @@ def test_unreachable_master_times_out():
 
 
 def _worker(host, port, rank, n, secret, out):
-    store = TCPStore(host, port, world_size=n, timeout=10, auth_token=secret)
+    store = TCPStore(host, port, world_size=n, timeout=60, auth_token=secret)
     store.add("counter", rank + 1)
     store.set(f"rank{rank}", str(os.getpid()))
     store.wait([f"rank{r}" for r in range(n)])
@@ -115,7 +115,7 @@ def _worker(host, port, rank, n, secret, out):
     store.close()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("secret", [None, "s3cret"])
 def test_multiprocess_rendezvous(secret):
     n = 4
@@ -125,7 +125,7 @@ def test_multiprocess_rendezvous(secret):
         0,
         world_size=n,
         is_master=True,
-        timeout=10,
+        timeout=60,
         wait_for_workers=False,
         auth_token=secret,
     )
@@ -134,21 +134,26 @@ def test_multiprocess_rendezvous(secret):
         ctx.Process(target=_worker, args=("127.0.0.1", master.port, r, n, secret, out))
         for r in range(1, n)
     ]
-    for p in procs:
-        p.start()
-    _worker_in_master = TCPStore(
-        "127.0.0.1", master.port, world_size=n, timeout=10, auth_token=secret
-    )
-    _worker_in_master.add("counter", 1)
-    _worker_in_master.set("rank0", "x")
-    results = [out.get(timeout=30) for _ in range(n - 1)]
-    for p in procs:
-        p.join(10)
-    assert all(p.exitcode == 0 for p in procs)
-    # Everyone saw all four increments only after all ranks had set their key.
-    assert sorted(results) == [(r, sum(range(1, n + 1))) for r in range(1, n)]
-    _worker_in_master.close()
-    master.close()
+    try:
+        for p in procs:
+            p.start()
+        # Rank 0 joins from this process; its constructor waits for all n to join.
+        rank0 = TCPStore("127.0.0.1", master.port, world_size=n, timeout=60, auth_token=secret)
+        rank0.add("counter", 1)
+        rank0.set("rank0", "x")
+        results = [out.get(timeout=60) for _ in range(n - 1)]
+        for p in procs:
+            p.join(30)
+        assert all(p.exitcode == 0 for p in procs)
+        # Everyone saw all four increments only after all ranks had set their key.
+        assert sorted(results) == [(r, sum(range(1, n + 1))) for r in range(1, n)]
+        rank0.close()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        master.close()
 
 
 @pytest.mark.timeout(30)

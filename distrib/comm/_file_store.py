@@ -166,3 +166,7 @@ class FileStore(Store):
 
     def num_keys(self) -> int:
         return len(self._locked())
+
+    def clone(self) -> FileStore:
+        """Another handle on the same file (its own timeout; no state is shared)."""
+        return FileStore(self.path, self.world_size, timeout=self.timeout)

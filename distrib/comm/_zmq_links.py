@@ -50,6 +50,7 @@ ZERO_COPY_MIN = 65536
 DISCONNECT_GRACE_S = 0.5
 FAILURE_POLL_S = 0.2  # how often a blocked rank asks the store about failures elsewhere
 _POLL_SLICE_MS = 50
+_QUIET_WAIT_S = 0.02  # waits shorter than this never consult the store or the monitors
 
 
 def describe(desc: bytes) -> str:
@@ -228,9 +229,11 @@ class ZmqLinks:
             frames = None
         except zmq.ZMQError as exc:
             raise self._closed_error(op, exc) from None
+        started = time.monotonic()
         while frames is None:
             now = time.monotonic()
-            self._poll_failures(op, peer, now)
+            if now - started >= _QUIET_WAIT_S:  # short waits are normal: skip the store
+                self._poll_failures(op, peer, now)
             if now >= deadline:
                 raise self._timeout_error(peer, op, seq)
             wait_ms = max(1, min(_POLL_SLICE_MS, int((deadline - now) * 1000) + 1))
