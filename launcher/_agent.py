@@ -148,7 +148,7 @@ class Agent:
                 if root.phase == "startup":
                     headline += " before the script started; not retried"
             else:
-                headline = result.peer_reason or lost or "another node failed"
+                headline = lost or result.peer_reason or "another node failed"
             if lost is not None and root is not None:
                 headline += f"; and {lost}"
             if retryable and attempt < self.opts.max_restarts:

@@ -200,7 +200,11 @@ class StoreRendezvous:
             return [], self._lost
         store = self._connect()
         doc = msgpack.packb([e.to_wire() for e in exits])
+        leaving = interrupted()
         try:
+            if leaving:  # a signal stops this launcher for good: nobody may restart
+                note = f"node {self.n}'s launcher was interrupted by a signal and left"
+                store.set(f"r{attempt}/abort", note.encode())
             if failed:
                 store.set(f"r{attempt}/failed", b"1")
             store.set(f"r{attempt}/end/{self.n}", doc)
@@ -226,6 +230,13 @@ class StoreRendezvous:
                     theirs[i] = [WorkerExit.from_wire(d) for d in msgpack.unpackb(raw)]
             if len(theirs) < len(keys):
                 time.sleep(self.opts.monitor_interval)
+        if lost is None and not leaving:
+            try:
+                abort = store.multi_get([f"r{attempt}/abort"])[0]
+            except DistError:
+                abort = None
+            if abort is not None:
+                lost = abort.decode(errors="replace")  # not retryable, like a lost node
         return [e for i in sorted(theirs) for e in theirs[i]], lost
 
     def close(self) -> None:

@@ -140,3 +140,24 @@ def test_auth_token_mismatch_is_refused_and_join_times_out(launch):
     assert c1 == 1 and "refused the request" in e1 and "node 1" in e1
     assert c0 == 1 and "1 of 2 nodes joined" in e0
     assert "should not run" not in o0 + o1
+
+
+def test_sigint_on_one_node_ends_the_job_everywhere_without_restart(launch):
+    import signal
+
+    script = launch.script(
+        "wait.py",
+        """
+        import os, time
+        open(f"up.{os.environ['RANK']}", "w").write("up\\n")
+        time.sleep(60)
+        """,
+    )
+    node0, node1 = _nodes(launch, script, "--max-restarts", "3")
+    for r in range(4):
+        launch.wait_for_file(f"up.{r}")
+    node1.send_signal(signal.SIGINT)
+    (c0, _o0, e0), (c1, _o1, e1) = _finish([node0, node1])
+    assert c1 == 128 + signal.SIGINT and "distrib-run received SIGINT" in e1
+    assert c0 == 1 and "restarting" not in e0
+    assert "node 1's launcher was interrupted by a signal and left" in e0, e0
