@@ -143,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["cpu", "cuda"],
         help="cuda: benchmark cupy arrays (distrib.comm._bench_gpu)",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run all columns this many times, interleaved; report each cell's best",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="bound for each column's run (s)")
     return p
 
@@ -203,16 +209,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.crossover:
         return _crossover(args, sizes)
     plan = [{"op": op, "sizes": sizes, "dtype": args.dtype} for op in ops]
-    results: list[tuple[str, dict[str, dict[int, float | None]]]] = []
-    for title, enabled, run in COLUMNS:
-        if not enabled(args):
-            continue
-        try:
-            per_op = run(args, plan)
-        except Exception as exc:  # a peer that cannot run is reported, not fatal
-            print(f"# note: {title} column skipped: {exc}".splitlines()[0])
-            continue
-        results.append((title, {op: {int(s): t for s, t in rows} for op, rows in per_op}))
+    best: dict[str, dict[str, dict[int, float | None]]] = {}
+    failed: set[str] = set()
+    # Columns run interleaved, --repeat times; each cell keeps its best (lowest) time, so
+    # noise from other load on the machine hits every column alike.
+    for _ in range(args.repeat):
+        for title, enabled, run in COLUMNS:
+            if not enabled(args) or title in failed:
+                continue
+            try:
+                per_op = run(args, plan)
+            except Exception as exc:  # a peer that cannot run is reported, not fatal
+                print(f"# note: {title} column skipped: {exc}".splitlines()[0])
+                failed.add(title)
+                continue
+            cells = best.setdefault(title, {})
+            for op, rows in per_op:
+                for size, t in rows:
+                    old = cells.setdefault(op, {}).get(int(size))
+                    if t is not None and (old is None or t < old):
+                        cells[op][int(size)] = t
+    results = list(best.items())
+    if args.repeat > 1:
+        print(f"# each cell: best of {args.repeat} interleaved runs")
     for op in ops:
         _print_table(op, args, sizes, [(title, by_op.get(op, {})) for title, by_op in results])
     return 0
