@@ -45,9 +45,9 @@ class Connection(_mpconn.Connection):
 
     def send(self, obj: Any) -> None:
         """Send ``obj``; numpy arrays travel as shared-memory handles."""
-        self._check_closed()
-        self._check_writable()
-        self._send_bytes(ArrayPickler.dumps(obj))
+        self._check_closed()  # type: ignore[attr-defined]
+        self._check_writable()  # type: ignore[attr-defined]
+        self._send_bytes(ArrayPickler.dumps(obj))  # type: ignore[attr-defined]
 
     def recv(self) -> Any:
         """Receive an object; arrays arrive mapped onto the sender's shared memory."""
@@ -58,7 +58,7 @@ class Connection(_mpconn.Connection):
 
     def __reduce__(self) -> tuple:
         # Passed to a spawned child: rebuild as our class, not the stdlib's.
-        _, args = _mpconn.reduce_connection(self)
+        _, args = _mpconn.reduce_connection(self)  # type: ignore[attr-defined]
         return _rebuild_connection, args
 
 
@@ -98,8 +98,8 @@ class SimpleQueue(_mpqueues.SimpleQueue):
     def __init__(self, *, ctx: Any) -> None:
         super().__init__(ctx=ctx)
         # Pool sends tasks through ``_writer.send`` directly: make it ours.
-        _adopt(self._reader)
-        _adopt(self._writer)
+        _adopt(self._reader)  # type: ignore[attr-defined]
+        _adopt(self._writer)  # type: ignore[attr-defined]
 
     def get(self) -> Any:
         try:
@@ -109,11 +109,12 @@ class SimpleQueue(_mpqueues.SimpleQueue):
 
     def put(self, obj: Any) -> None:
         data = dumps(obj)  # serialise before taking the lock, as the stdlib does
-        if self._wlock is None:
-            self._writer.send_bytes(data)
+        writer = self._writer  # type: ignore[attr-defined]
+        if self._wlock is None:  # type: ignore[attr-defined]
+            writer.send_bytes(data)
         else:
-            with self._wlock:
-                self._writer.send_bytes(data)
+            with self._wlock:  # type: ignore[attr-defined]
+                writer.send_bytes(data)
 
 
 # -- processes -----------------------------------------------------------------
@@ -201,15 +202,17 @@ if sys.platform != "win32":
 class DefaultContext(_ArrayContext, _mpctx.DefaultContext):
     """The module-level context; its start method is separate from the stdlib's."""
 
-    Process = Process
+    Process = Process  # type: ignore[assignment]
 
     def get_context(self, method: str | None = None) -> Any:
         if method is None:
-            if self._actual_context is None:
-                self._actual_context = self._default_context
+            if self._actual_context is None:  # type: ignore[has-type]
+                self._actual_context = self._default_context  # type: ignore[attr-defined]
             return self._actual_context
         return _ArrayContext.get_context(self, method)
 
 
 # Same default start method as the standard library on this platform.
-default_context = DefaultContext(_concrete[_mpctx._default_context._default_context._name])
+default_context = DefaultContext(
+    _concrete[_mpctx._default_context._default_context._name]  # type: ignore[attr-defined]
+)

@@ -45,7 +45,7 @@ def reduce_ndarray(arr: np.ndarray) -> tuple:
     block = block_of(arr)
     if block is None:
         if arr.dtype.hasobject or arr.nbytes <= _threshold_cache.get():
-            return arr.__reduce_ex__(4)
+            return arr.__reduce_ex__(4)  # type: ignore[return-value]
         arr = share(arr)  # copied once; the copy lives on through the handle's ticket
         block = block_of(arr)
         if block is None:
@@ -77,7 +77,7 @@ class ArrayPickler(ForkingPickler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         table = copyreg.dispatch_table.copy()
-        table.update(ForkingPickler._extra_reducers)  # connections, sockets, methods
+        table.update(ForkingPickler._extra_reducers)  # type: ignore[attr-defined]
         table.update(type(self)._extra_reducers)
         self.dispatch_table = table
 

@@ -108,7 +108,7 @@ def _shape_tuple(shape: Any) -> tuple[int, ...]:
     return dims
 
 
-def _new(shape: Any, dtype: Any, order: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _new(shape: Any, dtype: Any, order: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """A new shared array, and its raw bytes when they may hold old data (else None)."""
     if order not in ("C", "F"):
         raise ValueError(f"order must be 'C' or 'F', got {order!r}")
@@ -160,12 +160,12 @@ def share(arr: Any) -> np.ndarray:
     if isinstance(arr, np.ndarray) and block_of(arr) is not None:
         return arr
     src = np.asarray(arr)
-    order = "F" if src.flags.f_contiguous and not src.flags.c_contiguous else "C"
+    order: Any = "F" if src.flags.f_contiguous and not src.flags.c_contiguous else "C"
     contiguous = src.flags.c_contiguous or src.flags.f_contiguous
     if src.nbytes > _arena.ARENA_MAX_BYTES and contiguous:
         _checked_dtype(src.dtype)
         data = src.reshape(-1, order=order).view(np.uint8)
-        seg = create_segment(src.nbytes, get_sharing_strategy(), memoryview(data))
+        seg = create_segment(src.nbytes, get_sharing_strategy(), memoryview(data))  # type: ignore[arg-type]
         raw = np.asarray(Block(seg, 0, src.nbytes))
         return np.ndarray(src.shape, dtype=src.dtype, buffer=raw, order=order)
     out = _new(src.shape, src.dtype, order)[0]

@@ -36,6 +36,8 @@ import msgpack
 
 # How long the daemon waits for its first client before exiting.
 _FIRST_CLIENT_S = 60.0
+# A reply that cannot be delivered within this long drops that client.
+_SEND_TIMEOUT_S = 5.0
 # SCM_MAX_FD: the most descriptors Linux passes in one message.
 _MAX_FDS_PER_MESSAGE = 253
 # How long a take/unref for a segment whose ref is still in flight may wait.
@@ -230,11 +232,13 @@ class Daemon:
                         sock, _ = self.listener.accept()
                     except OSError:
                         continue
+                    # Never let one stuck client stall everyone: replies give up after 5 s.
+                    sock.settimeout(_SEND_TIMEOUT_S)
                     self.conns[sock.fileno()] = sock
                     self.sel.register(sock, selectors.EVENT_READ)
                     self.ever_connected = True
                 else:
-                    cid = key.fileobj.fileno()
+                    cid = key.fd
                     if cid in self.conns:
                         self._read(cid)
             if self.pending:

@@ -242,10 +242,8 @@ def ref(seg) -> str:
         key = (address, seg.seg_id)
         deposit = key not in st.holding and seg.kind == "file_descriptor"
         st.holding.add(key)
-    pending = getattr(_local, "batch", None)
-    own = pending is None
-    if own:
-        pending = _Batch()
+    outer: _Batch | None = getattr(_local, "batch", None)
+    pending = outer if outer is not None else _Batch()
     entry = pending.entries.get(key)
     if entry is None:
         pending.entries[key] = [
@@ -259,7 +257,7 @@ def ref(seg) -> str:
         pending.segments.append(seg)
     else:
         entry[4] += 1
-    if own:
+    if outer is None:
         _send_refs(pending)
     return address
 
@@ -289,6 +287,8 @@ def take(address: str, seg_id: str) -> int | None:
         if flags & socket.MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)
+            with contextlib.suppress(ShmError):  # the daemon counted us as a holder
+                _send(st, address, ["release", seg_id])
             import resource
 
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
