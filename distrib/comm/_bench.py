@@ -179,6 +179,9 @@ def _print_table(
             if t is None:
                 line += f" | {'n/a':>16} {'':>7} {'':>7}"
                 continue
+            if op == "barrier":  # moves no data: time only
+                line += f" | {t * 1e6:>16.1f} {'-':>7} {'-':>7}"
+                continue
             algbw = size / t / 1e9
             line += f" | {t * 1e6:>16.1f} {algbw:>7.3f} {algbw * factor:>7.3f}"
         print(line)
@@ -208,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.crossover:
         return _crossover(args, sizes)
-    plan = [{"op": op, "sizes": sizes, "dtype": args.dtype} for op in ops]
+    # A barrier moves no data: time it once, under the first size's row.
+    plan = [
+        {"op": op, "sizes": sizes[:1] if op == "barrier" else sizes, "dtype": args.dtype}
+        for op in ops
+    ]
     best: dict[str, dict[str, dict[int, float | None]]] = {}
     failed: set[str] = set()
     # Columns run interleaved, --repeat times; each cell keeps its best (lowest) time, so
