@@ -162,7 +162,8 @@ def worker_loop(
     # arrays, one batch of uniforms per rollout, sampling on a Python list.
     w1, b1, w2, b2 = (params[k] for k in ("actor.w1", "actor.b1", "actor.w2", "actor.b2"))
     last_action = n_actions - 1
-    while not stop[0]:
+    parent = os.getppid()
+    while not stop[0] and os.getppid() == parent:  # also stop if the monitor died
         t = 0
         bootstrap = None
         uniforms = rng.random(settings.rollout).tolist()
