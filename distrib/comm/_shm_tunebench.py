@@ -1,0 +1,106 @@
+"""Measure the shared-memory engine's all-reduce thresholds, path against path.
+
+Run ``python -m distrib.comm._shm_tunebench`` (wrap it in
+``flock /tmp/distrib-bench.lock``). Ranks are forked processes talking
+through the engine directly (no process group), so the table shows the
+algorithms, not the API overhead. Columns, per message size (float32 sum):
+
+- ``one-shot``: every rank reduces the whole buffer (one synchronisation);
+- ``staged``: reduce-scatter/all-gather through the segment (two per step);
+- ``single-copy``: peers' buffers read with ``process_vm_readv``.
+
+The engine uses one-shot up to ``_ONE_SHOT_MAX`` and single-copy from
+``_CMA_MIN``; this table is where those numbers come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from . import _shm_engine
+from ._file_store import FileStore
+from ._ops import ReduceOp
+from ._shm_rendezvous import connect_local
+
+_PATHS = {
+    # name: (one-shot max, single-copy min)
+    "one-shot": (1 << 62, 1 << 62),
+    "staged": (0, 1 << 62),
+    "single-copy": (0, 0),
+}
+
+
+def _rank(path: str, rank: int, n: int, sizes: list[int], out: Any) -> None:
+    eng = connect_local(FileStore(path), "tune", rank, n, list(range(n)), time.monotonic() + 60)
+    assert eng is not None
+    res: dict[str, dict[int, float | None]] = {}
+    try:
+        for name, (one_shot, cma_min) in _PATHS.items():
+            _shm_engine._ONE_SHOT_MAX, _shm_engine._CMA_MIN = one_shot, cma_min
+            res[name] = {}
+            for size in sizes:
+                if name == "single-copy" and eng._reader is None:
+                    res[name][size] = None
+                    continue
+                buf = np.zeros(size // 4, np.float32)
+                reps = int(min(300, max(5, 1e9 // size)))
+                for _ in range(3):
+                    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60)
+                eng.barrier(0, time.monotonic() + 60)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60)
+                res[name][size] = (time.perf_counter() - t0) / reps
+    finally:
+        eng.close()
+    out.put((rank, res))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print all-reduce time per path and size (max over ranks)."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--sizes", default="4K,16K,64K,256K,1M,4M,16M,64M,256M")
+    args = ap.parse_args(argv)
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = [
+        int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s) for s in args.sizes.split(",")
+    ]
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(target=_rank, args=(path, r, args.nproc, sizes, out))
+            for r in range(args.nproc)
+        ]
+        for p in procs:
+            p.start()
+        results = dict(out.get(timeout=600) for _ in procs)
+        for p in procs:
+            p.join(30)
+    n = args.nproc
+    factor = 2 * (n - 1) / n
+    print(f"all_reduce float32 sum, {n} ranks, engine only; time us / busbw GB/s")
+    print(f"{'size':>8}" + "".join(f"{name:>24}" for name in _PATHS))
+    for size in sizes:
+        line = f"{size >> 10:>7}K"
+        for name in _PATHS:
+            ts = [results[r][name][size] for r in results]
+            if any(t is None for t in ts):
+                line += f"{'n/a':>24}"
+                continue
+            t = max(ts)
+            line += f"{t * 1e6:>14.1f} {size / t * factor / 1e9:>8.2f}  "
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
