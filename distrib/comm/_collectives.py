@@ -147,13 +147,17 @@ def _verify_descriptor(
     pg.store.set(f"desc/{seq}/{r}", desc)
     other = int(np.flatnonzero(digests != digests[r])[0])
     theirs = pg.store.get(f"desc/{seq}/{other}")
-    raise DistMismatchError(
+    err = DistMismatchError(
         f"{op}: mismatched collectives at op #{seq}: rank {pg.global_rank} called "
         f"{describe(desc)} but rank {pg.global_ranks[other]} called {describe(theirs)}",
         rank=pg.global_rank,
         op=op,
         peer=pg.global_ranks[other],
     )
+    # Every rank saw the same digests and raises by itself: aborting the engine would
+    # only race the others out of their last step.
+    err.seen_by_every_rank = True  # type: ignore[attr-defined]
+    raise err
 
 
 def _shape(a: Any) -> list[int]:

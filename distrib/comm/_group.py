@@ -261,7 +261,8 @@ class ProcessGroup:
                 self._failure = exc
                 if not getattr(exc, "reported_by_peer", False):
                     self._publish(exc)
-                self.cpu_engine.abort(str(exc))
+                if not getattr(exc, "seen_by_every_rank", False):
+                    self.cpu_engine.abort(str(exc))
             work._finish(exc)
         except BaseException as exc:
             work._finish(exc)
