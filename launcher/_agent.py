@@ -332,6 +332,7 @@ class Agent:
                     elif killed and now - stop_sent_at > self.opts.grace_period + 10:
                         self.say(f"processes of ranks {[w.rank for w in alive]} survive SIGKILL")
                         break
+                self.rdzv.heartbeat()  # also while stopping or draining, which can take a while
                 self._pump(sel, wake_fd, self.opts.monitor_interval)
             self._drain(sel, wake_fd)
         finally:

@@ -144,6 +144,7 @@ class StoreRendezvous:
                     store.wait(keys, timeout=_REQUEST_S)
                     break
                 except DistError as exc:
+                    self.heartbeat()  # a node still waiting here is alive, not lost
                     if isinstance(exc, PermissionError) or time.monotonic() > deadline:
                         raise
             records = [msgpack.unpackb(v) for v in store.multi_get(keys)]
@@ -179,6 +180,13 @@ class StoreRendezvous:
             self.opts.master_addr,
             int(head["worker_port"]),
         )
+
+    def heartbeat(self) -> None:
+        """Tell the other nodes this launcher is alive (rate-limited; errors wait for polls)."""
+        try:
+            self._beat()
+        except DistError:
+            pass  # silence is judged by _lost_nodes, on both sides
 
     def peer_failures(self) -> str | None:
         """While workers run: why the job must stop because of another node, else ``None``."""

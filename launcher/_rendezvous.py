@@ -54,6 +54,9 @@ class SingleNodeRendezvous:
         port = self.master_port if self.master_port is not None else free_port()
         return Round(attempt, self.nproc, 0, 1, 0, self.master_addr, port)
 
+    def heartbeat(self) -> None:
+        """Tell other nodes this launcher is alive (nobody to tell)."""
+
     def peer_failures(self) -> str | None:
         """Why the job must stop because of another node (never, on one node)."""
         return None

@@ -20,12 +20,15 @@ def launch(tmp_path):
     h.cleanup()
 
 
-def _nodes(launch, script, *extra, nproc=("2", "2"), port=None):
+def _nodes(launch, script, *extra, nproc=("2", "2"), port=None, node_timeout="15"):
+    # A generous --node-timeout where losing a node is not the subject: this machine
+    # is shared and heavily loaded at times.
     port = str(port or free_port())
     return [
         launch.popen(
             "--nnodes", "2", "--node-rank", str(n), "--master-addr", "127.0.0.1",
-            "--master-port", port, "--nproc", nproc[n], "--node-timeout", "3", *extra, script,
+            "--master-port", port, "--nproc", nproc[n], "--node-timeout", node_timeout, *extra,
+            script,
         )
         for n in (0, 1)
     ]  # fmt: skip
@@ -116,7 +119,7 @@ def test_launcher_killed_on_one_node_stops_the_other_with_report(launch):
         time.sleep(60)
         """,
     )
-    node0, node1 = _nodes(launch, script)
+    node0, node1 = _nodes(launch, script, node_timeout="3")
     for r in range(4):
         launch.wait_for_file(f"up.{r}")
     t0 = time.monotonic()

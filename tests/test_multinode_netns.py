@@ -68,11 +68,14 @@ def launch(tmp_path):
     h.cleanup()
 
 
-def _node(launch, ns: str, node: int, script: str, *script_args: str, auth: str | None = None):
+def _node(
+    launch, ns: str, node: int, script: str, *script_args: str, auth: str | None = None,
+    node_timeout: str = "15",
+):  # fmt: skip
     # The launcher runs inside the namespace, with a hostname of its own.
     inner = [sys.executable, "-m", "launcher", "--nnodes", "2", "--node-rank", str(node),
              "--master-addr", ADDR[0], "--master-port", PORT, "--nproc", "2",
-             "--node-timeout", "3", "--join-timeout", "30",
+             "--node-timeout", node_timeout, "--join-timeout", "30",
              *(["--auth-token-file", auth] if auth else []), script, *script_args]  # fmt: skip
     cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
            f'hostname node{node} && exec "$@"', "sh", *inner]  # fmt: skip
@@ -137,7 +140,7 @@ def test_worker_killed_on_node1_stops_both_nodes_with_report(hosts, launch):
 def test_link_cut_mid_run_ends_both_sides_within_timeout(hosts, launch):
     (ns, links) = hosts
     script = launch.script("ar.py", ALL_REDUCE)
-    procs = [_node(launch, ns[n], n, script, "loop") for n in (0, 1)]
+    procs = [_node(launch, ns[n], n, script, "loop", node_timeout="3") for n in (0, 1)]
     for r in range(4):
         launch.wait_for_file(f"up.{r}", timeout=60)
     _ip("-n", ns[1], "link", "set", links[1], "down")
