@@ -244,8 +244,16 @@ def main(argv: list[str] | None = None) -> int:
             f"# torch columns skipped: no peer interpreter at {args.peer_python!r} "
             "(pass --peer-python PATH)"
         )
-    rows = {}
-    for n in ranks:
+    head = (
+        f"{'ranks':>5} | {'distrib samp/s':>14} {'eff':>5} {'step ms':>8} {'wait %':>6} "
+        f"{'ovh %':>6}"
+    )
+    if torch_ok:
+        head += f" | {'torch samp/s':>12} {'eff':>5} {'step ms':>8} {'ovh %':>6}"
+    print(head)
+    print("-" * len(head), flush=True)
+    base_ours = base_torch = 0.0
+    for n in sorted(ranks):
         # Alternate the two frameworks and keep each one's fastest run: on a shared
         # machine the minimum is the least disturbed measurement of the same work.
         ours_runs, torch_runs = [], []
@@ -254,31 +262,20 @@ def main(argv: list[str] | None = None) -> int:
             if torch_ok:
                 torch_runs.append(run_torch(n, args))
         ours = min(ours_runs, key=lambda r: r["step_s"])
-        theirs = min(torch_runs, key=lambda r: r["step_s"]) if torch_ok else None
-        rows[n] = (ours, theirs)
-    base_ours = rows[1][0]["step_s"]
-    base_torch = rows[1][1]["step_s"] if torch_ok else None
-    head = (
-        f"{'ranks':>5} | {'distrib samp/s':>14} {'eff':>5} {'step ms':>8} {'wait %':>6} "
-        f"{'ovh %':>6}"
-    )
-    if torch_ok:
-        head += f" | {'torch samp/s':>12} {'eff':>5} {'step ms':>8} {'ovh %':>6}"
-    print(head)
-    print("-" * len(head))
-    for n, (ours, theirs) in rows.items():
+        base_ours = base_ours or ours["step_s"]  # the first row is 1 rank
         sps = n * args.batch / ours["step_s"]
-        eff = base_ours / ours["step_s"]
         line = (
-            f"{n:>5} | {sps:>14.1f} {eff:>5.2f} {ours['step_s'] * 1e3:>8.1f} "
-            f"{100 * ours['wait_s'] / ours['step_s']:>6.1f} "
+            f"{n:>5} | {sps:>14.1f} {base_ours / ours['step_s']:>5.2f} "
+            f"{ours['step_s'] * 1e3:>8.1f} {100 * ours['wait_s'] / ours['step_s']:>6.1f} "
             f"{100 * (1 - base_ours / ours['step_s']):>6.1f}"
         )
-        if theirs is not None:
+        if torch_ok:
+            theirs = min(torch_runs, key=lambda r: r["step_s"])
+            base_torch = base_torch or theirs["step_s"]
             tsps = n * args.batch / theirs["step_s"]
-            teff = base_torch / theirs["step_s"]
             line += (
-                f" | {tsps:>12.1f} {teff:>5.2f} {theirs['step_s'] * 1e3:>8.1f} "
+                f" | {tsps:>12.1f} {base_torch / theirs['step_s']:>5.2f} "
+                f"{theirs['step_s'] * 1e3:>8.1f} "
                 f"{100 * (1 - base_torch / theirs['step_s']):>6.1f}"
             )
         print(line, flush=True)
