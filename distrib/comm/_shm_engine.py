@@ -49,9 +49,12 @@ __all__ = ["ShmEngine", "make_cpu_engine"]
 
 
 _MIN_REDUCE_PART = 64 << 10  # bytes: below this, per-step Python overhead dominates
-# Reductions up to this size take the one-shot path (one synchronisation, every
-# rank reduces the whole buffer); see docs/performance.md for the crossover.
-_ONE_SHOT_MAX = 64 << 10
+# Reductions with size x bytes up to this take the one-shot path (one
+# synchronisation; every rank reads all n buffers, hence the scaling with n).
+# Measured at 2 ranks (docs/performance.md): one-shot beat the two-phase path
+# up to 1-4 MiB on the loaded 2-core machine; 512 KiB total (256 KiB at 2 ranks,
+# 32 KiB at 16) keeps the n-fold reads small where cores are plentiful.
+_ONE_SHOT_MAX = 512 << 10
 # All-reduces from this size read peers' buffers directly (process_vm_readv),
 # in parts of _CMA_PART bytes per rank; see docs/performance.md.
 _CMA_MIN = 1 << 20
@@ -257,7 +260,7 @@ class ShmEngine(Engine):
         fn = ufunc(op)
         n, r, sync = self.size, self.rank, self._sync
         slots = self._seg.slots(buf.dtype)
-        if buf.nbytes <= min(_ONE_SHOT_MAX, self._half_bytes):
+        if buf.nbytes * n <= _ONE_SHOT_MAX and buf.nbytes <= self._half_bytes:
             self._reduce_one_shot(buf, fn, root, deadline, name, slots)
             return
         if root is None and self._reader is not None and buf.nbytes >= _CMA_MIN:

@@ -9,7 +9,7 @@ algorithms, not the API overhead. Columns, per message size (float32 sum):
 - ``staged``: reduce-scatter/all-gather through the segment (two per step);
 - ``single-copy``: peers' buffers read with ``process_vm_readv``.
 
-The engine uses one-shot up to ``_ONE_SHOT_MAX`` and single-copy from
+The engine uses one-shot up to ``_ONE_SHOT_MAX`` (size x bytes) and single-copy from
 ``_CMA_MIN``; this table is where those numbers come from.
 """
 
