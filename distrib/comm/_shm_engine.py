@@ -23,6 +23,7 @@ the others raise at once instead of waiting for their own timeout.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -653,7 +654,9 @@ def make_cpu_engine(ctx: Any) -> Engine | None:
     from ._hier import HierEngine, leader_context
     from ._shm_rendezvous import connect_local
 
-    if ctx.size < 2:
+    if ctx.size < 2 or os.uname().machine not in ("x86_64", "amd64"):
+        # The phase counters rely on x86's in-order stores (TSO); weaker memory
+        # models would need explicit fences that Python cannot issue cheaply.
         return None
     hosts: list[list[int]] = []
     index: dict[str, int] = {}
