@@ -505,7 +505,8 @@ class ShmEngine(Engine):
 
     def gather(self, buf: Any, out: Any | None, root: int, seq: int, deadline: float) -> None:
         if self.size == 1:
-            np.copyto(out, buf)
+            if out is not None:
+                np.copyto(out, buf)
             return
         dst = None if out is None or self.rank != root else _bytes(out)
         self._run("gather", deadline, self._gather, _bytes(buf), dst, root, deadline)
@@ -533,7 +534,8 @@ class ShmEngine(Engine):
 
     def scatter(self, buf: Any | None, out: Any, root: int, seq: int, deadline: float) -> None:
         if self.size == 1:
-            np.copyto(out, buf)
+            if buf is not None:
+                np.copyto(out, buf)
             return
         src = _bytes(buf) if self.rank == root else None
         self._run("scatter", deadline, self._scatter, src, _bytes(out), root, deadline)

@@ -64,7 +64,7 @@ class SharedSegment:
 
     def __init__(self, mm: mmap.mmap, layout: SegmentLayout, fd: int | None) -> None:
         self.layout = layout
-        self._mm = mm
+        self._mm: mmap.mmap | None = mm
         self._fd = fd  # kept open only until every local rank has mapped it
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
         self.header = memoryview(mm)[: layout.header_bytes]
@@ -129,6 +129,8 @@ class SharedSegment:
         """Per-rank (2, half) arrays of ``dtype`` over the slots (cached per dtype)."""
         views = self._typed.get(dtype)
         if views is None:
+            if self._mm is None:
+                raise ShmError("the shared-memory engine segment is closed", op="shm_engine")
             lay = self.layout
             per_half = lay.half_bytes // dtype.itemsize
             views = []
