@@ -101,7 +101,7 @@ def test_two_jobs_on_one_host_get_different_ports(launch):
     )
     a = launch.popen("--nproc", "1", script, "a")
     b = launch.popen("--nproc", "1", script, "b")
-    outs = [p.communicate(timeout=40) for p in (a, b)]
+    outs = launch.finish_all([a, b], timeout=40)
     assert (a.returncode, b.returncode) == (0, 0), outs
 
 

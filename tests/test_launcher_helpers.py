@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -128,7 +129,29 @@ class LauncherHarness:
         self._popens.append(p)
         return p
 
-    def wait_for_file(self, name: str, timeout: float = 30) -> str:
+    def finish_all(
+        self, procs: list[subprocess.Popen[str]], timeout: float = 60
+    ) -> list[tuple[int, str, str]]:
+        """(exit code, stdout, stderr) of each process, read concurrently.
+
+        Reading one launcher's pipes while another's fill up would block that one
+        in its console write, which also stops its heartbeats.
+        """
+        results: list[tuple[int, str, str] | None] = [None] * len(procs)
+
+        def collect(i: int) -> None:
+            out, err = procs[i].communicate(timeout=timeout)
+            results[i] = (procs[i].returncode, out, err)
+
+        threads = [threading.Thread(target=collect, args=(i,)) for i in range(len(procs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout + 5)
+        assert all(r is not None for r in results), "a launcher did not finish in time"
+        return results  # type: ignore[return-value]
+
+    def wait_for_file(self, name: str, timeout: float = 60) -> str:
         """Wait (bounded) until a worker created ``name`` in the temp dir; return its text."""
         path = self.dir / name
         end = time.monotonic() + timeout

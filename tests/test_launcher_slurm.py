@@ -75,7 +75,7 @@ def test_two_nodes_under_a_fake_srun_step(tmp_path):
         for node in (0, 1):
             launch.env.update(_step_env(job, step, 2, 2, node, "127.0.0.1"))
             procs.append(launch.popen("--nproc", "1", "--node-timeout", "30", script))
-        results = [(p.wait(timeout=40), *p.communicate(timeout=40)) for p in procs]
+        results = launch.finish_all(procs, timeout=40)
         for node, (code, out, err) in enumerate(results):
             assert code == 0, err
             assert f"Slurm step: node {node} of 2, launchers meet at 127.0.0.1:{port}" in err

@@ -34,8 +34,8 @@ def _nodes(launch, script, *extra, nproc=("2", "2"), port=None, node_timeout="15
     ]  # fmt: skip
 
 
-def _finish(procs, timeout=60):
-    return [(p.wait(timeout=timeout), *p.communicate(timeout=timeout)) for p in procs]
+def _finish(launch, procs, timeout=60):
+    return launch.finish_all(procs, timeout=timeout)
 
 
 def test_world_spans_nodes_with_uneven_nproc(launch):
@@ -48,7 +48,7 @@ def test_world_spans_nodes_with_uneven_nproc(launch):
         print("ENV " + json.dumps({k: os.environ[k] for k in keys}))
         """,
     )
-    results = _finish(_nodes(launch, script, "--run-id", "shared", nproc=("1", "2")))
+    results = _finish(launch, _nodes(launch, script, "--run-id", "shared", nproc=("1", "2")))
     envs = {}
     for code, out, err in results:
         assert code == 0, err
@@ -80,7 +80,7 @@ def test_failure_on_one_node_stops_both_with_the_same_root_cause(launch):
         """,
     )
     t0 = time.monotonic()
-    results = _finish(_nodes(launch, script))
+    results = _finish(launch, _nodes(launch, script))
     assert time.monotonic() - t0 < 30
     for code, _out, err in results:
         assert code == 1
@@ -100,7 +100,7 @@ def test_restart_happens_on_all_nodes_together(launch):
             raise RuntimeError("transient")
         """,
     )
-    results = _finish(_nodes(launch, script, "--max-restarts", "2"))
+    results = _finish(launch, _nodes(launch, script, "--max-restarts", "2"))
     outs = ""
     for code, out, err in results:
         assert code == 0, err
@@ -124,7 +124,7 @@ def test_launcher_killed_on_one_node_stops_the_other_with_report(launch):
         launch.wait_for_file(f"up.{r}")
     t0 = time.monotonic()
     node1.kill()
-    code, _out, err = _finish([node0])[0]
+    code, _out, err = _finish(launch, [node0])[0]
     assert code == 1
     assert time.monotonic() - t0 < 3 + 15  # --node-timeout 3
     assert "node 1's launcher sent no heartbeat" in err
@@ -139,7 +139,7 @@ def test_auth_token_mismatch_is_refused_and_join_times_out(launch):
     common = ["--nnodes", "2", "--master-port", port, "--join-timeout", "2"]
     node0 = launch.popen(*common, "--node-rank", "0", "--auth-token-file", "good", script)
     node1 = launch.popen(*common, "--node-rank", "1", "--auth-token-file", "bad", script)
-    (c0, o0, e0), (c1, o1, e1) = _finish([node0, node1])
+    (c0, o0, e0), (c1, o1, e1) = _finish(launch, [node0, node1])
     assert c1 == 1 and "refused the request" in e1 and "node 1" in e1
     assert c0 == 1 and "1 of 2 nodes joined" in e0
     assert "should not run" not in o0 + o1
@@ -160,7 +160,7 @@ def test_sigint_on_one_node_ends_the_job_everywhere_without_restart(launch):
     for r in range(4):
         launch.wait_for_file(f"up.{r}")
     node1.send_signal(signal.SIGINT)
-    (c0, _o0, e0), (c1, _o1, e1) = _finish([node0, node1])
+    (c0, _o0, e0), (c1, _o1, e1) = _finish(launch, [node0, node1])
     assert c1 == 128 + signal.SIGINT and "distrib-run received SIGINT" in e1
     assert c0 == 1 and "restarting" not in e0
     assert "node 1's launcher was interrupted by a signal and left" in e0, e0

@@ -117,7 +117,7 @@ def test_two_by_two_all_reduce_over_veth(hosts, launch):
     script = launch.script("ar.py", ALL_REDUCE)
     (launch.dir / "token").write_text("shared-secret\n")  # launchers and workers sign traffic
     procs = [_node(launch, ns[n], n, script, auth="token") for n in (0, 1)]
-    results = [(p.wait(timeout=60), *p.communicate(timeout=60)) for p in procs]
+    results = launch.finish_all(procs, timeout=60)
     for node, (code, out, err) in enumerate(results):
         assert code == 0, err
         ranks = (0, 1) if node == 0 else (2, 3)
@@ -129,9 +129,10 @@ def test_worker_killed_on_node1_stops_both_nodes_with_report(hosts, launch):
     (ns, _links) = hosts
     script = launch.script("ar.py", ALL_REDUCE)
     procs = [_node(launch, ns[n], n, script, "kill") for n in (0, 1)]
-    results = [(p.wait(timeout=60), *p.communicate(timeout=60)) for p in procs]
+    results = launch.finish_all(procs, timeout=60)
     for code, _out, err in results:
         assert code == 1, err
+        assert "ROOT CAUSE" in err, err
         root = err[err.index("ROOT CAUSE") :]
         assert "rank 3 (local rank 1, node 1) on host node1" in root
         assert "killed by SIGKILL" in root
@@ -145,7 +146,7 @@ def test_link_cut_mid_run_ends_both_sides_within_timeout(hosts, launch):
         launch.wait_for_file(f"up.{r}", timeout=60)
     _ip("-n", ns[1], "link", "set", links[1], "down")
     t0 = time.monotonic()
-    results = [(p.wait(timeout=60), *p.communicate(timeout=60)) for p in procs]
+    results = launch.finish_all(procs, timeout=60)
     elapsed = time.monotonic() - t0
     # --node-timeout 3 plus one 2 s store request and the stop: well under 20 s
     assert elapsed < 20, elapsed
