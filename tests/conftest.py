@@ -18,11 +18,19 @@ _SHM = "/dev/shm"
 _ALLOWED = ("forkserver", "resource_tracker", "distrib.shm._cleanup", "semaphore_tracker")
 
 
+def _own_driver_file(name: str) -> bool:
+    # The CUDA driver's IPC file of this (still running) pytest process,
+    # /dev/shm/cuda.shm.<n>.<pid hex>.<n>; distrib.shm removes it at exit.
+    parts = name.split(".")
+    return len(parts) == 5 and name.startswith("cuda.shm.") and parts[3] == f"{os.getpid():x}"
+
+
 def _shm_entries() -> set[str]:
     try:
-        return {n for n in os.listdir(_SHM) if not n.startswith("sem.")}
+        names = os.listdir(_SHM)
     except FileNotFoundError:
         return set()
+    return {n for n in names if not n.startswith("sem.") and not _own_driver_file(n)}
 
 
 def _stray_children() -> list[psutil.Process]:
