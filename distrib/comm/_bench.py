@@ -113,9 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument(
         "--transport",
-        default="zmq",
+        default="auto",
         choices=["zmq", "auto", "shm"],
-        help="CPU transport for distrib (DISTRIB_TRANSPORT); default zmq",
+        help="CPU transport for distrib (DISTRIB_TRANSPORT); default auto, what "
+        "init_process_group uses (shared memory on one host); zmq forces the ZeroMQ ring",
     )
     p.add_argument(
         "--compare",
