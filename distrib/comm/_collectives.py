@@ -19,6 +19,7 @@ import numpy as np
 
 from .._errors import DistMismatchError, DistUsageError
 from ._api import resolve_group
+from ._gpu import CudaEventWork, is_cupy_array
 from ._group import ProcessGroup
 from ._ops import ReduceOp, check_op_dtype
 from ._zmq_links import describe
@@ -128,6 +129,12 @@ def _run(
             _verify_descriptor(pg, pg.cpu_engine, desc, seq, op, deadline)
         return action(engine, seq, deadline)
 
+    if async_op and is_cupy_array(sample):
+        # GPU work is enqueued on the caller's current cupy stream (torch's NCCL semantics):
+        # enqueue it here, in issue order, and hand back a Work backed by a CUDA event, so a
+        # user's non-default stream orders the collective correctly.
+        pg.submit(op, body, False)
+        return CudaEventWork(None, op, pg.global_rank, pg.timeout)
     return pg.submit(op, body, async_op)
 
 

@@ -109,7 +109,8 @@ class CudaEventWork:
         cupy = import_cupy(opname)
         self._cupy = cupy
         self.event = cupy.cuda.Event(block=False, disable_timing=True)
-        self.event.record(stream)
+        # None: the caller's current stream, where the collective was just enqueued.
+        self.event.record(cupy.cuda.get_current_stream() if stream is None else stream)
         self.opname = opname
         self.rank = rank
         self.timeout = timeout
@@ -136,3 +137,11 @@ class CudaEventWork:
 
     def result(self) -> Any:
         return self._result
+
+    def exception(self) -> BaseException | None:
+        """Always ``None``: a failed enqueue raises at the call, a failed kernel at the
+        next call (the watchdog aborts the communicator)."""
+        return None
+
+    def is_success(self) -> bool:
+        return self.is_completed()
