@@ -53,14 +53,19 @@ def _echo(inbox, outbox) -> None:
         outbox.put(item.size)
 
 
-def _round_trips(ctx, make_array, nbytes: int, warmup: int = 2) -> float:
+# Already-shared arrays cost well under a millisecond at any size, so (a) and (d)
+# take this many repeats everywhere: 4 repeats at 512 MiB left their medians noisy.
+SHARED_REPEATS = 100
+
+
+def _round_trips(ctx, make_array, nbytes: int, warmup: int = 2, repeats: int = 0) -> float:
     """Median seconds of put -> child get -> ack, with a fresh child per size."""
     inbox, outbox = ctx.Queue(), ctx.Queue()
     proc = ctx.Process(target=_echo, args=(inbox, outbox), daemon=True)
     proc.start()
     times = []
     try:
-        for i in range(repeats_for(nbytes) + warmup):
+        for i in range((repeats or repeats_for(nbytes)) + warmup):
             arr = make_array()
             start = time.perf_counter()
             inbox.put(arr)
@@ -85,7 +90,7 @@ def measure_distrib(nbytes: int) -> dict[str, float]:
     private = np.zeros(n, dtype=np.float32)
     private[:] = 1  # touch the pages, as a real private array's would be
     out = {
-        "a": _round_trips(ctx, lambda: shared, nbytes),
+        "a": _round_trips(ctx, lambda: shared, nbytes, repeats=SHARED_REPEATS),
         "b": _round_trips(ctx, lambda: private, nbytes),
         "c": _round_trips(std_mp.get_context("fork"), lambda: private, nbytes),
     }
@@ -132,7 +137,7 @@ for name, nbytes in sizes.items():
     def private():
         t = torch.ones(n)  # a fresh private tensor each time: put() moves it to shm
         return t
-    result[name] = {"d": round_trips(lambda: shared, repeats[name]),
+    result[name] = {"d": round_trips(lambda: shared, repeats["shared"]),
                     "e": round_trips(private, repeats[name])}
     del shared
 print(json.dumps(result))
@@ -142,6 +147,7 @@ print(json.dumps(result))
 def measure_torch(peer_python: str, sizes: dict[str, int]) -> dict[str, dict[str, float]]:
     """Columns (d), (e) from torch in its own interpreter."""
     repeats = {name: repeats_for(nbytes) for name, nbytes in sizes.items()}
+    repeats["shared"] = SHARED_REPEATS
     res = subprocess.run(
         [peer_python, "-c", _TORCH_SCRIPT, json.dumps(sizes), json.dumps(repeats)],
         capture_output=True,
