@@ -9,55 +9,21 @@ collective against numpy. Skips with the reason where namespaces cannot be made.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-import uuid
 
 import pytest
+from _netns import ADDR, PORT, two_hosts
 from test_launcher_helpers import LauncherHarness
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
-ADDR = ("198.18.0.1", "198.18.0.2")
-PORT = "29400"  # a fresh namespace has no other listener: any fixed port is free there
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
 
 @pytest.fixture
 def hosts():
-    """Create two namespaces joined by a veth pair; yield their names; remove them."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        pytest.skip("needs the 'ip' and 'unshare' tools (iproute2, util-linux)")
-    tag = f"{os.getpid() % 100000}{uuid.uuid4().hex[:3]}"
-    ns = (f"dh{tag}a", f"dh{tag}b")
-    links = (f"dw{tag}a", f"dw{tag}b")
-    made: list[str] = []
-    try:
-        for name in ns:
-            _ip("netns", "add", name)
-            made.append(name)
-    except (subprocess.CalledProcessError, OSError) as exc:
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
-        pytest.skip(f"cannot create network namespaces here: {exc}")
-    try:
-        _ip("link", "add", links[0], "type", "veth", "peer", "name", links[1])
-        for name, link, addr in zip(ns, links, ADDR, strict=True):
-            _ip("link", "set", link, "netns", name)
-            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", link)
-            _ip("-n", name, "link", "set", link, "up")
-            _ip("-n", name, "link", "set", "lo", "up")
+    """Two namespaces joined by a veth pair (see tests/_netns.py)."""
+    with two_hosts("h") as (ns, _links):
         yield ns
-    finally:
-        for name in ns:  # deleting a namespace also deletes its end of the veth pair
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
 
 
 @pytest.fixture

@@ -8,56 +8,22 @@ even when a test fails. Skips with the reason where namespaces cannot be made.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
+from _netns import ADDR, PORT, ip, two_hosts
 from test_launcher_helpers import LauncherHarness
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
-ADDR = ("198.18.0.1", "198.18.0.2")
-PORT = "29400"  # a fresh namespace has no other listener: any fixed port is free there
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
 
 @pytest.fixture
 def hosts():
-    """Create two namespaces joined by a veth pair; yield their names; remove them."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        pytest.skip("needs the 'ip' and 'unshare' tools (iproute2, util-linux)")
-    tag = f"{os.getpid() % 100000}{uuid.uuid4().hex[:3]}"  # <= 15 chars per link name
-    ns = (f"dr{tag}a", f"dr{tag}b")
-    links = (f"dv{tag}a", f"dv{tag}b")
-    made: list[str] = []
-    try:
-        for name in ns:
-            _ip("netns", "add", name)
-            made.append(name)
-    except (subprocess.CalledProcessError, OSError) as exc:
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
-        pytest.skip(f"cannot create network namespaces here: {exc}")
-    try:
-        _ip("link", "add", links[0], "type", "veth", "peer", "name", links[1])
-        for name, link, addr in zip(ns, links, ADDR, strict=True):
-            _ip("link", "set", link, "netns", name)
-            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", link)
-            _ip("-n", name, "link", "set", link, "up")
-            _ip("-n", name, "link", "set", "lo", "up")
-        yield ns, links
-    finally:
-        for name in ns:  # deleting a namespace also deletes its end of the veth pair
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
+    """Two namespaces joined by a veth pair (see tests/_netns.py)."""
+    with two_hosts("r") as (ns, links):
+        yield (ns, links)
 
 
 @pytest.fixture
@@ -144,7 +110,7 @@ def test_link_cut_mid_run_ends_both_sides_within_timeout(hosts, launch):
     procs = [_node(launch, ns[n], n, script, "loop", node_timeout="3") for n in (0, 1)]
     for r in range(4):
         launch.wait_for_file(f"up.{r}", timeout=60)
-    _ip("-n", ns[1], "link", "set", links[1], "down")
+    ip("-n", ns[1], "link", "set", links[1], "down")
     t0 = time.monotonic()
     results = launch.finish_all(procs, timeout=60)
     elapsed = time.monotonic() - t0
