@@ -15,23 +15,9 @@ from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import pytest
+from _gpu import cupy_or_skip
 
-
-def _cupy_or_skip():
-    try:
-        import cupy
-    except ImportError as exc:
-        pytest.skip(f"needs cupy ({exc})", allow_module_level=True)
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        pytest.skip(f"needs a CUDA device ({exc})", allow_module_level=True)
-    if count < 1:
-        pytest.skip("needs a CUDA device (none visible)", allow_module_level=True)
-    return cupy
-
-
-cupy = _cupy_or_skip()
+cupy = cupy_or_skip()
 
 from distrib._errors import DistUsageError  # noqa: E402
 from distrib.shm._cuda_driver import allocation_range, remove_driver_ipc_files  # noqa: E402
