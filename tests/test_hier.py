@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
 import signal
 import time
 import traceback
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _ranks import collect_ranks
 
 from distrib.comm._engine import EngineContext
 from distrib.comm._file_store import FileStore
@@ -85,30 +85,7 @@ def run_hosts(
     procs = [
         _CTX.Process(target=_child, args=(path, r, hosts, scenario, out, timeout)) for r in range(n)
     ]
-    for p in procs:
-        p.start()
-    results: dict[int, tuple[str, Any]] = {}
-    end = time.monotonic() + timeout + 15
-    try:
-        while len(results) < n and time.monotonic() < end:
-            try:
-                rank, status, value = out.get(timeout=0.2)
-            except queue.Empty:
-                if all(not p.is_alive() for p in procs):
-                    time.sleep(0.2)
-                    if out.empty():
-                        break
-                continue
-            results[rank] = (status, value)
-    finally:
-        for p in procs:
-            p.join(timeout=max(0.1, end - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        out.close()
-        out.join_thread()
-    return results
+    return collect_ranks(procs, out, n, timeout + 15)
 
 
 def _data(rank: int, count: int, dtype: Any = np.int64) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
 import signal
 import time
 import traceback
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _ranks import collect_ranks
 
 from distrib import DistPeerLostError, DistTimeoutError
 from distrib.comm._file_store import FileStore
@@ -75,29 +75,7 @@ def run_ranks(
         _CTX.Process(target=_child, args=(path, r, n, scenario, part, out, timeout))
         for r in range(n)
     ]
-    for p in procs:
-        p.start()
-    results: dict[int, tuple[str, Any]] = {}
-    end = time.monotonic() + timeout + 15
-    try:
-        while len(results) < n and time.monotonic() < end:
-            if all(not p.is_alive() for p in procs) and out.empty():
-                time.sleep(0.2)  # the last item may still be in the pipe
-                if out.empty():
-                    break
-            try:
-                rank, status, value = out.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            results[rank] = (status, value)
-    finally:
-        for p in procs:
-            p.join(timeout=max(0.1, end - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        out.close()
-        out.join_thread()
+    results = collect_ranks(procs, out, n, timeout + 15)
     if not expect_errors:
         errors = {r: v for r, (s, v) in results.items() if s != "ok"}
         assert not errors, "\n".join(f"rank {r}: {v[3]}" for r, v in errors.items())
