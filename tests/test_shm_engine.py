@@ -292,6 +292,36 @@ def test_dead_or_stuck_peer_raises_within_timeout(tmp_path: Any, how: str, exc_n
     assert exc_name in names
 
 
+def _die_while_others_read_me(eng: Any, rank: int, n: int) -> Any:
+    """The last rank dies after publishing its first final part, as the others
+    start copying it out of its memory (single-copy all-reduce)."""
+    if eng._reader is None:
+        return "no-cma"
+    buf = np.ones(4 << 20, np.float32)  # 16 MiB: several chunks on the single-copy path
+    if rank == n - 1:
+        eng._pull = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+    except Exception as exc:
+        return type(exc).__name__, getattr(exc, "peer", None), time.monotonic() - start
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_peer_dying_during_single_copy_all_reduce_is_named(tmp_path: Any) -> None:
+    n = 3
+    results = run_ranks(tmp_path, n, _die_while_others_read_me, expect_errors=True)
+    if results[0][1] == "no-cma":
+        pytest.skip("process_vm_readv is not permitted here: the staged path is used instead")
+    for rank in range(n - 1):
+        status, value = results[rank]
+        assert status == "ok" and value is not None, value
+        name, peer, elapsed = value
+        assert name == "DistPeerLostError" and peer == n - 1, value
+        assert elapsed < 3, value
+
+
 def _abort_one(eng: Any, rank: int, n: int) -> Any:
     buf = np.ones(16, np.float32)
     eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)

@@ -10,6 +10,7 @@ in and the result copied back.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from typing import Any, cast
@@ -104,7 +105,21 @@ def _write_back(array: Any, flat: Any) -> None:
 
 
 def _descriptor(op: str, **fields: Any) -> bytes:
-    return msgpack.packb({"op": op, **fields})
+    """The call descriptor (msgpack map) of one collective call.
+
+    Cached: a training loop issues the same few calls over and over, packing
+    costs microseconds, and returning the *same* bytes object lets engines
+    cache their digest of it too.
+    """
+    try:
+        return _packed(op, tuple(fields.items()))
+    except TypeError:  # an unhashable field value
+        return msgpack.packb({"op": op, **fields})
+
+
+@functools.lru_cache(maxsize=512)
+def _packed(op: str, fields: tuple[tuple[str, Any], ...]) -> bytes:
+    return msgpack.packb({"op": op, **dict(fields)})
 
 
 def _run(
@@ -167,8 +182,8 @@ def _verify_descriptor(
     raise err
 
 
-def _shape(a: Any) -> list[int]:
-    return [int(s) for s in a.shape]
+def _shape(a: Any) -> tuple[int, ...]:
+    return tuple(a.shape)  # numpy and cupy shapes are tuples of Python ints
 
 
 # -- reductions -------------------------------------------------------------------

@@ -234,28 +234,38 @@ class ProcessGroup:
             ticket = self._next_ticket
             self._next_ticket += 1
             seq = next(self._seq) if collective else -1
+        if not async_op:
+            # Synchronous: run on the caller's thread, no Work to build (its Event
+            # costs microseconds a small all-reduce cannot spare).
+            self._execute(ticket, seq, body)
+            return None
         work = Work(op, self.global_rank)
-        if async_op:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._progress, name=f"distrib-progress-{self.global_ranks}", daemon=True
-                )
-                self._thread.start()
-            self._queue.put((ticket, seq, body, work))
-            return work
-        self._run(ticket, seq, body, work)
-        work.wait()
-        return None
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._progress, name=f"distrib-progress-{self.global_ranks}", daemon=True
+            )
+            self._thread.start()
+        self._queue.put((ticket, seq, body, work))
+        return work
 
     def _run(self, ticket: int, seq: int, body: Callable[[float, int], Any], work: Work) -> None:
-        with self._cond:
-            while self._running_ticket != ticket:
-                self._cond.wait(1.0)
+        try:
+            result = self._execute(ticket, seq, body)
+        except BaseException as exc:
+            work._finish(exc)
+        else:
+            work._finish(None, result)
+
+    def _execute(self, ticket: int, seq: int, body: Callable[[float, int], Any]) -> Any:
+        """Wait for ``ticket``'s turn, run ``body``, record a failure for the whole group."""
+        if self._running_ticket != ticket:  # an earlier (async) operation is still queued
+            with self._cond:
+                while self._running_ticket != ticket:
+                    self._cond.wait(1.0)
         try:
             if self._failure is not None:
                 raise self._failure
-            result = body(time.monotonic() + self.timeout, seq)
-            work._finish(None, result)
+            return body(time.monotonic() + self.timeout, seq)
         except DistError as exc:
             if self._failure is None:
                 self._failure = exc
@@ -263,9 +273,7 @@ class ProcessGroup:
                     self._publish(exc)
                 if not getattr(exc, "seen_by_every_rank", False):
                     self.cpu_engine.abort(str(exc))
-            work._finish(exc)
-        except BaseException as exc:
-            work._finish(exc)
+            raise
         finally:
             with self._cond:
                 self._running_ticket += 1

@@ -56,10 +56,14 @@ _MIN_REDUCE_PART = 64 << 10  # bytes: below this, per-step Python overhead domin
 # up to 1-4 MiB on the loaded 2-core machine; 512 KiB total (256 KiB at 2 ranks,
 # 32 KiB at 16) keeps the n-fold reads small where cores are plentiful.
 _ONE_SHOT_MAX = 512 << 10
-# All-reduces from this size read peers' buffers directly (process_vm_readv),
-# in parts of _CMA_PART bytes per rank; see docs/performance.md.
-_CMA_MIN = 1 << 20
-_CMA_PART = 512 << 10
+# All-reduces from this size copy the results straight out of the peers' own
+# buffers (process_vm_readv) instead of through the segment; see
+# docs/performance.md.
+_CMA_MIN = 2 << 20
+# Reductions up to this size run in one pipeline step (parts of size / n):
+# measured at 2 ranks, one step beat two at 1 MiB once the per-step overhead
+# had shrunk; larger messages take two or more steps so copies overlap.
+_ONE_STEP_MAX = 1 << 20
 
 
 def _bounds(count: int, parts: int) -> list[int]:
@@ -117,7 +121,6 @@ class ShmEngine(Engine):
         self.rank = rank
         self._pids = pids
         self._reader = RemoteReader() if cma else None
-        self._scratch: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
         self.verifies_descriptors = verify
         self._store = store  # only to show both descriptors in a mismatch error
         self._digest_of: tuple[bytes, int] = (b"", 0)
@@ -176,13 +179,13 @@ class ShmEngine(Engine):
     def _reduce_part(self, nbytes: int, dtype: np.dtype) -> int:
         """Elements per rank per step for a reduction of ``nbytes``.
 
-        At least two steps once a message is past 2 x 64 KiB per rank, so one
-        step's copy-out overlaps the next step's copy-in; never above the slot's
-        part size. Measured at 2 ranks (docs/performance.md): 1 MiB messages ran
-        1.5x faster in two 256 KiB-per-rank steps than in one, and 16 MiB+
-        messages fastest with the largest (1 MiB) parts.
+        One step up to ``_ONE_STEP_MAX``, then at least two, so one step's
+        copy-out overlaps the next step's copy-in; never above the slot's part
+        size. Measured at 2 ranks (docs/performance.md, ``_shm_tunebench``):
+        1 MiB ran fastest in one step, 4 MiB+ with the largest (1 MiB) parts.
         """
-        want = -(-nbytes // (2 * self.size))
+        steps = 1 if nbytes <= _ONE_STEP_MAX else 2
+        want = -(-nbytes // (steps * self.size))
         part = min(self._part_bytes, max(_MIN_REDUCE_PART, want))
         return max(1, part // dtype.itemsize)
 
@@ -265,7 +268,7 @@ class ShmEngine(Engine):
             self._reduce_one_shot(buf, fn, root, deadline, name, slots)
             return
         if root is None and self._reader is not None and buf.nbytes >= _CMA_MIN:
-            self._all_reduce_cma(buf, fn, deadline, name)
+            self._all_reduce_pull(buf, fn, deadline, name)
             return
         step = n * self._reduce_part(buf.nbytes, buf.dtype)
         for start in range(0, buf.size, step):
@@ -340,83 +343,92 @@ class ShmEngine(Engine):
         sync.signal(2 * k + 2)
         self._step = k + 1
 
-    def _all_reduce_cma(self, buf: Any, fn: Any, deadline: float, name: str) -> None:
-        """Large all-reduce reading the peers' own buffers (one copy per byte moved).
+    def _all_reduce_pull(self, buf: Any, fn: Any, deadline: float, name: str) -> None:
+        """Large all-reduce: stage inputs through the segment, pull results (single copy).
 
-        Step 0 publishes every rank's buffer address. Then per chunk, rank r
-        reduces its part r, reading the others' (still original) part r
-        straight from their buffers, writes it into its own buffer and signals;
-        others copy that final part straight out of its buffer once signalled.
-        A rank overwrites a part of its buffer only after the part's owner has
-        signalled, i.e. has read it; and nobody returns before everyone has
-        finished reading (the last wait), so the buffers stay valid.
+        Per chunk, rank r copies the parts the others reduce into its slot (as
+        on the staged path), reduces its own part r *in place in its own
+        buffer* reading the others' slots, and signals; the others then copy
+        that final part straight out of its buffer with ``process_vm_readv``.
+        That saves the staged path's copy of each result into and out of the
+        segment. Same rank order (``x0 op x1 op ...``) and so the same bits as
+        every other path.
+
+        Buffers are only ever *read* across processes, never written: a rank
+        that fails and returns early cannot have its memory scribbled on. A
+        rank's buffer changes only in its own part (by itself) and in parts
+        whose owner has signalled them final; a last barrier step keeps every
+        buffer valid until all ranks have finished reading.
         """
-        n, r, sync, reader, pids = self.size, self.rank, self._sync, self._reader, self._pids
+        n, r, sync, reader = self.size, self.rank, self._sync, self._reader
         assert reader is not None
+        slots = self._seg.slots(buf.dtype)
         itemsize = buf.itemsize
-        k = self._begin(name, deadline)
-        h = k & 1
-        sync.publish_addr(buf.ctypes.data)
-        verify = self.verifies_descriptors
-        if verify:
-            sync.publish_digest(h, self._digest())
-        sync.signal(2 * k + 1)
-        addrs = [0] * n
-        for q in range(n):
-            if q != r:
-                sync.wait(q, 2 * k + 1, name, deadline)
-                if verify:
-                    self._compare_digest(q, h, k, name)
-                addrs[q] = sync.addr(q)
-        sync.signal(2 * k + 2)
-        self._step = k + 1
-        acc, tmp = self._cma_scratch(buf.dtype)
-        part = acc.size
-        step = n * part
+        base = buf.ctypes.data
+        addrs: list[int] = []
+        step = n * self._reduce_part(buf.nbytes, buf.dtype)
         for start in range(0, buf.size, step):
             chunk = buf[start : start + step]
             b = _bounds(chunk.size, n)
-            k = self._step
-            self._sync.check(name)
-            lo, hi = b[r], b[r + 1]
-            c = hi - lo
-            own = chunk[lo:hi]
-            if c:
-                off = (start + lo) * itemsize
-                # rank order: ((x0 op x1) op x2) ..., as on every other path
-                if r == 0:
-                    res = own
-                else:
-                    res = acc[:c]
-                    reader.read(pids[0], addrs[0] + off, res.ctypes.data, c * itemsize)
-                for q in range(1, n):
-                    if q == r:
-                        fn(res, own, out=res)
-                    else:
-                        src = tmp[:c]
-                        reader.read(pids[q], addrs[q] + off, src.ctypes.data, c * itemsize)
-                        fn(res, src, out=res)
-                if r != 0:
-                    np.copyto(own, res)
-            sync.signal(2 * k + 1)  # my part of this chunk is final
+            k = self._begin(name, deadline)
+            h = k & 1
+            mine = slots[r][h]
             for q in range(n):
                 if q != r and b[q] < b[q + 1]:
+                    np.copyto(mine[b[q] : b[q + 1]], chunk[b[q] : b[q + 1]])
+            first = start == 0
+            verify = first and self.verifies_descriptors
+            if first:
+                sync.publish_addr(base)
+            if verify:
+                sync.publish_digest(h, self._digest())
+            sync.signal(2 * k + 1)
+            lo, hi = b[r], b[r + 1]
+            own = chunk[lo:hi]
+            spare = mine[lo:hi]  # my slot's own part: nobody else reads it
+            prev = acc = None
+            for q in range(n):
+                if q == r:
+                    src = own
+                else:
                     sync.wait(q, 2 * k + 1, name, deadline)
+                    if verify:
+                        self._compare_digest(q, h, k, name)
+                    src = slots[q][h][lo:hi]
+                if prev is None:
+                    prev = src
+                    continue
+                # rank order, x0 op x1 op ...: fold into the spare part until my
+                # own input has been used, then into my buffer in place
+                out = own if q >= r else spare
+                fn(prev if acc is None else acc, src, out=out)
+                acc = out
+            if first:
+                addrs = [sync.addr(q) for q in range(n)]
+            sync.signal(2 * k + 2)  # my part of this chunk is final, in my buffer
+            for q in range(n):
+                if q != r and b[q] < b[q + 1]:
+                    sync.wait(q, 2 * k + 2, name, deadline)
                     dst = chunk[b[q] : b[q + 1]]
-                    off = (start + b[q]) * itemsize
-                    reader.read(pids[q], addrs[q] + off, dst.ctypes.data, dst.nbytes)
-            sync.signal(2 * k + 2)  # done reading the others' chunk
+                    self._pull(q, addrs[q] + (start + b[q]) * itemsize, dst, name)
             self._step = k + 1
         # nobody's buffer may change (return to its caller) while others still read it
-        sync.wait_all(2 * self._step, name, deadline)
+        self._barrier(deadline, name)
 
-    def _cma_scratch(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        pair = self._scratch.get(dtype)
-        if pair is None:
-            count = max(1, _CMA_PART // dtype.itemsize)
-            pair = (np.empty(count, dtype), np.empty(count, dtype))
-            self._scratch[dtype] = pair
-        return pair
+    def _pull(self, q: int, addr: int, dst: np.ndarray, name: str) -> None:
+        """Copy ``dst.nbytes`` at ``addr`` in local rank ``q``'s memory into ``dst``."""
+        assert self._reader is not None
+        try:
+            self._reader.read(self._pids[q], addr, dst.ctypes.data, dst.nbytes)
+        except DistError as exc:
+            me, peer = self._global[self.rank], self._global[q]
+            raise DistPeerLostError(
+                f"{name}: rank {me} could not read rank {peer}'s buffer (pid "
+                f"{self._pids[q]}), which has probably exited: {exc}",
+                rank=me,
+                op=name,
+                peer=peer,
+            ) from exc
 
     def reduce_scatter(self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float) -> None:
         if self.size == 1:
@@ -601,10 +613,10 @@ class ShmEngine(Engine):
         if self.size > 1:
             self._run("barrier", deadline, self._barrier, deadline)
 
-    def _barrier(self, deadline: float) -> None:
-        k = self._begin("barrier", deadline)
+    def _barrier(self, deadline: float, name: str = "barrier") -> None:
+        k = self._begin(name, deadline)
         self._sync.signal(2 * k + 1)
-        self._sync.wait_all(2 * k + 1, "barrier", deadline)
+        self._sync.wait_all(2 * k + 1, name, deadline)
         self._sync.signal(2 * k + 2)
         self._step = k + 1
 

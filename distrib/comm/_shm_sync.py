@@ -241,6 +241,8 @@ class PhaseSync:
     # -- failure -----------------------------------------------------------
     def check(self, op: str, peer: int | None = None) -> None:
         """Raise if this engine was aborted locally or by another local rank."""
+        if self._local_abort is None and self._words is not None and not self._words[_ABORT]:
+            return  # the common case, checked before every step: keep it cheap
         me = self._global[self.rank]
         culprit_word = self._words[_CULPRIT] if self._words is not None else 0
         culprit = culprit_word - 1 if culprit_word else None

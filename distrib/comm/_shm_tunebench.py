@@ -7,7 +7,8 @@ algorithms, not the API overhead. Columns, per message size (float32 sum):
 
 - ``one-shot``: every rank reduces the whole buffer (one synchronisation);
 - ``staged``: reduce-scatter/all-gather through the segment (two per step);
-- ``single-copy``: peers' buffers read with ``process_vm_readv``.
+- ``single-copy``: inputs staged, results read straight out of the peers'
+  buffers with ``process_vm_readv``.
 
 The engine uses one-shot up to ``_ONE_SHOT_MAX`` (size x bytes) and single-copy from
 ``_CMA_MIN``; this table is where those numbers come from.
@@ -37,27 +38,28 @@ _PATHS = {
 }
 
 
-def _rank(path: str, rank: int, n: int, sizes: list[int], out: Any) -> None:
+def _rank(path: str, rank: int, n: int, sizes: list[int], rounds: int, out: Any) -> None:
     eng = connect_local(FileStore(path), "tune", rank, n, list(range(n)), time.monotonic() + 60)
     assert eng is not None
-    res: dict[str, dict[int, float | None]] = {}
+    res: dict[str, dict[int, list[float]]] = {name: {s: [] for s in sizes} for name in _PATHS}
+    bufs = {size: np.zeros(size // 4, np.float32) for size in sizes}
     try:
-        for name, (one_shot, cma_min) in _PATHS.items():
-            _shm_engine._ONE_SHOT_MAX, _shm_engine._CMA_MIN = one_shot, cma_min
-            res[name] = {}
+        # Rounds interleave the paths, so a noisy moment hits every column alike.
+        for _ in range(rounds):
             for size in sizes:
-                if name == "single-copy" and eng._reader is None:
-                    res[name][size] = None
-                    continue
-                buf = np.zeros(size // 4, np.float32)
-                reps = int(min(300, max(5, 1e9 // size)))
-                for _ in range(3):
-                    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60)
-                eng.barrier(0, time.monotonic() + 60)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60)
-                res[name][size] = (time.perf_counter() - t0) / reps
+                buf = bufs[size]
+                reps = int(min(100, max(3, 2e8 // size)))
+                for name, (one_shot, cma_min) in _PATHS.items():
+                    if name == "single-copy" and eng._reader is None:
+                        continue
+                    _shm_engine._ONE_SHOT_MAX, _shm_engine._CMA_MIN = one_shot, cma_min
+                    for _ in range(2):
+                        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60)
+                    eng.barrier(0, time.monotonic() + 60)
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60)
+                    res[name][size].append((time.perf_counter() - t0) / reps)
     finally:
         eng.close()
     out.put((rank, res))
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--sizes", default="4K,16K,64K,256K,1M,4M,16M,64M,256M")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians shown")
     args = ap.parse_args(argv)
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     sizes = [
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_rank, args=(path, r, args.nproc, sizes, out))
+            ctx.Process(target=_rank, args=(path, r, args.nproc, sizes, args.rounds, out))
             for r in range(args.nproc)
         ]
         for p in procs:
@@ -88,16 +91,20 @@ def main(argv: list[str] | None = None) -> None:
             p.join(30)
     n = args.nproc
     factor = 2 * (n - 1) / n
-    print(f"all_reduce float32 sum, {n} ranks, engine only; time us / busbw GB/s")
+    print(
+        f"all_reduce float32 sum, {n} ranks, engine only, median of {args.rounds} rounds; "
+        "time us / busbw GB/s"
+    )
     print(f"{'size':>8}" + "".join(f"{name:>24}" for name in _PATHS))
     for size in sizes:
         line = f"{size >> 10:>7}K"
         for name in _PATHS:
-            ts = [results[r][name][size] for r in results]
-            if any(t is None for t in ts):
+            per_round = [results[r][name][size] for r in results]
+            if not per_round[0]:
                 line += f"{'n/a':>24}"
                 continue
-            t = max(ts)
+            # a round's time is its slowest rank's; the column shows the median round
+            t = float(np.median([max(ts) for ts in zip(*per_round, strict=True)]))
             line += f"{t * 1e6:>14.1f} {size / t * factor / 1e9:>8.2f}  "
         print(line)
 
