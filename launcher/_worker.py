@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from distrib._cuda_files import remove_cuda_ipc_files
 from distrib._record import read_error_file
 
 from ._procs import group_has_live_member, reap_group
@@ -109,6 +110,9 @@ class Worker:
         code = self.proc.poll()
         if code is None:
             return None
+        # A worker killed (or leaving through os._exit) after using CUDA IPC leaves
+        # the driver's /dev/shm file behind; its exit handler never ran.
+        remove_cuda_ipc_files(self.proc.pid)
         self.exit = WorkerExit(
             rank=self.rank,
             local_rank=self.local_rank,

@@ -312,3 +312,31 @@ def test_launcher_pid_check_and_error_file_api(tmp_path):
     )
     assert read_error_file(str(torch_style))["traceback"] == "TB"
     assert read_error_file(str(tmp_path / "missing.json")) is None
+
+
+def test_killed_worker_leaves_no_cuda_driver_file(launch):
+    # The CUDA driver's IPC file is removed only by its own exit handler, which a
+    # SIGKILL skips: the launcher removes each ended worker's file once it reaped it.
+    script = launch.script(
+        "driver_file.py",
+        """
+    import os, signal, time
+    rank = int(os.environ["RANK"])
+    path = f"/dev/shm/cuda.shm.0.{os.getpid():x}.1"
+    open(path, "w").close()
+    print("PATH", path, flush=True)
+    open(f"up.{rank}", "w").close()
+    end = time.monotonic() + 20
+    while not all(os.path.exists(f"up.{r}") for r in range(2)):
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # rank 0 is then stopped by the launcher
+    time.sleep(30)
+""",
+    )
+    r = launch.run("--nproc", "2", script)
+    assert r.returncode == 1, r.stderr
+    paths = re.findall(r"PATH (\S+)", r.stdout)
+    assert len(paths) == 2, r.stdout
+    assert not any(os.path.exists(p) for p in paths)

@@ -104,3 +104,31 @@ def test_bad_arguments_are_rejected():
         mp.spawn(_fill_row, args=[np.zeros(1)])
     with pytest.raises(ValueError, match="context"):
         mp.spawn(_fill_row, start_method="teleport")
+
+
+def _fake_driver_file_then_die(i, how):
+    # What the CUDA driver creates in a process that exports IPC events; only its
+    # exit handler removes it, which SIGKILL and os._exit skip.
+    open(f"/dev/shm/cuda.shm.0.{os.getpid():x}.1", "w").close()
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "os_exit"])
+def test_parent_removes_cuda_driver_files_of_ended_children(how):
+    # a file of another (live) process must stay: only ended children are cleaned up
+    other = f"/dev/shm/cuda.shm.0.{os.getpid():x}.7"
+    open(other, "w").close()
+    try:
+        procs = [mp.Process(target=_fake_driver_file_then_die, args=(i, how)) for i in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(20)
+        assert [p.exitcode for p in procs] == ([-signal.SIGKILL] * 2 if how == "sigkill" else [0, 0])
+        left = [n for n in os.listdir("/dev/shm") if n.startswith("cuda.shm.")]
+        assert not any(f"{p.pid:x}" == n.split(".")[3] for n in left for p in procs), left
+        assert os.path.exists(other)
+    finally:
+        os.unlink(other)

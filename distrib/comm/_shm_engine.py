@@ -421,6 +421,9 @@ class ShmEngine(Engine):
         try:
             self._reader.read(self._pids[q], addr, dst.ctypes.data, dst.nbytes)
         except DistError as exc:
+            # If another rank already failed and aborted, q may just have returned
+            # (and exited): report the original problem, not q.
+            self._sync.check(name, q)
             me, peer = self._global[self.rank], self._global[q]
             raise DistPeerLostError(
                 f"{name}: rank {me} could not read rank {peer}'s buffer (pid "

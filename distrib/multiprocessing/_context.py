@@ -18,9 +18,11 @@ import multiprocessing.connection as _mpconn
 import multiprocessing.context as _mpctx
 import multiprocessing.process as _mpprocess
 import multiprocessing.queues as _mpqueues
+import os
 import sys
 from typing import Any
 
+from .._cuda_files import remove_cuda_ipc_files
 from ..shm import _client
 from ._pickler import ArrayPickler, Preserialized, dumps
 
@@ -128,19 +130,43 @@ class _SharedArgs:
         return state
 
 
-class ForkProcess(_mpctx.ForkProcess):
+class _CleansUpAfterChild:
+    """Remove what a child that ended without cleaning up leaves in /dev/shm.
+
+    A child that used CUDA IPC gets a file from the CUDA driver that only the
+    driver's exit handler removes; ``kill -9`` (or ``os._exit`` from user code)
+    skips it. The parent removes the child's files once it sees the child end
+    (every path that learns the exit code goes through ``Popen.poll``).
+    """
+
+    def start(self) -> None:
+        super().start()  # type: ignore[misc]
+        popen = self._popen  # type: ignore[attr-defined]
+        poll = popen.poll
+
+        def poll_and_clean(flag: int = os.WNOHANG) -> int | None:
+            code = poll(flag)
+            if code is not None and not getattr(popen, "_distrib_cleaned", False):
+                popen._distrib_cleaned = True
+                remove_cuda_ipc_files(popen.pid)
+            return code
+
+        popen.poll = poll_and_clean
+
+
+class ForkProcess(_CleansUpAfterChild, _mpctx.ForkProcess):
     """A forked child: arguments are inherited, shared arrays stay shared."""
 
 
-class SpawnProcess(_SharedArgs, _mpctx.SpawnProcess):
+class SpawnProcess(_CleansUpAfterChild, _SharedArgs, _mpctx.SpawnProcess):
     """A spawned child: array arguments arrive as shared-memory handles."""
 
 
-class ForkServerProcess(_SharedArgs, _mpctx.ForkServerProcess):
+class ForkServerProcess(_CleansUpAfterChild, _SharedArgs, _mpctx.ForkServerProcess):
     """A forkserver child: array arguments arrive as shared-memory handles."""
 
 
-class Process(_SharedArgs, _mpprocess.BaseProcess):
+class Process(_CleansUpAfterChild, _SharedArgs, _mpprocess.BaseProcess):
     """``multiprocessing.Process`` using this module's default start method."""
 
     _start_method = None

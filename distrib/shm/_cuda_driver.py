@@ -16,6 +16,7 @@ import socket
 from multiprocessing import util as mp_util
 from typing import Any
 
+from .._cuda_files import remove_cuda_ipc_files
 from .._errors import DistBackendError, DistUsageError
 
 __all__ = [
@@ -67,32 +68,22 @@ def mark_cuda_used() -> None:
         mp_util.Finalize(None, remove_driver_ipc_files, exitpriority=0)
 
 
-def remove_driver_ipc_files() -> int:
-    """Unlink this process's ``/dev/shm/cuda.shm.<n>.<pid hex>.<n>`` files; return how many.
+def remove_driver_ipc_files(pid: int | None = None) -> int:
+    """Unlink the CUDA driver's ``/dev/shm/cuda.shm.<n>.<pid hex>.<n>`` files; return how many.
 
-    The CUDA driver creates such a file in a process that exports IPC events
-    and removes it in its own exit handler, which ``os._exit`` (how
-    multiprocessing children leave) skips: seen left behind on an H100 after
-    every worker. Call it only once no other process will open this process's
-    IPC handles any more (at exit); mappings already made stay valid.
+    The driver creates such a file in a process that exports IPC events and
+    removes it in its own exit handler, which ``os._exit`` (how multiprocessing
+    children leave) and ``kill -9`` skip: seen left behind on an H100 after
+    every worker. Without ``pid``: this process's files, only if it used CUDA,
+    and only once no other process will open its IPC handles any more (at
+    exit); mappings already made stay valid. With ``pid``: the files of that
+    *ended* process (its parent calls this once it has seen it exit).
     """
-    if _cuda_pid != os.getpid():
-        return 0
-    suffix = f"{os.getpid():x}"
-    removed = 0
-    try:
-        names = os.listdir("/dev/shm")
-    except OSError:
-        return 0
-    for name in names:
-        parts = name.split(".")
-        if len(parts) == 5 and parts[:2] == ["cuda", "shm"] and parts[3] == suffix:
-            try:
-                os.unlink(os.path.join("/dev/shm", name))
-                removed += 1
-            except OSError:
-                pass
-    return removed
+    if pid is None:
+        if _cuda_pid != os.getpid():
+            return 0
+        pid = os.getpid()
+    return remove_cuda_ipc_files(pid)
 
 
 def check_not_forked(what: str) -> None:
