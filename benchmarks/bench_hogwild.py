@@ -6,6 +6,12 @@ counts environment steps over a fixed window after a warm-up. Scaling
 efficiency at N workers is steps/s at N over N x steps/s at 1; it can only be
 expected to hold up to the number of cores (beyond that workers share cores).
 
+The ``private`` columns run the same workers with *unshared* parameters and
+optimizers (N independent learners, nothing shared but the step counters):
+their efficiency is what this machine gives N copies of this workload (turbo
+clocks that drop as more cores run, hyper-threads, memory), so the gap
+between the two is what sharing the parameters costs.
+
     flock /tmp/distrib-bench.lock python benchmarks/bench_hogwild.py
     python benchmarks/bench_hogwild.py --workers 1 2 4 8 16 --seconds 5
 """
@@ -18,11 +24,15 @@ import os
 import sys
 import time
 
-import numpy as np
+# One BLAS thread per worker, as in the example (set before numpy loads).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-import distrib.multiprocessing as mp
-from distrib import shm
-from distrib.optim import Adam
+import numpy as np  # noqa: E402
+
+import distrib.multiprocessing as mp  # noqa: E402
+from distrib import shm  # noqa: E402
+from distrib.optim import Adam  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "a3c_cartpole.py")
@@ -37,28 +47,39 @@ def load_example():
     return module
 
 
-def measure(a3c, workers: int, env: str, warmup: float, window: float, seed: int) -> float:
-    """Environment steps per second of ``workers`` Hogwild workers over ``window`` seconds."""
+def private_worker(index, params, settings, episodes, stop, counts) -> None:
+    """One A3C worker with its own copy of the parameters and its own optimizer."""
+    a3c = sys.modules.get("a3c_cartpole") or load_example()
+    own = {k: np.array(v, copy=True) for k, v in params.items()}
+    a3c.worker_loop(index, own, Adam(own, lr=settings.lr), episodes, stop, counts, settings)
+
+
+def measure(
+    a3c, workers: int, env: str, warmup: float, window: float, seed: int, shared: bool = True
+) -> float:
+    """Environment steps per second of ``workers`` Hogwild workers over ``window`` seconds.
+
+    ``shared=False``: the same workers, each with private parameters (the baseline).
+    """
     settings = a3c.Settings(env=env, workers=workers, seed=seed)
     _, obs_dim, n_actions = a3c.env_threshold(env)
     params = {
         k: shm.share(v)
         for k, v in a3c.init_params(obs_dim, n_actions, settings.hidden, seed).items()
     }
-    optimizer = Adam(params, lr=settings.lr).share_memory()
     stop = shm.zeros(1, dtype=np.int8)
     counts = shm.zeros(workers, dtype=np.int64)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
     episodes = ctx.SimpleQueue()
-    procs = [
-        ctx.Process(
-            target=a3c.worker_loop,
-            args=(i, params, optimizer, episodes, stop, counts, settings),
-            daemon=True,
-        )
-        for i in range(workers)
-    ]
+    if shared:
+        optimizer = Adam(params, lr=settings.lr).share_memory()
+        target, extra = a3c.worker_loop, (optimizer, episodes, stop, counts, settings)
+        args = [(i, params, *extra) for i in range(workers)]
+    else:
+        target = private_worker
+        args = [(i, params, settings, episodes, stop, counts) for i in range(workers)]
+    procs = [ctx.Process(target=target, args=a, daemon=True) for a in args]
     for p in procs:
         p.start()
     try:
@@ -100,15 +121,23 @@ def main(argv: list[str] | None = None) -> int:
         f"# Hogwild A3C on {args.env}: {cores} cores, {args.seconds:.0f} s window after "
         f"{args.warmup:.0f} s warm-up; eff = rate(N) / (N x rate(1))"
     )
-    print(f"{'workers':>7} | {'env steps/s':>11} {'per worker':>10} {'eff':>5}")
-    print("-" * 40)
-    base = None
+    print(
+        f"{'workers':>7} | {'env steps/s':>11} {'per worker':>10} {'eff':>5} | "
+        f"{'private steps/s':>15} {'eff':>5} | {'shared/private':>14}"
+    )
+    print("-" * 78)
+    base = base_private = None
     for n in workers:
         rate = measure(a3c, n, args.env, args.warmup, args.seconds, args.seed)
+        private = measure(a3c, n, args.env, args.warmup, args.seconds, args.seed, shared=False)
         base = rate if base is None else base
+        base_private = private if base_private is None else base_private
         note = "" if n <= cores else "  (more workers than cores)"
         print(
-            f"{n:>7} | {rate:>11.0f} {rate / n:>10.0f} {rate / (n * base):>5.2f}{note}", flush=True
+            f"{n:>7} | {rate:>11.0f} {rate / n:>10.0f} {rate / (n * base):>5.2f} | "
+            f"{private:>15.0f} {private / (n * base_private):>5.2f} | {rate / private:>14.2f}"
+            f"{note}",
+            flush=True,
         )
     return 0
 

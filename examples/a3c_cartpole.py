@@ -3,8 +3,9 @@
 N worker processes, each with its own environment, share one actor-critic
 network and one Adam optimizer whose statistics live in shared memory
 (``distrib.shm`` + ``distrib.optim.Adam(...).share_memory()``). Each worker
-plays n-step rollouts with the shared parameters, computes the gradients by
-hand (no autograd) and applies them to the shared parameters without locks.
+plays n-step rollouts with a copy of the shared parameters taken at the start
+of the rollout (as in the A3C paper), computes the gradients by hand (no
+autograd) and applies them to the shared parameters without locks.
 The main process only monitors: it shows a progress bar, stops the workers
 once the 100-episode mean return reaches the env's threshold (475 for
 CartPole-v1) or time runs out, evaluates the final policy greedily and plots
@@ -29,6 +30,11 @@ import os  # noqa: E402
 import queue  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+
+# One BLAS thread per worker (what torch's A3C examples set too): N workers with
+# a thread pool per core each would oversubscribe the machine. Before numpy loads.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
 
@@ -158,12 +164,20 @@ def worker_loop(
     rewards = np.empty(settings.rollout)
     episode_return = 0.0
     steps = 0
-    # The per-step path is the hot loop: local names for the (shared) actor
-    # arrays, one batch of uniforms per rollout, sampling on a Python list.
-    w1, b1, w2, b2 = (params[k] for k in ("actor.w1", "actor.b1", "actor.w2", "actor.b2"))
+    # A3C's thread-specific parameters: every rollout starts from a private copy
+    # of the shared ones (theta' <- theta). The per-step forward pass then reads
+    # memory no other worker writes (reading the shared arrays at every step
+    # makes each core re-fetch the cache lines the others' updates invalidate),
+    # and a rollout's gradient is computed against one consistent snapshot.
+    local = {k: np.empty_like(v) for k, v in params.items()}
+    # The per-step path is the hot loop: local names for the actor arrays, one
+    # batch of uniforms per rollout, sampling on a Python list.
+    w1, b1, w2, b2 = (local[k] for k in ("actor.w1", "actor.b1", "actor.w2", "actor.b2"))
     last_action = n_actions - 1
     parent = os.getppid()
     while not stop[0] and os.getppid() == parent:  # also stop if the monitor died
+        for k, v in params.items():
+            np.copyto(local[k], v)
         t = 0
         bootstrap = None
         uniforms = rng.random(settings.rollout).tolist()
@@ -184,20 +198,20 @@ def worker_loop(
             if terminated or truncated:
                 # A time-limit cut is not a real end: bootstrap from the value there.
                 last = np.asarray(obs, dtype=np.float64).reshape(-1)
-                bootstrap = 0.0 if terminated else float(critic(params, last)[1])
+                bootstrap = 0.0 if terminated else float(critic(local, last)[1])
                 episodes.put((index, episode_return, steps))
                 episode_return = 0.0
                 obs, _ = env.reset()
                 break
         if bootstrap is None:
-            bootstrap = float(critic(params, np.asarray(obs, dtype=np.float64).reshape(-1))[1])
+            bootstrap = float(critic(local, np.asarray(obs, dtype=np.float64).reshape(-1))[1])
         returns = np.empty(t)
         acc = bootstrap
         for j in range(t - 1, -1, -1):
             acc = rewards[j] + settings.gamma * acc
             returns[j] = acc
         grads = a3c_gradients(
-            params, states[:t], actions[:t], returns, settings.entropy_coef, settings.value_coef
+            local, states[:t], actions[:t], returns, settings.entropy_coef, settings.value_coef
         )
         norm = float(np.sqrt(sum(float((g * g).sum()) for g in grads.values())))
         if norm > settings.grad_clip:
