@@ -92,10 +92,9 @@ def _group_rank(pg: ProcessGroup, global_rank: Any, arg: str, op: str) -> int:
 
 def _flat(array: Any) -> Any:
     """A C-contiguous 1-D buffer with ``array``'s data (a view when possible)."""
-    xp = xp_of(array)
     if array.flags.c_contiguous:
         return array.reshape(-1)
-    return xp.ascontiguousarray(array).reshape(-1)
+    return xp_of(array).ascontiguousarray(array).reshape(-1)
 
 
 def _write_back(array: Any, flat: Any) -> None:

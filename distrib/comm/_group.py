@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from .._config import config
 from .._errors import (
@@ -135,6 +136,8 @@ class ProcessGroup:
 
     def engine_for(self, array: Any) -> Engine:
         """The engine moving ``array``'s type: numpy -> CPU, cupy -> GPU (built lazily)."""
+        if type(array) is np.ndarray:
+            return self.cpu_engine
         if type(array).__module__.split(".")[0] == "cupy":
             if self._gpu_engine is None:
                 self._gpu_engine = make_gpu_engine_for(self._ctx)
