@@ -71,6 +71,13 @@ def _bounds(count: int, parts: int) -> list[int]:
     return [q * count // parts for q in range(parts + 1)]
 
 
+def _stage(slot: np.ndarray, chunk: np.ndarray, b: list[int], r: int) -> None:
+    """Copy every part of ``chunk`` but rank ``r``'s own into ``r``'s slot half."""
+    for q in range(len(b) - 1):
+        if q != r and b[q] < b[q + 1]:
+            np.copyto(slot[b[q] : b[q + 1]], chunk[b[q] : b[q + 1]])
+
+
 def _describe(desc: bytes) -> str:
     """``all_reduce(shape=[3], ...)`` from a call descriptor (msgpack map)."""
     try:
@@ -277,10 +284,7 @@ class ShmEngine(Engine):
             k = self._begin(name, deadline)
             h = k & 1
             mine = slots[r][h]
-            # 1. publish the parts the other ranks reduce
-            for q in range(n):
-                if q != r and b[q] < b[q + 1]:
-                    np.copyto(mine[b[q] : b[q + 1]], chunk[b[q] : b[q + 1]])
+            _stage(mine, chunk, b, r)  # 1. publish the parts the other ranks reduce
             verify = start == 0 and self.verifies_descriptors
             if verify:
                 sync.publish_digest(h, self._digest())
@@ -373,9 +377,7 @@ class ShmEngine(Engine):
             k = self._begin(name, deadline)
             h = k & 1
             mine = slots[r][h]
-            for q in range(n):
-                if q != r and b[q] < b[q + 1]:
-                    np.copyto(mine[b[q] : b[q + 1]], chunk[b[q] : b[q + 1]])
+            _stage(mine, chunk, b, r)
             first = start == 0
             verify = first and self.verifies_descriptors
             if first:
