@@ -58,6 +58,7 @@ class Config:
     inline_threshold: int | None = None  # DISTRIB_INLINE_THRESHOLD: bytes pickled inline
     launcher_pid: int | None = None  # DISTRIB_LAUNCHER_PID: set by distrib-run for workers
     local_ranks_filter: str | None = None  # DISTRIB_LOCAL_RANKS_FILTER: reserved for distrib-run
+    native: bool | None = None  # DISTRIB_NATIVE: 0 keeps the shm engine's numpy path (no C step)
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -75,6 +76,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "inline_threshold": _int,
     "launcher_pid": _int,
     "local_ranks_filter": _str,
+    "native": _bool,
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {

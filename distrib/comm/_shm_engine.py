@@ -43,6 +43,7 @@ from .._errors import (
 from ._engine import Engine
 from ._ops import ReduceOp, ufunc
 from ._shm_cma import RemoteReader
+from ._shm_native import NativeStep
 from ._shm_segment import SharedSegment
 from ._shm_sync import PhaseSync
 
@@ -64,6 +65,13 @@ _CMA_MIN = 2 << 20
 # measured at 2 ranks, one step beat two at 1 MiB once the per-step overhead
 # had shrunk; larger messages take two or more steps so copies overlap.
 _ONE_STEP_MAX = 1 << 20
+# Polls (x86 `pause`) the C step spends on the peer's counter before handing
+# the wait back to PhaseSync (timeouts, liveness, futex sleep): ~0.1-0.3 ms.
+_NATIVE_SPIN = 4000
+# The C step serves two-rank all-reduces between the one-shot sizes and this
+# one; from here the single-copy path (which it matches at 16-64 MiB) moves
+# fewer bytes. Measured at 2 ranks: docs/performance.md.
+_NATIVE_MAX = 64 << 20
 
 
 def _bounds(count: int, parts: int) -> list[int]:
@@ -110,6 +118,8 @@ class ShmEngine(Engine):
         verify: compare call descriptors across ranks (``DISTRIB_CHECK_MISMATCH``).
         cma: every local rank can ``process_vm_readv`` every other (probed at
             rendezvous): large all-reduces then read peers' buffers directly.
+        native: the C step of ``_shm_native`` (two local ranks, agreed at
+            rendezvous), or ``None`` for the numpy path.
     """
 
     def __init__(
@@ -124,8 +134,10 @@ class ShmEngine(Engine):
         store: Any = None,
         verify: bool = True,
         cma: bool = False,
+        native: Any = None,
     ) -> None:
         self.rank = rank
+        self._native = NativeStep(native) if native is not None and size == 2 else None
         self._pids = pids
         self._reader = RemoteReader() if cma else None
         self.verifies_descriptors = verify
@@ -274,6 +286,14 @@ class ShmEngine(Engine):
         if buf.nbytes * n <= _ONE_SHOT_MAX and buf.nbytes <= self._half_bytes:
             self._reduce_one_shot(buf, fn, root, deadline, name, slots)
             return
+        if (
+            root is None
+            and self._native is not None
+            and NativeStep.supports(buf.dtype, op)
+            and (self._reader is None or buf.nbytes < _NATIVE_MAX)
+        ):
+            self._all_reduce_native(buf, op, deadline, name)
+            return
         if root is None and self._reader is not None and buf.nbytes >= _CMA_MIN:
             self._all_reduce_pull(buf, fn, deadline, name)
             return
@@ -346,6 +366,52 @@ class ShmEngine(Engine):
                 fn(buf, slots[q][h][:count], out=buf)
         sync.signal(2 * k + 2)
         self._step = k + 1
+
+    def _all_reduce_native(self, buf: Any, op: ReduceOp, deadline: float, name: str) -> None:
+        """Two ranks, float32/float64 sum or product: each step runs in C (``_shm_native.c``).
+
+        Same steps, phases and slot layout as the staged path, without the
+        Python between phases and with the reduction writing its result to
+        the slot and the buffer in one pass (three memory passes, not four).
+        The C code only spins briefly; every longer wait comes back here to
+        ``PhaseSync.wait`` (timeouts, dead peers, aborts, futex sleep).
+        """
+        native, sync, r = self._native, self._sync, self.rank
+        assert native is not None
+        q = 1 - r
+        dtype = buf.dtype
+        slots = self._seg.slots(dtype)
+        words = sync.native_words(q)
+        spin = _NATIVE_SPIN if sync.spins else 0
+        step = 2 * self._reduce_part(buf.nbytes, dtype)
+        for start in range(0, buf.size, step):
+            chunk = buf[start : start + step]
+            half = chunk.size // 2
+            bounds = (0, half, half, chunk.size) if r == 0 else (half, chunk.size, 0, half)
+            k = self._begin(name, deadline)
+            h = k & 1
+            verify = start == 0 and self.verifies_descriptors
+            if verify:
+                sync.publish_digest(h, self._digest())
+            args = (dtype, op, chunk, slots[r][h], slots[q][h], bounds, r, words, k, spin)
+            stage = native(0, *args, verify)
+            if stage == 1:  # the peer has not published its inputs yet
+                sync.wait(q, 2 * k + 1, name, deadline)
+                stage = 2
+            if stage == 2:
+                if verify:
+                    self._compare_digest(q, h, k, name)
+                stage = native(2, *args, False)
+            if stage == 3:  # the peer's part of the result is not final yet
+                sync.wait(q, 2 * k + 2, name, deadline)
+                stage = native(4, *args, False)
+            if stage != 0:
+                raise DistError(
+                    f"{name}: the native all-reduce step failed (stage {stage})",
+                    rank=self._global[r],
+                    op=name,
+                )
+            self._step = k + 1
 
     def _all_reduce_pull(self, buf: Any, fn: Any, deadline: float, name: str) -> None:
         """Large all-reduce: stage inputs through the segment, pull results (single copy).

@@ -29,6 +29,7 @@ import msgpack
 from .._errors import DistTimeoutError, ShmError
 from ._shm_cma import RemoteReader, available
 from ._shm_engine import ShmEngine
+from ._shm_native import load as load_native
 from ._shm_segment import SegmentLayout, SharedSegment
 
 __all__ = ["connect_local", "host_key", "part_bytes_for"]
@@ -81,6 +82,7 @@ def connect_local(
     store_for_errors: Any = None,
     verify: bool = True,
     use_cma: bool = True,
+    use_native: bool = True,
 ) -> ShmEngine | None:
     """Create or map this host's segment and return the engine, or ``None`` to fall back.
 
@@ -122,11 +124,17 @@ def connect_local(
             for q, (_, pid, addr, tok) in enumerate(answers)
             if q != local_rank
         )
+        # The C step (two ranks only) is used only if every local rank loaded it.
+        native_fn = load_native() if local_size == 2 and use_native else None
         # second round: everyone has probed (token_buf may go) and agrees on CMA
-        store.set(f"{prefix}/cma/{local_rank}", b"1" if cma_ok else b"0")
+        # and on the native step
+        flags = (b"1" if cma_ok else b"0") + (b"1" if native_fn is not None else b"0")
+        store.set(f"{prefix}/cma/{local_rank}", flags)
         cma_keys = [f"{prefix}/cma/{q}" for q in range(local_size)]
         _wait_keys(store, cma_keys, deadline, op)
-        cma = all(store.get(k) == b"1" for k in cma_keys)
+        agreed = [store.get(k) for k in cma_keys]
+        cma = all(a[:1] == b"1" for a in agreed)
+        native = native_fn if all(a[1:2] == b"1" for a in agreed) else None
     except BaseException:
         if seg is not None:
             seg.close()
@@ -147,6 +155,7 @@ def connect_local(
         [a[1] for a in answers],
         check_failed=check_failed,
         cma=cma and use_cma,
+        native=native,
         store=store_for_errors,
         verify=verify,
     )

@@ -381,6 +381,19 @@ class PhaseSync:
         base = _WORDS_PER_LINE * (1 + q) + _ADDR
         return self._words[base] | (self._words[base + 1] << 32)
 
+    def native_words(self, q: int) -> tuple[int, int, int]:
+        """Addresses of my counter, rank ``q``'s counter and ``q``'s "waiting on" word."""
+        return (
+            self._addr + 4 * self._counter_idx[self.rank],
+            self._addr + 4 * self._counter_idx[q],
+            self._addr + 4 * self._waiting_idx[q],
+        )
+
+    @property
+    def spins(self) -> bool:
+        """Whether waiters spin before yielding (every local rank has a core)."""
+        return self._spin > 0
+
     def publish_pid(self) -> None:
         """Write this rank's pid into its header line (diagnostics)."""
         self._words[_WORDS_PER_LINE * (1 + self.rank) + _PID] = os.getpid() & 0xFFFFFFFF

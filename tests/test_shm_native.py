@@ -1,0 +1,205 @@
+"""The C step of the two-rank shared-memory all-reduce (distrib/comm/_shm_native.c).
+
+Ranks are forked processes driving the engine directly (as in test_shm_engine).
+The C step must give numpy's bits, wait like the numpy path (slow peers, dead
+peers, mismatched calls), and be used only when every local rank has it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from test_shm_engine import run_ranks
+
+from distrib.comm._ops import ReduceOp
+from distrib.comm._shm_native import load
+
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.skipif(load() is None, reason="no C compiler: the numpy path is used"),
+]
+
+
+def _inputs(rank: int, count: int, dtype: Any) -> np.ndarray:
+    return np.random.default_rng(50 + rank).standard_normal(count).astype(dtype)
+
+
+def _counting(eng: Any) -> list[int]:
+    calls = [0]
+    step = eng._native
+
+    def counted(*args: Any) -> int:
+        calls[0] += 1
+        return step(*args)
+
+    eng._native = counted
+    return calls
+
+
+CASES = [
+    (70_000, np.float32, ReduceOp.SUM),  # 280 KB: one step, just above the one-shot sizes
+    (300_001, np.float32, ReduceOp.SUM),  # 1.2 MB, odd: two steps, halves of unequal length
+    (1_000_003, np.float64, ReduceOp.SUM),  # 8 MB: several steps
+    (262_144, np.float64, ReduceOp.PRODUCT),
+    (150_000, np.float32, ReduceOp.AVG),  # the engine sums; the API divides afterwards
+]
+
+
+def _native_and_numpy(eng: Any, rank: int, n: int) -> Any:
+    assert eng._native is not None, "the C step was not agreed on"
+    calls = _counting(eng)
+    out = []
+    for count, dtype, op in CASES:
+        a, b = _inputs(rank, count, dtype), _inputs(rank, count, dtype)
+        eng.all_reduce(a, op, 0, time.monotonic() + 30)
+        native = eng._native
+        eng._native = None  # the numpy path, same processes, same inputs
+        eng.all_reduce(b, op, 0, time.monotonic() + 30)
+        eng._native = native
+        out.append((a, b))
+    return out, calls[0]
+
+
+def test_native_step_gives_numpy_bits_and_rank_order(tmp_path: Any) -> None:
+    results = run_ranks(tmp_path, 2, _native_and_numpy, part=None)
+    for rank in range(2):
+        pairs, calls = results[rank][1]
+        assert calls >= len(CASES), "the C step was not used"
+        for (count, dtype, op), (native, numpy_path) in zip(CASES, pairs, strict=True):
+            x0, x1 = _inputs(0, count, dtype), _inputs(1, count, dtype)
+            want = x0 * x1 if op is ReduceOp.PRODUCT else x0 + x1  # rank order: x0 op x1
+            np.testing.assert_array_equal(native, want)
+            np.testing.assert_array_equal(native, numpy_path)
+
+
+def test_both_ranks_get_identical_bits(tmp_path: Any) -> None:
+    results = run_ranks(tmp_path, 2, _native_and_numpy, part=None)
+    for (a0, _), (a1, _) in zip(results[0][1][0], results[1][1][0], strict=True):
+        assert a0.tobytes() == a1.tobytes()
+
+
+def _slow_peer(eng: Any, rank: int, n: int) -> Any:
+    buf = _inputs(rank, 500_000, np.float32)
+    if rank == 1:
+        time.sleep(0.5)  # far longer than the C step spins: rank 0 waits in PhaseSync
+    start = time.monotonic()
+    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+    return buf, time.monotonic() - start
+
+
+def test_native_step_waits_for_a_slow_peer(tmp_path: Any) -> None:
+    results = run_ranks(tmp_path, 2, _slow_peer, part=None)
+    want = _inputs(0, 500_000, np.float32) + _inputs(1, 500_000, np.float32)
+    for rank in range(2):
+        buf, _ = results[rank][1]
+        np.testing.assert_array_equal(buf, want)
+    assert results[0][1][1] >= 0.3  # rank 0 really waited for rank 1
+
+
+def _peer_dies(eng: Any, rank: int, n: int) -> Any:
+    buf = np.zeros(500_000, np.float32)
+    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)  # both alive here
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+    except Exception as exc:
+        return type(exc).__name__, getattr(exc, "peer", None), time.monotonic() - start
+    return None
+
+
+def test_native_step_names_a_dead_peer(tmp_path: Any) -> None:
+    results = run_ranks(tmp_path, 2, _peer_dies, part=None, expect_errors=True)
+    status, value = results[0]
+    assert status == "ok" and value is not None, value
+    name, peer, elapsed = value
+    assert name == "DistPeerLostError" and peer == 1, value
+    assert elapsed < 3, value
+
+
+def _mismatch(eng: Any, rank: int, n: int) -> Any:
+    buf = np.zeros(300_000, np.float32)
+    shape = [300_000] if rank == 0 else [600, 500]
+    eng.call_descriptor = msgpack.packb({"op": "all_reduce", "shape": shape})
+    try:
+        eng.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 10)
+    except Exception as exc:
+        return type(exc).__name__, getattr(exc, "peer", None), str(exc)
+    return None
+
+
+def test_native_step_detects_mismatched_calls(tmp_path: Any) -> None:
+    results = run_ranks(tmp_path, 2, _mismatch, part=None)
+    # (naming the other side's call needs the group's store, which these bare engines lack)
+    for rank, other, own in ((0, 1, "shape=[300000]"), (1, 0, "shape=[600, 500]")):
+        name, peer, msg = results[rank][1]
+        assert name == "DistMismatchError" and peer == other, msg
+        assert f"rank {rank} called all_reduce({own})" in msg, msg
+
+
+def _agree(path: str, rank: int, out: Any) -> None:
+    from distrib.comm._file_store import FileStore
+    from distrib.comm._shm_rendezvous import connect_local
+
+    eng = connect_local(
+        FileStore(path), "t", rank, 2, [0, 1], time.monotonic() + 20, use_native=rank == 0
+    )
+    assert eng is not None
+    buf = np.full(300_000, rank + 1.0, np.float32)
+    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+    out.put((rank, eng._native is None, float(buf[0]), float(buf[-1])))
+    eng.close()
+
+
+def test_ranks_use_the_c_step_only_if_all_have_it(tmp_path: Any) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_agree, args=(str(tmp_path / "s"), r, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted(out.get(timeout=60) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    assert got == [(0, True, 3.0, 3.0), (1, True, 3.0, 3.0)]
+
+
+def _load_in_subprocess(env: dict[str, str]) -> str:
+    code = "from distrib.comm._shm_native import load; print(load() is not None)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_build_into_a_fresh_cache_off_switch_and_no_compiler(tmp_path: Any) -> None:
+    fresh = str(tmp_path / "cache")
+    assert _load_in_subprocess({"XDG_CACHE_HOME": fresh}) == "True"
+    built = os.listdir(os.path.join(fresh, "distrib"))
+    assert len(built) == 1 and built[0].endswith(".so"), built  # no temporary left behind
+    assert _load_in_subprocess({"XDG_CACHE_HOME": fresh, "DISTRIB_NATIVE": "0"}) == "False"
+    broken = str(tmp_path / "no-cc")
+    assert _load_in_subprocess({"XDG_CACHE_HOME": broken, "CC": "/bin/false"}) == "False"
+    assert not os.path.exists(os.path.join(broken, "distrib")) or not [
+        f for f in os.listdir(os.path.join(broken, "distrib")) if f.endswith(".so")
+    ]
