@@ -8,10 +8,12 @@ algorithms, not the API overhead. Columns, per message size (float32 sum):
 - ``one-shot``: every rank reduces the whole buffer (one synchronisation);
 - ``staged``: reduce-scatter/all-gather through the segment (two per step);
 - ``single-copy``: inputs staged, results read straight out of the peers'
-  buffers with ``process_vm_readv``.
+  buffers with ``process_vm_readv``;
+- ``C step``: the staged step in C (``_shm_native.c``; two ranks only).
 
-The engine uses one-shot up to ``_ONE_SHOT_MAX`` (size x bytes) and single-copy from
-``_CMA_MIN``; this table is where those numbers come from.
+The engine uses one-shot up to ``_ONE_SHOT_MAX`` (size x bytes), then at two
+ranks the C step below ``_NATIVE_MAX``, and single-copy from ``_CMA_MIN``;
+this table is where those numbers come from.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from ._ops import ReduceOp
 from ._shm_rendezvous import connect_local
 
 _PATHS = {
-    # name: (one-shot max, single-copy min)
-    "one-shot": (1 << 62, 1 << 62),
-    "staged": (0, 1 << 62),
-    "single-copy": (0, 0),
+    # name: (one-shot max, single-copy min, C step allowed)
+    "one-shot": (1 << 62, 1 << 62, False),
+    "staged": (0, 1 << 62, False),
+    "single-copy": (0, 0, False),
+    "C step": (0, 1 << 62, True),
 }
 
 
@@ -43,16 +46,21 @@ def _rank(path: str, rank: int, n: int, sizes: list[int], rounds: int, out: Any)
     assert eng is not None
     res: dict[str, dict[int, list[float]]] = {name: {s: [] for s in sizes} for name in _PATHS}
     bufs = {size: np.zeros(size // 4, np.float32) for size in sizes}
+    native = eng._native  # the C step (two ranks, when built), shown as its own column
     try:
         # Rounds interleave the paths, so a noisy moment hits every column alike.
         for _ in range(rounds):
             for size in sizes:
                 buf = bufs[size]
                 reps = int(min(100, max(3, 2e8 // size)))
-                for name, (one_shot, cma_min) in _PATHS.items():
+                for name, (one_shot, cma_min, use_native) in _PATHS.items():
                     if name == "single-copy" and eng._reader is None:
                         continue
+                    if use_native and native is None:
+                        continue
                     _shm_engine._ONE_SHOT_MAX, _shm_engine._CMA_MIN = one_shot, cma_min
+                    _shm_engine._NATIVE_MAX = 1 << 62
+                    eng._native = native if use_native else None
                     for _ in range(2):
                         eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60)
                     eng.barrier(0, time.monotonic() + 60)
