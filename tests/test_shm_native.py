@@ -34,13 +34,13 @@ def _inputs(rank: int, count: int, dtype: Any) -> np.ndarray:
 
 def _counting(eng: Any) -> list[int]:
     calls = [0]
-    step = eng._native
+    fn = eng._native._fn
 
     def counted(*args: Any) -> int:
         calls[0] += 1
-        return step(*args)
+        return fn(*args)
 
-    eng._native = counted
+    eng._native._fn = counted
     return calls
 
 
@@ -68,14 +68,17 @@ def _native_and_numpy(eng: Any, rank: int, n: int) -> Any:
     return out, calls[0]
 
 
-def test_native_step_gives_numpy_bits_and_rank_order(tmp_path: Any) -> None:
-    results = run_ranks(tmp_path, 2, _native_and_numpy, part=None)
-    for rank in range(2):
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_native_step_gives_numpy_bits_and_rank_order(tmp_path: Any, n: int) -> None:
+    results = run_ranks(tmp_path, n, _native_and_numpy, part=None, timeout=60)
+    for rank in range(n):
         pairs, calls = results[rank][1]
         assert calls >= len(CASES), "the C step was not used"
         for (count, dtype, op), (native, numpy_path) in zip(CASES, pairs, strict=True):
-            x0, x1 = _inputs(0, count, dtype), _inputs(1, count, dtype)
-            want = x0 * x1 if op is ReduceOp.PRODUCT else x0 + x1  # rank order: x0 op x1
+            inputs = [_inputs(q, count, dtype) for q in range(n)]
+            want = inputs[0]
+            for x in inputs[1:]:  # rank order: ((x0 op x1) op x2) ...
+                want = want * x if op is ReduceOp.PRODUCT else want + x
             np.testing.assert_array_equal(native, want)
             np.testing.assert_array_equal(native, numpy_path)
 
@@ -95,10 +98,13 @@ def _slow_peer(eng: Any, rank: int, n: int) -> Any:
     return buf, time.monotonic() - start
 
 
-def test_native_step_waits_for_a_slow_peer(tmp_path: Any) -> None:
-    results = run_ranks(tmp_path, 2, _slow_peer, part=None)
-    want = _inputs(0, 500_000, np.float32) + _inputs(1, 500_000, np.float32)
-    for rank in range(2):
+@pytest.mark.parametrize("n", [2, 3])
+def test_native_step_waits_for_a_slow_peer(tmp_path: Any, n: int) -> None:
+    results = run_ranks(tmp_path, n, _slow_peer, part=None)
+    want = _inputs(0, 500_000, np.float32)
+    for q in range(1, n):
+        want = want + _inputs(q, 500_000, np.float32)
+    for rank in range(n):
         buf, _ = results[rank][1]
         np.testing.assert_array_equal(buf, want)
     assert results[0][1][1] >= 0.3  # rank 0 really waited for rank 1
@@ -117,13 +123,15 @@ def _peer_dies(eng: Any, rank: int, n: int) -> Any:
     return None
 
 
-def test_native_step_names_a_dead_peer(tmp_path: Any) -> None:
-    results = run_ranks(tmp_path, 2, _peer_dies, part=None, expect_errors=True)
-    status, value = results[0]
-    assert status == "ok" and value is not None, value
-    name, peer, elapsed = value
-    assert name == "DistPeerLostError" and peer == 1, value
-    assert elapsed < 3, value
+@pytest.mark.parametrize("n", [2, 3])
+def test_native_step_names_a_dead_peer(tmp_path: Any, n: int) -> None:
+    results = run_ranks(tmp_path, n, _peer_dies, part=None, expect_errors=True)
+    for rank in [r for r in range(n) if r != 1]:
+        status, value = results[rank]
+        assert status == "ok" and value is not None, value
+        name, peer, elapsed = value
+        assert name == "DistPeerLostError" and peer == 1, value
+        assert elapsed < 3, value
 
 
 def _mismatch(eng: Any, rank: int, n: int) -> Any:

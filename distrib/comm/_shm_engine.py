@@ -68,10 +68,10 @@ _ONE_STEP_MAX = 1 << 20
 # Polls (x86 `pause`) the C step spends on the peer's counter before handing
 # the wait back to PhaseSync (timeouts, liveness, futex sleep): ~0.1-0.3 ms.
 _NATIVE_SPIN = 4000
-# The C step serves two-rank all-reduces between the one-shot sizes and this
-# one; from here the single-copy path (which it matches at 16-64 MiB) moves
-# fewer bytes. Measured at 2 ranks: docs/performance.md.
-_NATIVE_MAX = 64 << 20
+# The C step serves all-reduces between the one-shot sizes and this one; from
+# here the single-copy path, which moves fewer bytes, was as fast or faster.
+# Measured at 2 ranks: docs/performance.md.
+_NATIVE_MAX = 16 << 20
 
 
 def _bounds(count: int, parts: int) -> list[int]:
@@ -118,8 +118,8 @@ class ShmEngine(Engine):
         verify: compare call descriptors across ranks (``DISTRIB_CHECK_MISMATCH``).
         cma: every local rank can ``process_vm_readv`` every other (probed at
             rendezvous): large all-reduces then read peers' buffers directly.
-        native: the C step of ``_shm_native`` (two local ranks, agreed at
-            rendezvous), or ``None`` for the numpy path.
+        native: the C step's function from ``_shm_native.load`` (agreed by
+            every local rank at rendezvous), or ``None`` for the numpy path.
     """
 
     def __init__(
@@ -137,7 +137,7 @@ class ShmEngine(Engine):
         native: Any = None,
     ) -> None:
         self.rank = rank
-        self._native = NativeStep(native) if native is not None and size == 2 else None
+        self._native: NativeStep | None = None
         self._pids = pids
         self._reader = RemoteReader() if cma else None
         self.verifies_descriptors = verify
@@ -150,6 +150,14 @@ class ShmEngine(Engine):
             segment.header, segment.addr, rank, size, global_ranks, pids, check_failed=check_failed
         )
         self._sync.publish_pid()
+        if native is not None and 2 <= size <= NativeStep.MAX_RANKS:
+            lay = segment.layout
+            halves = [
+                [segment.addr + lay.slot_offset(q) + h * lay.half_bytes for q in range(size)]
+                for h in (0, 1)
+            ]
+            counters, waiting = self._sync.native_words()
+            self._native = NativeStep(native, halves, counters, waiting, rank)
         self._part_bytes = segment.layout.part_bytes
         self._half_bytes = segment.layout.half_bytes
         self._step = 0  # pipeline steps completed; identical on every local rank
@@ -368,49 +376,44 @@ class ShmEngine(Engine):
         self._step = k + 1
 
     def _all_reduce_native(self, buf: Any, op: ReduceOp, deadline: float, name: str) -> None:
-        """Two ranks, float32/float64 sum or product: each step runs in C (``_shm_native.c``).
+        """float32/float64 sum or product: each pipeline step runs in C (``_shm_native.c``).
 
-        Same steps, phases and slot layout as the staged path, without the
-        Python between phases and with the reduction writing its result to
+        Same steps, phases, parts and slot layout as the staged path, without
+        the Python between phases and with the reduction writing its result to
         the slot and the buffer in one pass (three memory passes, not four).
         The C code only spins briefly; every longer wait comes back here to
         ``PhaseSync.wait`` (timeouts, dead peers, aborts, futex sleep).
         """
-        native, sync, r = self._native, self._sync, self.rank
+        native, sync = self._native, self._sync
         assert native is not None
-        q = 1 - r
         dtype = buf.dtype
-        slots = self._seg.slots(dtype)
-        words = sync.native_words(q)
         spin = _NATIVE_SPIN if sync.spins else 0
-        step = 2 * self._reduce_part(buf.nbytes, dtype)
+        step = self.size * self._reduce_part(buf.nbytes, dtype)
         for start in range(0, buf.size, step):
             chunk = buf[start : start + step]
-            half = chunk.size // 2
-            bounds = (0, half, half, chunk.size) if r == 0 else (half, chunk.size, 0, half)
             k = self._begin(name, deadline)
             h = k & 1
             verify = start == 0 and self.verifies_descriptors
             if verify:
                 sync.publish_digest(h, self._digest())
-            args = (dtype, op, chunk, slots[r][h], slots[q][h], bounds, r, words, k, spin)
-            stage = native(0, *args, verify)
-            if stage == 1:  # the peer has not published its inputs yet
-                sync.wait(q, 2 * k + 1, name, deadline)
-                stage = 2
-            if stage == 2:
-                if verify:
-                    self._compare_digest(q, h, k, name)
-                stage = native(2, *args, False)
-            if stage == 3:  # the peer's part of the result is not final yet
-                sync.wait(q, 2 * k + 2, name, deadline)
-                stage = native(4, *args, False)
-            if stage != 0:
-                raise DistError(
-                    f"{name}: the native all-reduce step failed (stage {stage})",
-                    rank=self._global[r],
-                    op=name,
-                )
+            stage = native(0, dtype, op, chunk, h, k, spin, verify)
+            while stage != 0:
+                if stage == 1:  # a peer has not published its inputs yet
+                    sync.wait(native.blocked_on, 2 * k + 1, name, deadline)
+                elif stage == 2:  # every peer's inputs are there: compare the calls first
+                    for q in range(self.size):
+                        if q != self.rank:
+                            self._compare_digest(q, h, k, name)
+                elif stage == 3:  # a peer's part of the result is not final yet
+                    sync.wait(native.blocked_on, 2 * k + 2, name, deadline)
+                else:
+                    raise DistError(
+                        f"{name}: the native all-reduce step failed (stage {stage})",
+                        rank=self._global[self.rank],
+                        op=name,
+                    )
+                # resuming at 1 re-checks every peer, then stops again at 2 to verify
+                stage = native(stage, dtype, op, chunk, h, k, spin, verify and stage == 1)
             self._step = k + 1
 
     def _all_reduce_pull(self, buf: Any, fn: Any, deadline: float, name: str) -> None:

@@ -1,7 +1,7 @@
-"""The C step of the two-rank shared-memory all-reduce: built on first use, optional.
+"""The C step of the shared-memory all-reduce: built on first use, optional.
 
-``_shm_native.c`` is compiled with the system's C compiler (``$CC`` or ``cc``)
-into a per-user cache the first time a two-rank group needs it, and loaded
+``_shm_native.c`` is compiled with the system's C compiler (``$CC``, ``cc`` or
+``gcc``) into a per-user cache the first time a group needs it, and loaded
 with ctypes. Without a compiler (or on any build or load failure) ``load``
 returns ``None`` and the engine keeps its numpy path; every local rank agrees
 on one implementation at rendezvous, so a mixed group cannot happen.
@@ -90,27 +90,24 @@ def load() -> Any:
             target = os.path.join(_cache_dir(), f"shm_native-{key}.so")
             if os.path.exists(target) or _build(source, target):
                 lib = ctypes.CDLL(target)  # CDLL releases the GIL during calls
-                fn = lib.distrib_ar2_step
+                fn = lib.distrib_shm_step
                 fn.restype = ctypes.c_int
                 fn.argtypes = [
                     ctypes.c_int,  # stage
                     ctypes.c_int,  # dtype
                     ctypes.c_int,  # op
-                    ctypes.c_void_p,  # own
-                    ctypes.c_void_p,  # slot_mine
-                    ctypes.c_void_p,  # slot_peer
+                    ctypes.c_void_p,  # own (this rank's chunk)
+                    ctypes.c_void_p,  # slots: n pointers (this step's half of every slot)
+                    ctypes.c_long,  # count (elements in the chunk)
                     ctypes.c_long,  # itemsize
-                    ctypes.c_long,  # lo
-                    ctypes.c_long,  # hi
-                    ctypes.c_long,  # olo
-                    ctypes.c_long,  # ohi
+                    ctypes.c_int,  # n
                     ctypes.c_int,  # rank
-                    ctypes.c_void_p,  # my counter
-                    ctypes.c_void_p,  # peer counter
-                    ctypes.c_void_p,  # peer's "waiting on" word
+                    ctypes.c_void_p,  # counters: n pointers
+                    ctypes.c_void_p,  # "waiting on" words: n pointers
                     ctypes.c_uint32,  # k
                     ctypes.c_long,  # spin
                     ctypes.c_int,  # verify
+                    ctypes.c_void_p,  # out: the rank blocked on
                 ]
         except OSError:
             fn = None
@@ -119,51 +116,72 @@ def load() -> Any:
 
 
 class NativeStep:
-    """Calls the C step for one (dtype, op); ``supports`` says which ones it has."""
+    """The C step bound to one engine's segment: pointer tables built once.
 
-    def __init__(self, fn: Any) -> None:
+    Args:
+        fn: what ``load`` returned.
+        slot_addrs: ``slot_addrs[h][q]``: address of half ``h`` of rank ``q``'s slot.
+        counters, waiting: addresses of every rank's counter and "waiting on" word.
+        rank: this local rank.
+    """
+
+    MAX_RANKS = 64  # the C code's limit
+
+    def __init__(
+        self,
+        fn: Any,
+        slot_addrs: list[list[int]],
+        counters: list[int],
+        waiting: list[int],
+        rank: int,
+    ) -> None:
+        n = len(counters)
+        ptrs = ctypes.c_void_p * n
         self._fn = fn
+        self._n = n
+        self._rank = rank
+        self._slots = [ptrs(*half) for half in slot_addrs]
+        self._counters = ptrs(*counters)
+        self._waiting = ptrs(*waiting)
+        self._blocked = ctypes.c_int(-1)
+        self._blocked_ref = ctypes.byref(self._blocked)
 
     @staticmethod
     def supports(dtype: np.dtype, op: ReduceOp) -> bool:
         return dtype in _DTYPES and op in _OPS
+
+    @property
+    def blocked_on(self) -> int:
+        """The rank the last call stopped waiting for (stages 1 and 3)."""
+        return self._blocked.value
 
     def __call__(
         self,
         stage: int,
         dtype: np.dtype,
         op: ReduceOp,
-        own: np.ndarray,
-        slot_mine: np.ndarray,
-        slot_peer: np.ndarray,
-        bounds: tuple[int, int, int, int],
-        rank: int,
-        counters: tuple[int, int, int],
+        chunk: np.ndarray,
+        half: int,
         k: int,
         spin: int,
         verify: bool,
     ) -> int:
-        lo, hi, olo, ohi = bounds
-        mine, peer, peer_waiting = counters
         return int(
             self._fn(
                 stage,
                 _DTYPES[dtype],
                 _OPS[op],
-                own.ctypes.data,
-                slot_mine.ctypes.data,
-                slot_peer.ctypes.data,
-                own.itemsize,
-                lo,
-                hi,
-                olo,
-                ohi,
-                rank,
-                mine,
-                peer,
-                peer_waiting,
+                chunk.ctypes.data,
+                self._slots[half],
+                chunk.size,
+                chunk.itemsize,
+                self._n,
+                self._rank,
+                self._counters,
+                self._waiting,
                 k & 0xFFFFFFFF,
                 spin,
                 1 if verify else 0,
+                self._blocked_ref,
             )
         )

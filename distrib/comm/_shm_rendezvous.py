@@ -124,8 +124,8 @@ def connect_local(
             for q, (_, pid, addr, tok) in enumerate(answers)
             if q != local_rank
         )
-        # The C step (two ranks only) is used only if every local rank loaded it.
-        native_fn = load_native() if local_size == 2 and use_native else None
+        # The C step is used only if every local rank loaded it.
+        native_fn = load_native() if use_native else None
         # second round: everyone has probed (token_buf may go) and agrees on CMA
         # and on the native step
         flags = (b"1" if cma_ok else b"0") + (b"1" if native_fn is not None else b"0")

@@ -381,12 +381,11 @@ class PhaseSync:
         base = _WORDS_PER_LINE * (1 + q) + _ADDR
         return self._words[base] | (self._words[base + 1] << 32)
 
-    def native_words(self, q: int) -> tuple[int, int, int]:
-        """Addresses of my counter, rank ``q``'s counter and ``q``'s "waiting on" word."""
+    def native_words(self) -> tuple[list[int], list[int]]:
+        """Addresses of every rank's counter and "waiting on" word (for the C step)."""
         return (
-            self._addr + 4 * self._counter_idx[self.rank],
-            self._addr + 4 * self._counter_idx[q],
-            self._addr + 4 * self._waiting_idx[q],
+            [self._addr + 4 * i for i in self._counter_idx],
+            [self._addr + 4 * i for i in self._waiting_idx],
         )
 
     @property
