@@ -52,6 +52,12 @@ static int spin_until(volatile uint32_t *w, uint32_t target, long spin) {
     static void reduce_##T##_##OP(char *const *src, int n, char *slot, char *own,    \
                                   long lo, long hi) {                               \
         T acc[BLOCK];                                                              \
+        if (n == 2) { /* one fused loop: the fastest form measured at 2 ranks */    \
+            const T *a = (const T *)src[0], *b = (const T *)src[1];                \
+            T *s = (T *)slot, *o = (T *)own;                                       \
+            for (long i = lo; i < hi; i++) { T v = OP(a[i], b[i]); s[i] = v; o[i] = v; } \
+            return;                                                                \
+        }                                                                          \
         for (long i0 = lo; i0 < hi; i0 += BLOCK) {                                 \
             long m = hi - i0 < BLOCK ? hi - i0 : BLOCK;                            \
             const T *a = (const T *)src[0] + i0, *b = (const T *)src[1] + i0;      \
