@@ -34,3 +34,14 @@ def collect_ranks(procs: list[Any], out: Any, n: int, budget: float) -> dict[int
         out.close()
         out.join_thread()
     return results
+
+
+def failure_of(call: Any) -> tuple[str, Any, float] | None:
+    """Run ``call()``; ``None`` if it returns, else (exception class name, its ``peer``,
+    seconds until it raised): what the fault scenarios report back."""
+    start = time.monotonic()
+    try:
+        call()
+    except Exception as exc:
+        return type(exc).__name__, getattr(exc, "peer", None), time.monotonic() - start
+    return None

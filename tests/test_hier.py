@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _ranks import collect_ranks
+from _ranks import collect_ranks, failure_of
 
+from distrib.comm._cpu_engine import make_cpu_engine
 from distrib.comm._engine import EngineContext
 from distrib.comm._file_store import FileStore
 from distrib.comm._hier import HierEngine
 from distrib.comm._ops import ReduceOp
-from distrib.comm._shm_engine import ShmEngine, make_cpu_engine
+from distrib.comm._shm_engine import ShmEngine
 from distrib.comm._store import PrefixStore
 
 _CTX = mp.get_context("fork")
@@ -192,12 +193,7 @@ def _remote_rank_dies(eng: Any, rank: int, n: int) -> Any:
     eng.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 20)
     if rank == 3:
         os.kill(os.getpid(), signal.SIGKILL)
-    start = time.monotonic()
-    try:
-        eng.all_reduce(buf, ReduceOp.SUM, 2, time.monotonic() + 3)
-    except Exception as exc:
-        return type(exc).__name__, getattr(exc, "peer", None), time.monotonic() - start
-    return None
+    return failure_of(lambda: eng.all_reduce(buf, ReduceOp.SUM, 2, time.monotonic() + 3))
 
 
 @pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _ranks import collect_ranks
+from _ranks import collect_ranks, failure_of
 
 from distrib import DistPeerLostError, DistTimeoutError
 from distrib.comm._file_store import FileStore
@@ -301,12 +301,7 @@ def _die_while_others_read_me(eng: Any, rank: int, n: int) -> Any:
     buf = np.ones(4 << 20, np.float32)  # 16 MiB: several chunks on the single-copy path
     if rank == n - 1:
         eng._pull = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
-    start = time.monotonic()
-    try:
-        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
-    except Exception as exc:
-        return type(exc).__name__, getattr(exc, "peer", None), time.monotonic() - start
-    return None
+    return failure_of(lambda: eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20))
 
 
 @pytest.mark.timeout(60)

@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from _ranks import failure_of
 from test_shm_engine import run_ranks
 
 from distrib.comm._ops import ReduceOp
@@ -115,12 +116,7 @@ def _peer_dies(eng: Any, rank: int, n: int) -> Any:
     eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)  # both alive here
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
-    start = time.monotonic()
-    try:
-        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
-    except Exception as exc:
-        return type(exc).__name__, getattr(exc, "peer", None), time.monotonic() - start
-    return None
+    return failure_of(lambda: eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20))
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -73,14 +73,14 @@ def _no_zmq() -> Engine:
 
 def make_cpu_engine_for(ctx: EngineContext) -> Engine:
     """Pick the engine for numpy arrays: ``zmq`` -> ZeroMQ; ``auto``/``shm`` -> shared
-    memory / hierarchical when ``distrib.comm._shm_engine`` offers one, else ZeroMQ."""
+    memory / hierarchical when ``distrib.comm._cpu_engine`` offers one, else ZeroMQ."""
     if ctx.transport != "zmq" and ctx.size > 1:
         try:
-            from . import _shm_engine
+            from . import _cpu_engine
         except ImportError:
-            _shm_engine = None  # type: ignore[assignment]
-        if _shm_engine is not None:
-            engine = _shm_engine.make_cpu_engine(ctx)
+            _cpu_engine = None  # type: ignore[assignment]
+        if _cpu_engine is not None:
+            engine = _cpu_engine.make_cpu_engine(ctx)
             if engine is not None:
                 return engine
     return ctx.make_zmq_engine()

@@ -23,15 +23,12 @@ the others raise at once instead of waiting for their own timeout.
 from __future__ import annotations
 
 import hashlib
-import os
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
 import numpy as np
 
-from .._config import config
 from .._errors import (
     DistClosedError,
     DistError,
@@ -47,7 +44,7 @@ from ._shm_native import NativeStep
 from ._shm_segment import SharedSegment
 from ._shm_sync import PhaseSync
 
-__all__ = ["ShmEngine", "make_cpu_engine"]
+__all__ = ["ShmEngine"]
 
 
 _MIN_REDUCE_PART = 64 << 10  # bytes: below this, per-step Python overhead dominates
@@ -77,13 +74,6 @@ _NATIVE_MAX = 16 << 20
 def _bounds(count: int, parts: int) -> list[int]:
     """Offsets splitting ``count`` items into ``parts`` near-equal parts."""
     return [q * count // parts for q in range(parts + 1)]
-
-
-def _stage(slot: np.ndarray, chunk: np.ndarray, b: list[int], r: int) -> None:
-    """Copy every part of ``chunk`` but rank ``r``'s own into ``r``'s slot half."""
-    for q in range(len(b) - 1):
-        if q != r and b[q] < b[q + 1]:
-            np.copyto(slot[b[q] : b[q + 1]], chunk[b[q] : b[q + 1]])
 
 
 def _describe(desc: bytes) -> str:
@@ -200,6 +190,26 @@ class ShmEngine(Engine):
             self._sync.abort(f"rank {self._global[self.rank]} failed in {op}: {exc!r}")
             raise
 
+    def _staged_steps(
+        self, buf: Any, deadline: float, name: str
+    ) -> Iterator[tuple[int, Any, list[int], int, int]]:
+        """Begin each pipeline step of a reduction of ``buf``; yield ``(start, chunk,
+        bounds, k, half)`` once this rank has copied into its slot half the parts
+        of the chunk the other ranks reduce. The caller finishes step ``k``."""
+        n, r = self.size, self.rank
+        slots = self._seg.slots(buf.dtype)
+        step = n * self._reduce_part(buf.nbytes, buf.dtype)
+        for start in range(0, buf.size, step):
+            chunk = buf[start : start + step]
+            b = _bounds(chunk.size, n)
+            k = self._begin(name, deadline)
+            h = k & 1
+            mine = slots[r][h]
+            for q in range(n):
+                if q != r and b[q] < b[q + 1]:
+                    np.copyto(mine[b[q] : b[q + 1]], chunk[b[q] : b[q + 1]])
+            yield start, chunk, b, k, h
+
     def _part(self, dtype: np.dtype) -> int:
         return max(1, self._part_bytes // dtype.itemsize)
 
@@ -305,14 +315,9 @@ class ShmEngine(Engine):
         if root is None and self._reader is not None and buf.nbytes >= _CMA_MIN:
             self._all_reduce_pull(buf, fn, deadline, name)
             return
-        step = n * self._reduce_part(buf.nbytes, buf.dtype)
-        for start in range(0, buf.size, step):
-            chunk = buf[start : start + step]
-            b = _bounds(chunk.size, n)
-            k = self._begin(name, deadline)
-            h = k & 1
+        # 1. (in _staged_steps) publish the parts the other ranks reduce
+        for start, chunk, b, k, h in self._staged_steps(buf, deadline, name):
             mine = slots[r][h]
-            _stage(mine, chunk, b, r)  # 1. publish the parts the other ranks reduce
             verify = start == 0 and self.verifies_descriptors
             if verify:
                 sync.publish_digest(h, self._digest())
@@ -439,14 +444,8 @@ class ShmEngine(Engine):
         itemsize = buf.itemsize
         base = buf.ctypes.data
         addrs: list[int] = []
-        step = n * self._reduce_part(buf.nbytes, buf.dtype)
-        for start in range(0, buf.size, step):
-            chunk = buf[start : start + step]
-            b = _bounds(chunk.size, n)
-            k = self._begin(name, deadline)
-            h = k & 1
+        for start, chunk, b, k, h in self._staged_steps(buf, deadline, name):
             mine = slots[r][h]
-            _stage(mine, chunk, b, r)
             first = start == 0
             verify = first and self.verifies_descriptors
             if first:
@@ -729,79 +728,3 @@ class ShmEngine(Engine):
         self._seg.close()
         if self._p2p is not None:
             self._p2p.close()
-
-
-def make_cpu_engine(ctx: Any) -> Engine | None:
-    """Pick the CPU engine for a group: shared memory, hierarchical, or ``None`` (ZeroMQ).
-
-    ``ctx`` is the group's ``EngineContext``. Ranks with equal ``host_ids`` share
-    a machine. One host: a ``ShmEngine`` over the whole group. Several hosts
-    with at least one holding two ranks: a ``HierEngine``. Otherwise, or if any
-    rank could not map its host's segment, every rank returns ``None`` together.
-    """
-    from ._hier import HierEngine, leader_context
-    from ._shm_rendezvous import connect_local
-
-    if ctx.size < 2 or os.uname().machine not in ("x86_64", "amd64"):
-        # The phase counters rely on x86's in-order stores (TSO); weaker memory
-        # models would need explicit fences that Python cannot issue cheaply.
-        return None
-    hosts: list[list[int]] = []
-    index: dict[str, int] = {}
-    for r, hid in enumerate(ctx.host_ids):
-        if hid not in index:
-            index[hid] = len(hosts)
-            hosts.append([])
-        hosts[index[hid]].append(r)
-    if max(len(h) for h in hosts) < 2:
-        return None  # no two ranks share memory
-    my_host = index[ctx.host_ids[ctx.rank]]
-    members = hosts[my_host]
-    deadline = time.monotonic() + ctx.timeout
-    single_host = len(hosts) == 1
-    verify = single_host and config().check_mismatch is not False
-    local: ShmEngine | None = None
-    if len(members) > 1:
-        local = connect_local(
-            ctx.store,
-            f"shm/{my_host}",
-            members.index(ctx.rank),
-            len(members),
-            [ctx.global_ranks[r] for r in members],
-            deadline,
-            check_failed=ctx.check_failed,
-            store_for_errors=ctx.store,
-            verify=verify,
-        )
-    # Every rank must pick the same kind of engine: agree through the store.
-    ok = local is not None or len(members) == 1
-    ctx.store.set(f"shm/ok/{ctx.rank}", b"1" if ok else b"0")
-    ctx.store.wait([f"shm/ok/{r}" for r in range(ctx.size)], max(deadline - time.monotonic(), 1.0))
-    if not all(ctx.store.get(f"shm/ok/{r}") == b"1" for r in range(ctx.size)):
-        if local is not None:
-            local.close()
-        return None
-    if single_host:
-        assert local is not None
-        try:
-            # send/recv are not collective: they take the ZeroMQ links, built now
-            # because building them is collective (every rank publishes its endpoint)
-            local.set_p2p(ctx.make_zmq_engine())
-        except BaseException:
-            local.close()
-            raise
-        return local
-    leaders = [h[0] for h in hosts]
-    lead = None
-    try:
-        if ctx.rank in leaders:
-            from ._zmq_engine import ZmqEngine
-
-            lead = ZmqEngine(leader_context(ctx, leaders))
-        flat = ctx.make_zmq_engine()
-    except BaseException:
-        for eng in (local, lead):
-            if eng is not None:
-                eng.close()
-        raise
-    return HierEngine(ctx.rank, ctx.size, hosts, local, lead, flat, ctx.global_ranks)

@@ -1,0 +1,94 @@
+"""Which CPU engine a group gets: shared memory, hierarchical, or none (ZeroMQ).
+
+Ranks that share a host (equal host ids in the store) map one segment
+(``_shm_rendezvous``); a group on one host gets a ``ShmEngine``, a group over
+several hosts a ``HierEngine`` on top of them. Every rank must choose the same
+kind, so the choice is agreed through the store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .._config import config
+from ._engine import Engine
+from ._hier import HierEngine, leader_context
+from ._shm_engine import ShmEngine
+from ._shm_rendezvous import connect_local
+
+__all__ = ["make_cpu_engine"]
+
+
+def make_cpu_engine(ctx: Any) -> Engine | None:
+    """Pick the CPU engine for a group: shared memory, hierarchical, or ``None`` (ZeroMQ).
+
+    ``ctx`` is the group's ``EngineContext``. Ranks with equal ``host_ids`` share
+    a machine. One host: a ``ShmEngine`` over the whole group. Several hosts
+    with at least one holding two ranks: a ``HierEngine``. Otherwise, or if any
+    rank could not map its host's segment, every rank returns ``None`` together.
+    """
+    if ctx.size < 2 or os.uname().machine not in ("x86_64", "amd64"):
+        # The phase counters rely on x86's in-order stores (TSO); weaker memory
+        # models would need explicit fences that Python cannot issue cheaply.
+        return None
+    hosts: list[list[int]] = []
+    index: dict[str, int] = {}
+    for r, hid in enumerate(ctx.host_ids):
+        if hid not in index:
+            index[hid] = len(hosts)
+            hosts.append([])
+        hosts[index[hid]].append(r)
+    if max(len(h) for h in hosts) < 2:
+        return None  # no two ranks share memory
+    my_host = index[ctx.host_ids[ctx.rank]]
+    members = hosts[my_host]
+    deadline = time.monotonic() + ctx.timeout
+    single_host = len(hosts) == 1
+    verify = single_host and config().check_mismatch is not False
+    local: ShmEngine | None = None
+    if len(members) > 1:
+        local = connect_local(
+            ctx.store,
+            f"shm/{my_host}",
+            members.index(ctx.rank),
+            len(members),
+            [ctx.global_ranks[r] for r in members],
+            deadline,
+            check_failed=ctx.check_failed,
+            store_for_errors=ctx.store,
+            verify=verify,
+        )
+    # Every rank must pick the same kind of engine: agree through the store.
+    ok = local is not None or len(members) == 1
+    ctx.store.set(f"shm/ok/{ctx.rank}", b"1" if ok else b"0")
+    ctx.store.wait([f"shm/ok/{r}" for r in range(ctx.size)], max(deadline - time.monotonic(), 1.0))
+    if not all(ctx.store.get(f"shm/ok/{r}") == b"1" for r in range(ctx.size)):
+        if local is not None:
+            local.close()
+        return None
+    if single_host:
+        assert local is not None
+        try:
+            # send/recv are not collective: they take the ZeroMQ links, built now
+            # because building them is collective (every rank publishes its endpoint)
+            local.set_p2p(ctx.make_zmq_engine())
+        except BaseException:
+            local.close()
+            raise
+        return local
+    leaders = [h[0] for h in hosts]
+    lead = None
+    try:
+        if ctx.rank in leaders:
+            from ._zmq_engine import ZmqEngine
+
+            lead = ZmqEngine(leader_context(ctx, leaders))
+        flat = ctx.make_zmq_engine()
+    except BaseException:
+        for eng in (local, lead):
+            if eng is not None:
+                eng.close()
+        raise
+    return HierEngine(ctx.rank, ctx.size, hosts, local, lead, flat, ctx.global_ranks)
