@@ -9,11 +9,11 @@ algorithms, not the API overhead. Columns, per message size (float32 sum):
 - ``staged``: reduce-scatter/all-gather through the segment (two per step);
 - ``single-copy``: inputs staged, results read straight out of the peers'
   buffers with ``process_vm_readv``;
-- ``C step``: the staged step in C (``_shm_native.c``; two ranks only).
+- ``C step``: the staged step in C (``_shm_native.c``; 2 to 64 ranks).
 
-The engine uses one-shot up to ``_ONE_SHOT_MAX`` (size x bytes), then at two
-ranks the C step below ``_NATIVE_MAX``, and single-copy from ``_CMA_MIN``;
-this table is where those numbers come from.
+The engine uses one-shot up to ``_ONE_SHOT_MAX`` (size x bytes), then the C
+step below ``_NATIVE_MAX`` (where it was built), then single-copy (from
+``_CMA_MIN`` without the C step); this table is where those numbers come from.
 """
 
 from __future__ import annotations
