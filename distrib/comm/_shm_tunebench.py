@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _shm_engine
+from . import _shm_reduce
 from ._file_store import FileStore
 from ._ops import ReduceOp
 from ._shm_rendezvous import connect_local
@@ -58,8 +58,8 @@ def _rank(path: str, rank: int, n: int, sizes: list[int], rounds: int, out: Any)
                         continue
                     if use_native and native is None:
                         continue
-                    _shm_engine._ONE_SHOT_MAX, _shm_engine._CMA_MIN = one_shot, cma_min
-                    _shm_engine._NATIVE_MAX = 1 << 62
+                    _shm_reduce._ONE_SHOT_MAX, _shm_reduce._CMA_MIN = one_shot, cma_min
+                    _shm_reduce._NATIVE_MAX = 1 << 62
                     eng._native = native if use_native else None
                     for _ in range(2):
                         eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60)
