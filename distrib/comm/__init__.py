@@ -28,14 +28,10 @@ from ._collectives import (
     barrier,
     broadcast,
     gather,
-    irecv,
-    isend,
-    recv,
     reduce,
     reduce_scatter,
     reduce_scatter_tensor,
     scatter,
-    send,
 )
 from ._file_store import FileStore
 from ._group import ProcessGroup
@@ -46,6 +42,7 @@ from ._objects import (
     scatter_object_list,
 )
 from ._ops import ReduceOp
+from ._p2p import irecv, isend, recv, send
 from ._store import PrefixStore, Store, TCPStore
 from ._work import Work
 
