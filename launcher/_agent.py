@@ -316,7 +316,7 @@ class Agent:
                         break
                     if stop_sent_at is None and linger_until is None:
                         linger_until = now + _LINGER_S
-                    if stop_sent_at is None and now < linger_until:
+                    if stop_sent_at is None and linger_until is not None and now < linger_until:
                         pass  # helpers such as multiprocessing's resource tracker exit soon
                     elif stop_sent_at is None:  # success, but a worker left processes behind
                         self.say(
