@@ -42,7 +42,9 @@ def n_params(layers: list[int]) -> int:
 # ---------------------------------------------------------------- distrib rank
 
 
-def distrib_rank(steps: int, warmup: int, batch: int, bucket_cap_mb: float) -> None:
+def distrib_rank(
+    steps: int, warmup: int, batch: int, bucket_cap_mb: float, last_bucket_mb: float | None
+) -> None:
     """One rank of the distrib run (env:// rendezvous); rank 0 prints a JSON line."""
     import numpy as np
 
@@ -57,7 +59,9 @@ def distrib_rank(steps: int, warmup: int, batch: int, bucket_cap_mb: float) -> N
     for i, (a, b) in enumerate(itertools.pairwise(LAYERS)):
         params[f"w{i}"] = (rng.standard_normal((a, b)) * np.sqrt(2.0 / a)).astype(np.float32)
         params[f"b{i}"] = np.zeros(b, dtype=np.float32)
-    ddp = DistributedDataParallel(params, bucket_cap_mb=bucket_cap_mb)
+    ddp = DistributedDataParallel(
+        params, bucket_cap_mb=bucket_cap_mb, last_bucket_mb=last_bucket_mb
+    )
     opt = SGD(params, lr=1e-3)
     x = rng.standard_normal((batch, LAYERS[0])).astype(np.float32)
     y = rng.integers(0, LAYERS[-1], size=batch)
@@ -196,6 +200,7 @@ def run_distrib(n: int, args: argparse.Namespace) -> dict:
         sys.executable, os.path.abspath(__file__), "--_rank",
         "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--batch", str(args.batch), "--bucket-cap-mb", str(args.bucket_cap_mb),
+        "--last-bucket-mb", str(args.last_bucket_mb),
     ]  # fmt: skip
     return _launch([cmd] * n, args.timeout)
 
@@ -220,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="samples per rank per step")
     ap.add_argument("--bucket-cap-mb", type=float, default=25)
     ap.add_argument(
+        "--last-bucket-mb",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=1.0,
+        help="distrib DDP's last_bucket_mb ('none': torch's bucket layout); torch has no such knob",
+    )
+    ap.add_argument(
         "--peer-python",
         default=DEFAULT_PEER if os.path.exists(DEFAULT_PEER) else None,
         help="interpreter with torch for the comparison (default /opt/peers/bin/python)",
@@ -228,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--_rank", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._rank:
-        distrib_rank(args.steps, args.warmup, args.batch, args.bucket_cap_mb)
+        distrib_rank(args.steps, args.warmup, args.batch, args.bucket_cap_mb, args.last_bucket_mb)
         return 0
     cores = os.cpu_count() or 1
     ranks = args.ranks or ([1, 2, 4, 8] + ([16] if cores >= 16 else []))
@@ -237,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     torch_ok = bool(args.peer_python) and os.path.exists(args.peer_python)
     print(
         f"# MLP {LAYERS}, {n_params(LAYERS) / 1e6:.1f}M float32 params, batch {args.batch}/rank, "
-        f"{args.steps} steps, best of {args.repeat}, {cores} cores, 1 thread per rank"
+        f"{args.steps} steps, best of {args.repeat}, {cores} cores, 1 thread per rank, "
+        f"buckets {args.bucket_cap_mb:g} MiB (distrib last_bucket_mb={args.last_bucket_mb})"
     )
     if not torch_ok:
         print(

@@ -2,16 +2,20 @@
 # Every measurement the open issues need from the 16-core / one-GPU machine,
 # in four parts that each finish well inside one 10-minute device call:
 #
-#   benchmarks/device_suite.sh gpu     # GPU test files looped (up to 20 passes), driver files
+#   benchmarks/device_suite.sh gpu     # GPU tests looped (up to 20 passes), driver files, GPU table
 #   benchmarks/device_suite.sh allreduce  # distrib-bench --compare at 2, 4, 8, 16 ranks
 #   benchmarks/device_suite.sh tune    # the shm engine's paths side by side at 4, 8, 16 ranks
-#   benchmarks/device_suite.sh train   # DDP and Hogwild scaling, GPU all-reduce table
+#   benchmarks/device_suite.sh train   # DDP (both bucket layouts) and Hogwild scaling
 #
 # The timeouts are caps that keep each part inside one 10-minute device call
 # (not yet run as a whole: written when no device machine was lent).
 # Wheels for what the machine lacks (pyzmq; gymnasium and farama-notifications
-# for Hogwild) are installed from WHEELS (default .whl) into /tmp/site. Each
-# table also goes to $OUT/<name>.txt (or /tmp/device-out) so it comes back whole.
+# for Hogwild) are installed from WHEELS (default .whl, git-ignored: carry it)
+# into /tmp/site. Fetch them once with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0 gymnasium==1.4.0 \
+#     farama-notifications==0.0.6
+# Each table also goes to $OUT/<name>.txt (or /tmp/device-out) so it comes back whole.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: device_suite.sh gpu|allreduce|tune|train}
@@ -41,11 +45,12 @@ run() {
 
 case $part in
 gpu)
-  # The GPU suite 20 times (or until 480 s are spent), then what the CUDA
-  # driver left in /dev/shm: distrib removes a dead child's cuda.shm files.
+  # The GPU suite 20 times (or until 330 s are spent), then what the CUDA
+  # driver left in /dev/shm (distrib removes a dead child's cuda.shm files),
+  # then the GPU all-reduce table.
   files="tests/test_gpu_ipc.py tests/test_gpu_collectives.py tests/test_gpu_group.py tests/test_gpu_plan.py tests/test_ddp_gpu.py"
   ls /dev/shm >"$out/shm-before.txt"
-  end=$((SECONDS + 480))
+  end=$((SECONDS + 330))
   passed=0
   for i in $(seq 1 20); do
     [ $SECONDS -ge $end ] && break
@@ -61,6 +66,7 @@ gpu)
   ls /dev/shm >"$out/shm-after.txt"
   echo "/dev/shm entries new since the start:"
   comm -13 "$out/shm-before.txt" "$out/shm-after.txt"
+  run 150 gpu-allreduce "$PY" -m distrib.comm._bench --device cuda
   ;;
 allreduce)
   for n in 2 4 8 16; do
@@ -75,8 +81,10 @@ tune)
   ;;
 train)
   run 200 ddp "$PY" benchmarks/bench_ddp.py --ranks 1 2 4 8 16 --steps 10 --repeat 1 --peer-python "$PY"
+  # the same with torch's bucket layout (no short last bucket), where it should matter
+  run 120 ddp-torch-layout "$PY" benchmarks/bench_ddp.py --ranks 1 8 --steps 10 --repeat 1 \
+    --last-bucket-mb none --peer-python "$PY"
   run 150 hogwild "$PY" benchmarks/bench_hogwild.py --workers 1 2 4 8 16 --seconds 3
-  run 150 gpu-allreduce "$PY" -m distrib.comm._bench --device cuda
   ;;
 *)
   echo "unknown part '$part': expected gpu, allreduce, tune or train" >&2

@@ -74,20 +74,32 @@ def test_torch_model_trained_through_distrib_ddp(tmp_path):
     except ImportError:
         if not os.path.exists(PEER_PYTHON):
             pytest.skip(f"torch is not installed here and there is no {PEER_PYTHON}")
-        # The peer virtualenv has torch but not our dependencies: expose just those.
+        # The peer virtualenv has torch but maybe not our dependencies: expose this
+        # interpreter's (compiled, so only to the same Python version).
         import msgpack
         import zmq
 
-        shim = tmp_path / "shim"
-        shim.mkdir()
-        for mod in (zmq, msgpack):
-            pkg = os.path.dirname(mod.__file__)
-            os.symlink(pkg, shim / os.path.basename(pkg))
-        libs = os.path.join(os.path.dirname(os.path.dirname(zmq.__file__)), "pyzmq.libs")
-        if os.path.isdir(libs):
-            os.symlink(libs, shim / "pyzmq.libs")
+        probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+        peer_version = _run([PEER_PYTHON, "-c", probe], timeout=60).stdout.strip()
+        path = [REPO]
+        if _run([PEER_PYTHON, "-c", "import zmq, msgpack"], timeout=60).returncode != 0:
+            if peer_version != f"{sys.version_info[0]}.{sys.version_info[1]}":
+                pytest.skip(
+                    f"{PEER_PYTHON} (Python {peer_version}) has torch but no pyzmq/msgpack, "
+                    f"and this Python {sys.version_info[0]}.{sys.version_info[1]}'s compiled "
+                    "pyzmq cannot load there"
+                )
+            shim = tmp_path / "shim"
+            shim.mkdir()
+            for mod in (zmq, msgpack):
+                pkg = os.path.dirname(mod.__file__)
+                os.symlink(pkg, shim / os.path.basename(pkg))
+            libs = os.path.join(os.path.dirname(os.path.dirname(zmq.__file__)), "pyzmq.libs")
+            if os.path.isdir(libs):
+                os.symlink(libs, shim / "pyzmq.libs")
+            path.insert(0, str(shim))
         python = PEER_PYTHON
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), REPO]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     proc = _run(
         [python, os.path.join(EXAMPLES, "torch_ddp_interop.py"), "--nproc", "2", "--steps", "20"], timeout=200,
         env=env,

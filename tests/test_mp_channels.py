@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing as std_mp
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,3 +180,41 @@ def test_api_covers_the_standard_module():
         assert isinstance(c.Queue(), mp.Queue().__class__)
     assert mp.get_sharing_strategy() in mp.get_all_sharing_strategies()
     assert mp.get_all_sharing_strategies() == {"file_descriptor", "file_system"}
+
+
+_EXIT_SCRIPT = """
+import sys
+import numpy as np
+import distrib.multiprocessing as mp
+
+def child(q, out):
+    a = q.get()
+    a += 1
+    out.put(a)
+
+if __name__ == "__main__":
+    ctx = mp.get_context(sys.argv[1])
+    q, out = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=child, args=(q, out))
+    p.start()
+    q.put(np.zeros(1_000_000))
+    print(out.get(timeout=30).sum())
+    p.join(30)
+    print("exit code", p.exitcode)
+"""
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_exit_leaves_no_resource_warnings(method, tmp_path):
+    """Parent and child close their daemon connections at exit (``python -X dev`` is quiet)."""
+    script = tmp_path / "exit_script.py"
+    script.write_text(_EXIT_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, "-X", "dev", str(script), method],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S * 2,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1000000.0", "exit", "code", "0"], proc.stdout
+    assert "ResourceWarning" not in proc.stderr, proc.stderr

@@ -3,7 +3,10 @@
 Buckets are filled in reverse registration order, the order a backward pass
 produces gradients (last layer first), so the first bucket fills early. The
 first bucket is small (``first_bucket_mb``) so its all-reduce starts as soon as
-possible; the others are up to ``bucket_cap_mb``. Each bucket holds one dtype
+possible; so is the last (``last_bucket_mb``: the first layers' gradients, which
+backward produces last): nothing overlaps the communication that follows the
+last gradient, so that bucket should be short. The others are up to
+``bucket_cap_mb``. Each bucket holds one dtype
 and owns one flat buffer that lives for the life of the model: gradients are
 views into it, so nothing is allocated per step.
 """
@@ -61,23 +64,49 @@ class Bucket:
 
 
 def assign_buckets(
-    specs: Sequence[ParamSpec], *, first_cap_bytes: int, cap_bytes: int
+    specs: Sequence[ParamSpec],
+    *,
+    first_cap_bytes: int,
+    cap_bytes: int,
+    last_cap_bytes: int | None = None,
 ) -> list[list[str]]:
     """Group parameter names into buckets, walking ``specs`` in reverse order.
 
     A bucket closes when adding the next parameter would pass its cap (the
     first bucket's cap is ``first_cap_bytes``) or when the dtype changes; a
-    parameter larger than the cap gets a bucket of its own.
+    parameter larger than the cap gets a bucket of its own. With
+    ``last_cap_bytes``, the parameters registered first (their gradients come
+    last) form a final bucket: the first parameter, however large, and those
+    after it while they add at most ``last_cap_bytes`` (and ``cap_bytes``): a
+    first layer's weight and its bias, say, whose gradients arrive together.
+    The tail never takes parameters of the first bucket.
     """
-    if first_cap_bytes <= 0 or cap_bytes <= 0:
+    caps = (first_cap_bytes, cap_bytes) + (() if last_cap_bytes is None else (last_cap_bytes,))
+    if min(caps) <= 0:
         raise ValueError(
-            f"bucket caps must be > 0 bytes, got first={first_cap_bytes} cap={cap_bytes}"
+            f"bucket caps must be > 0 bytes, got first={first_cap_bytes} cap={cap_bytes} "
+            f"last={last_cap_bytes}"
         )
+    tail = 0  # specs[:tail] make up the last bucket
+    if last_cap_bytes is not None:
+        # Never reach into the first bucket (the greedy walk's first bucket is the
+        # same with or without a tail), and never past the ordinary cap.
+        free = len(specs) - _first_bucket_len(specs, first_cap_bytes)
+        limit = min(last_cap_bytes, cap_bytes)
+        if free > 0:
+            tail, added = 1, 0
+            while (
+                tail < free
+                and specs[tail].dtype == specs[0].dtype
+                and added + specs[tail].nbytes <= limit
+            ):
+                added += specs[tail].nbytes
+                tail += 1
     buckets: list[list[str]] = []
     current: list[str] = []
     current_bytes = 0
     current_dtype: np.dtype | None = None
-    for spec in reversed(specs):
+    for spec in reversed(specs[tail:]):
         cap = first_cap_bytes if not buckets else cap_bytes
         if current and (spec.dtype != current_dtype or current_bytes + spec.nbytes > cap):
             buckets.append(current)
@@ -87,7 +116,19 @@ def assign_buckets(
         current_dtype = spec.dtype
     if current:
         buckets.append(current)
+    if tail:
+        buckets.append([spec.name for spec in reversed(specs[:tail])])
     return buckets
+
+
+def _first_bucket_len(specs: Sequence[ParamSpec], first_cap_bytes: int) -> int:
+    """How many parameters (from the end of ``specs``) the first bucket takes."""
+    count, size = 0, 0
+    for spec in reversed(specs):
+        if count and (spec.dtype != specs[-1].dtype or size + spec.nbytes > first_cap_bytes):
+            break
+        count, size = count + 1, size + spec.nbytes
+    return count
 
 
 def build_buckets(

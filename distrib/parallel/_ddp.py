@@ -38,6 +38,10 @@ class DistributedDataParallel:
         group: the process group (default: the default group).
         bucket_cap_mb: cap of every bucket but the first, in MiB.
         first_bucket_mb: cap of the first bucket (the last layers), in MiB.
+        last_bucket_mb: the last bucket (the first layers, whose gradients come
+            last) holds the first parameter and those after it up to this many
+            MiB more, so little communication is left once backward ends;
+            ``None``: no separate last bucket (torch's layout).
         broadcast: copy rank 0's parameters to every rank at construction.
         comm_hook: how buckets travel (``allreduce_hook``, ``fp16_compress_hook``).
         timeout: seconds ``synchronize`` waits per bucket (default: the group's).
@@ -53,6 +57,7 @@ class DistributedDataParallel:
         group: Any = None,
         bucket_cap_mb: float = 25,
         first_bucket_mb: float = 1,
+        last_bucket_mb: float | None = 1,
         broadcast: bool = True,
         comm_hook: CommHook = allreduce_hook,
         timeout: float | None = None,
@@ -63,10 +68,11 @@ class DistributedDataParallel:
             raise TypeError(
                 "DistributedDataParallel: params must be a non-empty mapping of name -> array"
             )
-        if bucket_cap_mb <= 0 or first_bucket_mb <= 0:
+        if min(bucket_cap_mb, first_bucket_mb, last_bucket_mb or 1) <= 0:
             raise ValueError(
-                f"DistributedDataParallel: bucket_cap_mb={bucket_cap_mb} and "
-                f"first_bucket_mb={first_bucket_mb} must be > 0"
+                f"DistributedDataParallel: bucket_cap_mb={bucket_cap_mb}, "
+                f"first_bucket_mb={first_bucket_mb} and last_bucket_mb={last_bucket_mb} "
+                "must be > 0"
             )
         if not isinstance(comm_hook, CommHook):
             raise TypeError(
@@ -108,6 +114,7 @@ class DistributedDataParallel:
             specs,
             first_cap_bytes=max(1, int(first_bucket_mb * _MB)),
             cap_bytes=max(1, int(bucket_cap_mb * _MB)),
+            last_cap_bytes=None if last_bucket_mb is None else int(last_bucket_mb * _MB),
         )
         self.buckets: list[Bucket] = build_buckets(specs, groups, xp)
         self._bucket_of: dict[str, Bucket] = {n: b for b in self.buckets for n in b.names}

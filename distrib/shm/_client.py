@@ -69,6 +69,7 @@ class _State:
         self.unrefs: dict[str, dict[str, int]] = {}
         self.unref_total = 0
         self.flush_hooked = False
+        self.exiting = False  # connections closed at interpreter exit: open no new ones
 
 
 _state = _State()
@@ -96,6 +97,33 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _close_connections() -> None:
+    """At interpreter exit: flush pending releases, then close every daemon connection.
+
+    Exit would close them anyway (the daemon sees the same disconnect); closing
+    them here keeps ``-X dev`` and pytest free of unclosed-socket warnings.
+    """
+    st = _state
+    if st.pid != os.getpid():
+        return  # a forked child that never used the client: nothing of its own
+    with st.lock:
+        if st.unref_total:
+            _flush_locked(st)
+        st.exiting = True
+        conns, st.conns = st.conns, {}
+        for sock in conns.values():
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+# Through multiprocessing's exit function, with the lowest priority: after it has
+# joined the queue feeder threads (priority -5), which may still be pickling
+# arrays (refs), and after the unref flush (-100).
+mp_util.Finalize(None, _close_connections, exitpriority=-1000)
 
 
 def _start_daemon(st: _State) -> str:
@@ -145,6 +173,13 @@ def daemon_address() -> str:
 def _conn(st: _State, address: str) -> socket.socket:
     sock = st.conns.get(address)
     if sock is None:
+        if st.exiting:
+            # Finalizers running after _close_connections: the disconnect already
+            # told the daemon everything a message would.
+            raise ShmError(
+                f"the interpreter is exiting; not reconnecting to daemon {address[1:]!r}",
+                op="shm.connect",
+            )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.settimeout(config().timeout or _DEFAULT_TIMEOUT)
         try:
