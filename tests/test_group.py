@@ -96,6 +96,10 @@ def _single_rank_checks():
         assert a.tolist() == [0, 1, 2, 3]
         with pytest.raises(TypeError, match="numpy or cupy array"):
             dist.all_reduce([1, 2])
+        # A torch tensor (stand-in: its class lives in module "torch") gets the fix named.
+        tensor_cls = type("Tensor", (), {"__module__": "torch"})
+        with pytest.raises(TypeError, match=r"got torch\.Tensor; pass tensor\.numpy\(\)"):
+            dist.all_reduce(tensor_cls())
         with pytest.raises(TypeError, match="numeric"):
             dist.all_reduce(np.array(["a"]))
         with pytest.raises(ValueError, match="read-only"):

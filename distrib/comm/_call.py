@@ -49,9 +49,16 @@ def xp_of(array: Any) -> Any:
 def check_array(pg: ProcessGroup, array: Any, arg: str, op: str, writable: bool = False) -> None:
     """Raise a clear error unless ``array`` is a numeric numpy/cupy array."""
     if not (isinstance(array, np.ndarray) or type(array).__module__.split(".")[0] == "cupy"):
+        hint = ""
+        if type(array).__module__.split(".")[0] == "torch":
+            # torch users' first try: say how to pass the tensor without a copy
+            hint = (
+                f"; pass {arg}.numpy() for a CPU tensor (a view: the result lands in the "
+                f"tensor) or cupy.asarray({arg}) for a CUDA tensor"
+            )
         raise TypeError(
             f"{op}: {arg} must be a numpy or cupy array on rank {pg.global_rank}, got "
-            f"{type(array).__name__}"
+            f"{type(array).__module__}.{type(array).__name__}{hint}"
         )
     kind = array.dtype.kind
     if kind not in "biufc":
