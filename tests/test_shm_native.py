@@ -207,3 +207,24 @@ def test_build_into_a_fresh_cache_off_switch_and_no_compiler(tmp_path: Any) -> N
     assert not os.path.exists(os.path.join(broken, "distrib")) or not [
         f for f in os.listdir(os.path.join(broken, "distrib")) if f.endswith(".so")
     ]
+
+
+def test_a_build_prunes_stale_builds_of_other_versions(tmp_path: Any) -> None:
+    cache = tmp_path / "cache"
+    (cache / "distrib").mkdir(parents=True)
+    old = time.time() - 8 * 24 * 3600
+    files = {
+        "shm_native-0000000000000000.so": old,  # another version, stale: removed
+        "shm_native-deadbeefdeadbeef.so.tmp": old,  # a crashed build's temporary: removed
+        "shm_native-1111111111111111.so": time.time(),  # another version, recent: kept
+        "notes.txt": old,  # not ours: kept
+    }
+    for name, mtime in files.items():
+        path = cache / "distrib" / name
+        path.write_bytes(b"x")
+        os.utime(path, (mtime, mtime))
+    assert _load_in_subprocess({"XDG_CACHE_HOME": str(cache)}) == "True"
+    left = sorted(os.listdir(cache / "distrib"))
+    built = [n for n in left if n.endswith(".so") and n not in files]
+    assert len(built) == 1, left
+    assert left == sorted([built[0], "shm_native-1111111111111111.so", "notes.txt"]), left

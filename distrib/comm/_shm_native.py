@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,10 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shm_native.
 _DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
 _OPS = {ReduceOp.SUM: 0, ReduceOp.AVG: 0, ReduceOp.PRODUCT: 1}
 _BUILD_TIMEOUT_S = 60.0
+# After a build, libraries of other source versions untouched for this long (and
+# temporaries of crashed builds) are removed from the cache. One still in use by
+# an older install is only rebuilt the next time that install needs it.
+_STALE_S = 7 * 24 * 3600.0
 
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}
@@ -50,7 +55,7 @@ def _build(source: bytes, target: str) -> bool:
     if cc is None:
         return False
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".so.tmp")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix="shm_native-", suffix=".so.tmp")
     os.close(fd)
     try:
         # -O3 (vectorizes the loops) and no -march: the result must run on any x86-64
@@ -65,12 +70,29 @@ def _build(source: bytes, target: str) -> bool:
         if done.returncode != 0:
             return False
         os.replace(tmp, target)  # atomic: a concurrent loader sees all of it or nothing
+        _prune(os.path.dirname(target), keep=os.path.basename(target))
         return True
     except (OSError, subprocess.SubprocessError):
         return False
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _prune(cache: str, keep: str) -> None:
+    """Remove stale builds of other source versions (and stale temporaries)."""
+    cutoff = time.time() - _STALE_S
+    for name in os.listdir(cache):
+        if name == keep or not name.startswith("shm_native-"):
+            continue
+        if not (name.endswith(".so") or name.endswith(".so.tmp")):
+            continue
+        path = os.path.join(cache, name)
+        try:
+            if os.stat(path).st_mtime < cutoff:
+                os.unlink(path)  # a process that has it mapped keeps its copy
+        except OSError:
+            pass  # gone already, or not ours to remove
 
 
 def load() -> Any:
