@@ -97,7 +97,7 @@ def config(environ: Mapping[str, str] | None = None) -> Config:
     for key, raw in env.items():
         if not key.startswith("DISTRIB_"):
             continue
-        name = key[len("DISTRIB_"):].lower()
+        name = key[len("DISTRIB_") :].lower()
         if name not in known:
             raise DistUsageError(
                 f"unknown environment variable {key}; distrib knows "

@@ -10,8 +10,16 @@ import distrib
 from distrib import _config
 from distrib._errors import DistError, DistTimeoutError
 
-PUBLIC_MODULES = ["distrib", "distrib.shm", "distrib.multiprocessing", "distrib.comm",
-                  "distrib.parallel", "distrib.optim", "distrib.data", "launcher"]
+PUBLIC_MODULES = [
+    "distrib",
+    "distrib.shm",
+    "distrib.multiprocessing",
+    "distrib.comm",
+    "distrib.parallel",
+    "distrib.optim",
+    "distrib.data",
+    "launcher",
+]
 
 
 @pytest.mark.parametrize("modname", PUBLIC_MODULES)
@@ -35,7 +43,12 @@ def test_errors_pickle_with_context():
     err = DistTimeoutError("all_reduce timed out", rank=2, op="all_reduce", peer=3)
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is DistTimeoutError
-    assert (back.rank, back.op, back.peer, str(back)) == (2, "all_reduce", 3, "all_reduce timed out")
+    assert (back.rank, back.op, back.peer, str(back)) == (
+        2,
+        "all_reduce",
+        3,
+        "all_reduce timed out",
+    )
     assert isinstance(back, TimeoutError) and isinstance(back, DistError)
 
 

@@ -126,7 +126,9 @@ def test_parent_removes_cuda_driver_files_of_ended_children(how):
             p.start()
         for p in procs:
             p.join(20)
-        assert [p.exitcode for p in procs] == ([-signal.SIGKILL] * 2 if how == "sigkill" else [0, 0])
+        assert [p.exitcode for p in procs] == (
+            [-signal.SIGKILL] * 2 if how == "sigkill" else [0, 0]
+        )
         left = [n for n in os.listdir("/dev/shm") if n.startswith("cuda.shm.")]
         assert not any(f"{p.pid:x}" == n.split(".")[3] for n in left for p in procs), left
         assert os.path.exists(other)
