@@ -96,7 +96,7 @@ _KILLED_JOB = textwrap.dedent(
         q.put(keep[0])
         q.put(np.ones(200_000))  # in flight forever: nobody reads it
         assert ready.wait(30)
-        print(_client._current().spawned[0].pid, flush=True)
+        print(_client._current().spawned[0], flush=True)
         time.sleep(60)
     """
 )

@@ -64,7 +64,7 @@ class _State:
         self.own_daemon: str | None = None
         # (daemon, seg_id) pairs where this process is a holder (its fd is deposited).
         self.holding: set[tuple[str, str]] = set()
-        self.spawned: list[subprocess.Popen] = []
+        self.spawned: list[int] = []  # pids of the daemons this process started
         # Ticket releases not yet sent: daemon -> seg_id -> count (see flush()).
         self.unrefs: dict[str, dict[str, int]] = {}
         self.unref_total = 0
@@ -140,20 +140,42 @@ def _start_daemon(st: _State) -> str:
             "import runpy, sys; sys.argv[0] = 'distrib.shm._cleanup'; "
             f"runpy.run_path({_cleanup_path()!r}, run_name='__main__')"
         )
-        popen = subprocess.Popen(
-            [sys.executable, "-c", bootstrap, str(listener.fileno()), str(ORPHAN_GRACE_S)],
+        # Through a shell that starts the daemon in the background, prints its
+        # pid and exits: the daemon is then nobody's child here (re-parented to
+        # init or a subreaper), so this process never has to reap it and holds no
+        # Popen of a running process at exit (which warns).
+        starter = subprocess.Popen(
+            [
+                "/bin/sh",
+                "-c",
+                '"$@" </dev/null >/dev/null & echo $!',
+                "sh",
+                sys.executable,
+                "-c",
+                bootstrap,
+                str(listener.fileno()),
+                str(ORPHAN_GRACE_S),
+            ],
             pass_fds=[listener.fileno()],
             close_fds=True,
             start_new_session=True,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=None if config().debug else subprocess.DEVNULL,
         )
+        try:
+            out, _ = starter.communicate(timeout=_DEFAULT_TIMEOUT)
+            pid = int(out.strip())
+        except (subprocess.TimeoutExpired, ValueError) as exc:
+            starter.kill()
+            starter.wait()
+            raise ShmError(
+                f"could not start the shared-memory cleanup daemon through /bin/sh: {exc!r}",
+                op="shm.daemon",
+            ) from exc
     finally:
         listener.close()  # the daemon holds its own copy; connects queue in the backlog
-    # Keep the Popen (dropping a running one warns) and reap those that exited.
-    st.spawned = [p for p in st.spawned if p.poll() is None]
-    st.spawned.append(popen)
+    st.spawned.append(pid)
     return name
 
 
