@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--last-bucket-mb",
         type=lambda v: None if v.lower() == "none" else float(v),
-        default=1.0,
-        help="distrib DDP's last_bucket_mb ('none': torch's bucket layout); torch has no such knob",
+        default=None,
+        help="distrib DDP's last_bucket_mb (default none: torch's bucket layout, the DDP "
+        "default); torch has no such knob",
     )
     ap.add_argument(
         "--peer-python",

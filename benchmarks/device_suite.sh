@@ -81,9 +81,9 @@ tune)
   ;;
 train)
   run 200 ddp "$PY" benchmarks/bench_ddp.py --ranks 1 2 4 8 16 --steps 10 --repeat 1 --peer-python "$PY"
-  # the same with torch's bucket layout (no short last bucket), where it should matter
-  run 120 ddp-torch-layout "$PY" benchmarks/bench_ddp.py --ranks 1 8 --steps 10 --repeat 1 \
-    --last-bucket-mb none --peer-python "$PY"
+  # with DDP's short last bucket (last_bucket_mb=1; off by default), where it should matter
+  run 120 ddp-last-bucket "$PY" benchmarks/bench_ddp.py --ranks 1 8 --steps 10 --repeat 1 \
+    --last-bucket-mb 1 --peer-python "$PY"
   run 150 hogwild "$PY" benchmarks/bench_hogwild.py --workers 1 2 4 8 16 --seconds 3
   ;;
 *)

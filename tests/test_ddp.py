@@ -112,9 +112,7 @@ def test_gradients_are_averaged_and_parameters_broadcast(world):
     res = all_ok(run_ranks(_average, world))
     ref = _model(0)
     for params, steps, n_buckets in res.values():
-        # tiny caps: one bucket per parameter, but the first layer's weight and bias
-        # share the last bucket (last_bucket_mb)
-        assert n_buckets == 3
+        assert n_buckets == 4  # tiny caps: one bucket per parameter
         for k in ref:  # every replica starts from rank 0's parameters
             np.testing.assert_array_equal(params[k], ref[k])
         for step, (returned, handed_in) in steps.items():
@@ -122,6 +120,24 @@ def test_gradients_are_averaged_and_parameters_broadcast(world):
                 expect = np.mean([_grads(r, step)[k] for r in range(world)], axis=0)
                 np.testing.assert_allclose(returned[k], expect, rtol=1e-6)
                 np.testing.assert_allclose(handed_in[k], expect, rtol=1e-6)  # written back
+
+
+def _short_last_bucket(rank, world):
+    params = _model(rank)
+    ddp = DistributedDataParallel(
+        params, first_bucket_mb=12 / 2**20, bucket_cap_mb=1, last_bucket_mb=28 / 2**20
+    )
+    got = ddp.allreduce_gradients(_grads(rank))
+    return [b.names for b in ddp.buckets], {k: np.array(v) for k, v in got.items()}
+
+
+def test_short_last_bucket_holds_the_first_layer_and_averages():
+    res = all_ok(run_ranks(_short_last_bucket, 2))
+    for layout, got in res.values():
+        # default layout: [l1.b], [l1.w, l0.b, l0.w]; the first layer now travels alone
+        assert layout == [["l1.b"], ["l1.w"], ["l0.b", "l0.w"]]
+        for k, v in got.items():
+            np.testing.assert_allclose(v, np.mean([_grads(r)[k] for r in range(2)], axis=0))
 
 
 # ---------------------------------------------------------------- overlap and order

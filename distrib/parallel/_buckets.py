@@ -3,9 +3,9 @@
 Buckets are filled in reverse registration order, the order a backward pass
 produces gradients (last layer first), so the first bucket fills early. The
 first bucket is small (``first_bucket_mb``) so its all-reduce starts as soon as
-possible; so is the last (``last_bucket_mb``: the first layers' gradients, which
-backward produces last): nothing overlaps the communication that follows the
-last gradient, so that bucket should be short. The others are up to
+possible; optionally so is the last (``last_bucket_mb``: the first layers'
+gradients, which backward produces last), since nothing overlaps the
+communication that follows the last gradient. The others are up to
 ``bucket_cap_mb``. Each bucket holds one dtype
 and owns one flat buffer that lives for the life of the model: gradients are
 views into it, so nothing is allocated per step.

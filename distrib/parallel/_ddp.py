@@ -38,10 +38,10 @@ class DistributedDataParallel:
         group: the process group (default: the default group).
         bucket_cap_mb: cap of every bucket but the first, in MiB.
         first_bucket_mb: cap of the first bucket (the last layers), in MiB.
-        last_bucket_mb: the last bucket (the first layers, whose gradients come
-            last) holds the first parameter and those after it up to this many
-            MiB more, so little communication is left once backward ends;
-            ``None``: no separate last bucket (torch's layout).
+        last_bucket_mb: if set, the last bucket (the first layers, whose
+            gradients come last) holds the first parameter and those after it
+            up to this many MiB more, so less communication is left once
+            backward ends; ``None`` (default): torch's layout.
         broadcast: copy rank 0's parameters to every rank at construction.
         comm_hook: how buckets travel (``allreduce_hook``, ``fp16_compress_hook``).
         timeout: seconds ``synchronize`` waits per bucket (default: the group's).
@@ -57,7 +57,7 @@ class DistributedDataParallel:
         group: Any = None,
         bucket_cap_mb: float = 25,
         first_bucket_mb: float = 1,
-        last_bucket_mb: float | None = 1,
+        last_bucket_mb: float | None = None,
         broadcast: bool = True,
         comm_hook: CommHook = allreduce_hook,
         timeout: float | None = None,
