@@ -293,3 +293,28 @@ def test_100k_small_arrays_within_default_fd_limits():
     ok, nfds = out.get(timeout=80)
     proc.join(WAIT_S)
     assert ok and nfds < 200
+
+
+def test_daemon_that_cannot_start_is_a_clear_error():
+    script = textwrap.dedent(
+        """
+        import subprocess
+        from distrib._errors import ShmError
+        from distrib.shm import _client
+
+        def no_shell(*args, **kwargs):
+            raise FileNotFoundError(2, "No such file or directory", "/bin/sh")
+
+        subprocess.Popen = no_shell
+        try:
+            _client.daemon_address()
+        except ShmError as exc:
+            print("ShmError:", exc)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT_S
+    )
+    assert done.returncode == 0, done.stderr
+    assert "could not start the shared-memory cleanup daemon" in done.stdout, done.stdout
+    assert "/bin/sh" in done.stdout, done.stdout

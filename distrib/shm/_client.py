@@ -144,25 +144,32 @@ def _start_daemon(st: _State) -> str:
         # pid and exits: the daemon is then nobody's child here (re-parented to
         # init or a subreaper), so this process never has to reap it and holds no
         # Popen of a running process at exit (which warns).
-        starter = subprocess.Popen(
-            [
-                "/bin/sh",
-                "-c",
-                '"$@" </dev/null >/dev/null & echo $!',
-                "sh",
-                sys.executable,
-                "-c",
-                bootstrap,
-                str(listener.fileno()),
-                str(ORPHAN_GRACE_S),
-            ],
-            pass_fds=[listener.fileno()],
-            close_fds=True,
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=None if config().debug else subprocess.DEVNULL,
-        )
+        try:
+            starter = subprocess.Popen(
+                [
+                    "/bin/sh",
+                    "-c",
+                    '"$@" </dev/null >/dev/null & echo $!',
+                    "sh",
+                    sys.executable,
+                    "-c",
+                    bootstrap,
+                    str(listener.fileno()),
+                    str(ORPHAN_GRACE_S),
+                ],
+                pass_fds=[listener.fileno()],
+                close_fds=True,
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=None if config().debug else subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            raise ShmError(
+                f"could not start the shared-memory cleanup daemon ({exc}); it needs /bin/sh "
+                f"and {sys.executable}",
+                op="shm.daemon",
+            ) from exc
         try:
             out, _ = starter.communicate(timeout=_DEFAULT_TIMEOUT)
             pid = int(out.strip())
