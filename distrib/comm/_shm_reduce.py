@@ -11,7 +11,7 @@ the thresholds below.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,16 @@ _NATIVE_SPIN = 4000
 # here the single-copy path, which moves fewer bytes, was as fast or faster.
 # Measured at 2 ranks: docs/performance.md.
 _NATIVE_MAX = 16 << 20
+
+
+def _fold(fn: Any, sources: Iterable[Any], out: Any) -> None:
+    """``out = s0 op s1 op ...`` in the order given: rank order, so every rank and
+    every path gets the same bits. ``sources`` may be lazy (``_in_rank_order``)."""
+    it = iter(sources)
+    first = next(it)
+    fn(first, next(it), out=out)
+    for src in it:
+        fn(out, src, out=out)
 
 
 class ShmReductions(ShmPipeline):
@@ -85,6 +95,18 @@ class ShmReductions(ShmPipeline):
         return max(1, part // dtype.itemsize)
 
     # -- reductions ----------------------------------------------------------
+    def _in_rank_order(
+        self, parts: list[Any], k: int, h: int, name: str, deadline: float, verify: bool = False
+    ) -> Iterator[Any]:
+        """Yield ``parts[q]`` for q = 0, 1, ... once rank q has published step ``k``'s
+        inputs (signalled ``2k+1``), comparing its call digest first if ``verify``."""
+        for q, part in enumerate(parts):
+            if q != self.rank:
+                self._sync.wait(q, 2 * k + 1, name, deadline)
+                if verify:
+                    self._compare_digest(q, h, k, name)
+            yield part
+
     def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
         if self.size > 1:
             self._run(
@@ -141,21 +163,8 @@ class ShmReductions(ShmPipeline):
             # 2. reduce my part in rank order, reading the others' slots in place
             lo, hi = b[r], b[r + 1]
             acc = mine[lo:hi]
-            first = True
-            prev = None
-            for q in range(n):
-                if q != r:
-                    sync.wait(q, 2 * k + 1, name, deadline)
-                    if verify:
-                        self._compare_digest(q, h, k, name)
-                src = chunk[lo:hi] if q == r else slots[q][h][lo:hi]
-                if prev is None:
-                    prev = src
-                elif first:
-                    fn(prev, src, out=acc)
-                    first = False
-                else:
-                    fn(acc, src, out=acc)
+            parts = [chunk[lo:hi] if q == r else slots[q][h][lo:hi] for q in range(n)]
+            _fold(fn, self._in_rank_order(parts, k, h, name, deadline, verify), acc)
             sync.signal(2 * k + 2)
             # 3. collect every part's result
             if root is None or root == r:
@@ -190,9 +199,7 @@ class ShmReductions(ShmPipeline):
                 if verify:
                     self._compare_digest(q, h, k, name)
         if root is None or root == r:
-            fn(slots[0][h][:count], slots[1][h][:count], out=buf)
-            for q in range(2, n):
-                fn(buf, slots[q][h][:count], out=buf)
+            _fold(fn, [slots[q][h][:count] for q in range(n)], buf)
         sync.signal(2 * k + 2)
         self._step = k + 1
 
@@ -272,15 +279,9 @@ class ShmReductions(ShmPipeline):
             lo, hi = b[r], b[r + 1]
             own = chunk[lo:hi]
             spare = mine[lo:hi]  # my slot's own part: nobody else reads it
+            parts = [own if q == r else slots[q][h][lo:hi] for q in range(n)]
             prev = acc = None
-            for q in range(n):
-                if q == r:
-                    src = own
-                else:
-                    sync.wait(q, 2 * k + 1, name, deadline)
-                    if verify:
-                        self._compare_digest(q, h, k, name)
-                    src = slots[q][h][lo:hi]
+            for q, src in enumerate(self._in_rank_order(parts, k, h, name, deadline, verify)):
                 if prev is None:
                     prev = src
                     continue
@@ -340,23 +341,12 @@ class ShmReductions(ShmPipeline):
                 if q != r:
                     np.copyto(mine[q * part : q * part + c], buf[q * m + start : q * m + start + c])
             sync.signal(2 * k + 1)
-            dst = out[start : start + c]
-            prev = None
-            first = True
-            for q in range(n):
-                if q != r:
-                    sync.wait(q, 2 * k + 1, name, deadline)
-                src = (
-                    buf[r * m + start : r * m + start + c]
-                    if q == r
-                    else slots[q][h][r * part : r * part + c]
-                )
-                if prev is None:
-                    prev = src
-                elif first:
-                    fn(prev, src, out=dst)
-                    first = False
-                else:
-                    fn(dst, src, out=dst)
+            parts = [
+                buf[r * m + start : r * m + start + c]
+                if q == r
+                else slots[q][h][r * part : r * part + c]
+                for q in range(n)
+            ]
+            _fold(fn, self._in_rank_order(parts, k, h, name, deadline), out[start : start + c])
             sync.signal(2 * k + 2)
             self._step = k + 1

@@ -46,7 +46,7 @@ def _rank(path: str, rank: int, n: int, sizes: list[int], rounds: int, out: Any)
     assert eng is not None
     res: dict[str, dict[int, list[float]]] = {name: {s: [] for s in sizes} for name in _PATHS}
     bufs = {size: np.zeros(size // 4, np.float32) for size in sizes}
-    native = eng._native  # the C step (two ranks, when built), shown as its own column
+    native = eng._native  # the C step (when built), shown as its own column
     try:
         # Rounds interleave the paths, so a noisy moment hits every column alike.
         for _ in range(rounds):

@@ -87,26 +87,32 @@ def assign_buckets(
             f"bucket caps must be > 0 bytes, got first={first_cap_bytes} cap={cap_bytes} "
             f"last={last_cap_bytes}"
         )
-    tail = 0  # specs[:tail] make up the last bucket
-    if last_cap_bytes is not None:
-        # Never reach into the first bucket (the greedy walk's first bucket is the
-        # same with or without a tail), and never past the ordinary cap.
-        free = len(specs) - _first_bucket_len(specs, first_cap_bytes)
-        limit = min(last_cap_bytes, cap_bytes)
-        if free > 0:
-            tail, added = 1, 0
-            while (
-                tail < free
-                and specs[tail].dtype == specs[0].dtype
-                and added + specs[tail].nbytes <= limit
-            ):
-                added += specs[tail].nbytes
-                tail += 1
+    buckets = _greedy(specs, first_cap_bytes, cap_bytes)
+    if last_cap_bytes is None or len(buckets) < 2:
+        return buckets
+    # The last bucket never reaches into the first one (the greedy walk's first
+    # bucket is the same with or without it), nor past the ordinary cap.
+    free = len(specs) - len(buckets[0])
+    limit = min(last_cap_bytes, cap_bytes)
+    tail, added = 1, 0  # specs[:tail] make up the last bucket
+    while tail < free and specs[tail].dtype == specs[0].dtype:
+        if added + specs[tail].nbytes > limit:
+            break
+        added += specs[tail].nbytes
+        tail += 1
+    return [
+        *_greedy(specs[tail:], first_cap_bytes, cap_bytes),
+        [s.name for s in reversed(specs[:tail])],
+    ]
+
+
+def _greedy(specs: Sequence[ParamSpec], first_cap_bytes: int, cap_bytes: int) -> list[list[str]]:
+    """Buckets in reverse order, each closed before it would pass its cap or change dtype."""
     buckets: list[list[str]] = []
     current: list[str] = []
     current_bytes = 0
     current_dtype: np.dtype | None = None
-    for spec in reversed(specs[tail:]):
+    for spec in reversed(specs):
         cap = first_cap_bytes if not buckets else cap_bytes
         if current and (spec.dtype != current_dtype or current_bytes + spec.nbytes > cap):
             buckets.append(current)
@@ -116,19 +122,7 @@ def assign_buckets(
         current_dtype = spec.dtype
     if current:
         buckets.append(current)
-    if tail:
-        buckets.append([spec.name for spec in reversed(specs[:tail])])
     return buckets
-
-
-def _first_bucket_len(specs: Sequence[ParamSpec], first_cap_bytes: int) -> int:
-    """How many parameters (from the end of ``specs``) the first bucket takes."""
-    count, size = 0, 0
-    for spec in reversed(specs):
-        if count and (spec.dtype != specs[-1].dtype or size + spec.nbytes > first_cap_bytes):
-            break
-        count, size = count + 1, size + spec.nbytes
-    return count
 
 
 def build_buckets(

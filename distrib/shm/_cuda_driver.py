@@ -68,22 +68,19 @@ def mark_cuda_used() -> None:
         mp_util.Finalize(None, remove_driver_ipc_files, exitpriority=0)
 
 
-def remove_driver_ipc_files(pid: int | None = None) -> int:
-    """Unlink the CUDA driver's ``/dev/shm/cuda.shm.<n>.<pid hex>.<n>`` files; return how many.
+def remove_driver_ipc_files() -> int:
+    """Unlink this process's CUDA driver ``/dev/shm/cuda.shm.*`` files; return how many.
 
     The driver creates such a file in a process that exports IPC events and
     removes it in its own exit handler, which ``os._exit`` (how multiprocessing
-    children leave) and ``kill -9`` skip: seen left behind on an H100 after
-    every worker. Without ``pid``: this process's files, only if it used CUDA,
-    and only once no other process will open its IPC handles any more (at
-    exit); mappings already made stay valid. With ``pid``: the files of that
-    *ended* process (its parent calls this once it has seen it exit).
+    children leave) skips: seen left behind on an H100 after every worker. Only
+    if this process used CUDA, and only once no other process will open its IPC
+    handles any more (at exit); mappings already made stay valid. Parents remove
+    the files of children that ended without cleaning up (``_cuda_files``).
     """
-    if pid is None:
-        if _cuda_pid != os.getpid():
-            return 0
-        pid = os.getpid()
-    return remove_cuda_ipc_files(pid)
+    if _cuda_pid != os.getpid():
+        return 0
+    return remove_cuda_ipc_files(os.getpid())
 
 
 def check_not_forked(what: str) -> None:
