@@ -255,6 +255,9 @@ def test_gradients_written_into_bucket_views():
 
 
 def _misuse(rank, world):
+    for bad in ({"last_bucket_mb": 0}, {"bucket_cap_mb": -1}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}={next(iter(bad.values()))}"):
+            DistributedDataParallel(_model(rank), **bad)
     ddp = DistributedDataParallel(_model(rank))
     g = _grads(rank)
     msgs = []

@@ -68,7 +68,8 @@ class DistributedDataParallel:
             raise TypeError(
                 "DistributedDataParallel: params must be a non-empty mapping of name -> array"
             )
-        if min(bucket_cap_mb, first_bucket_mb, last_bucket_mb or 1) <= 0:
+        last = 1.0 if last_bucket_mb is None else last_bucket_mb
+        if min(bucket_cap_mb, first_bucket_mb, last) <= 0:
             raise ValueError(
                 f"DistributedDataParallel: bucket_cap_mb={bucket_cap_mb}, "
                 f"first_bucket_mb={first_bucket_mb} and last_bucket_mb={last_bucket_mb} "
@@ -114,7 +115,7 @@ class DistributedDataParallel:
             specs,
             first_cap_bytes=max(1, int(first_bucket_mb * _MB)),
             cap_bytes=max(1, int(bucket_cap_mb * _MB)),
-            last_cap_bytes=None if last_bucket_mb is None else int(last_bucket_mb * _MB),
+            last_cap_bytes=None if last_bucket_mb is None else max(1, int(last_bucket_mb * _MB)),
         )
         self.buckets: list[Bucket] = build_buckets(specs, groups, xp)
         self._bucket_of: dict[str, Bucket] = {n: b for b in self.buckets for n in b.names}
