@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ._errors import DistUsageError
+from ._validate import COUNT, TIMEOUT, Bound, check_number
 
 __all__ = ["Config", "config"]
 
@@ -79,6 +80,16 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "native": _bool,
 }
 
+# Numeric variables and their accepted ranges (NaN, infinities, negatives and absurd
+# values are refused, naming the variable; distrib/_validate.py says why each bound).
+_BOUNDS: dict[str, Bound] = {
+    "timeout": TIMEOUT,
+    "restart_count": COUNT,
+    "max_restarts": COUNT,
+    "inline_threshold": Bound(0, 2**40, low_inclusive=True, integer=True, unit=" bytes"),
+    "launcher_pid": Bound(1, 2**22, low_inclusive=True, integer=True, unit=""),
+}
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "transport": ("auto", "zmq", "shm"),
     "sharing_strategy": ("file_descriptor", "file_system"),
@@ -113,7 +124,8 @@ def config(environ: Mapping[str, str] | None = None) -> Config:
             raise DistUsageError(
                 f"{key}={raw!r} is invalid: expected one of {', '.join(choices)}", op="config"
             )
-        if name == "timeout" and value <= 0:
-            raise DistUsageError(f"{key}={raw!r} is invalid: must be > 0 seconds", op="config")
+        bound = _BOUNDS.get(name)
+        if bound is not None:
+            value = check_number(value, f"{key}={raw!r} is invalid: {key}", bound, DistUsageError)
         values[name] = value
     return Config(**values)

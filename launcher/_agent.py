@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 
 from distrib._errors import DistError
 
+from ._bootstrap_code import BOOTSTRAP_CODE
 from ._guardian import Guardian
 from ._options import STDERR, STDOUT, LaunchOptions
 from ._output import StreamPump, write_all
@@ -218,7 +219,7 @@ class Agent:
         opts = self.opts
         mode = "exec" if opts.no_python else "module" if opts.module else "script"
         python = opts.python or sys.executable
-        return [python, "-m", "launcher._bootstrap", mode, opts.target, *opts.args]
+        return [python, "-c", BOOTSTRAP_CODE, mode, opts.target, *opts.args]
 
     def _spawn(self, rnd: Round, sel: selectors.BaseSelector) -> list[Worker]:
         opts = self.opts

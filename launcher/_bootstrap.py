@@ -1,6 +1,9 @@
 """Worker bootstrap: what ``distrib-run`` actually executes in each worker process.
 
-``python -m launcher._bootstrap {script|module|exec} TARGET [ARGS...]``
+``python -c BOOTSTRAP_CODE {script|module|exec} TARGET [ARGS...]`` (see
+``_bootstrap_code``: the working directory is kept off ``sys.path`` while this
+module and distrib load, so a user's ``launcher/`` or ``distrib/`` folder there
+cannot shadow them; the target then gets the ``sys.path[0]`` Python would give it).
 
 1. Ask the kernel to send SIGTERM when the launcher dies (``PR_SET_PDEATHSIG``),
    then check the launcher is still our parent (it may have died before the call).
@@ -70,7 +73,7 @@ def _run_script(path: str, args: list[str]) -> None:
     except (SyntaxError, ValueError) as exc:
         _startup_failure(exc, 1, "".join(traceback.format_exception_only(type(exc), exc)))
     sys.argv = [path, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # as `python path` does
     # A fresh __main__, as the interpreter makes for `python path`; multiprocessing's
     # spawn start method finds the script again through __main__.__file__.
     main = types.ModuleType("__main__")
@@ -82,6 +85,7 @@ def _run_script(path: str, args: list[str]) -> None:
 
 
 def _run_module(name: str, args: list[str]) -> None:
+    sys.path.insert(0, os.getcwd())  # as `python -m name` does
     try:
         spec = importlib.util.find_spec(name)
         if spec is None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from distrib._validate import COUNT, GRACE, INTERVAL, NODES, PROCS, TIMEOUT, Bound, check_number
+
 __all__ = [
     "LaunchOptions",
+    "check_log_dir",
     "parse_nproc",
     "parse_rank_set",
     "parse_std_streams",
@@ -51,10 +55,10 @@ class LaunchOptions:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent setting."""
-        if self.nproc < 1:
-            raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
-        if self.nnodes < 1:
-            raise ValueError(f"--nnodes must be >= 1, got {self.nnodes}")
+        for name, bound in _BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None or name != "timeout":  # --timeout: None means no limit
+                setattr(self, name, check_number(value, _flag(name), bound))
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(
                 f"--node-rank must be in [0, {self.nnodes - 1}] for --nnodes {self.nnodes}, "
@@ -66,14 +70,6 @@ class LaunchOptions:
             )
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"--master-port must be in 1..65535, got {self.master_port}")
-        if self.max_restarts < 0:
-            raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
-        for name in ("monitor_interval", "grace_period", "node_timeout", "join_timeout"):
-            if getattr(self, name) <= 0:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} must be > 0 seconds, got {getattr(self, name)}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
         if self.module and self.no_python:
             raise ValueError("-m/--module and --no-python cannot be combined")
         for name in ("redirects", "tee", "local_ranks_filter"):
@@ -85,10 +81,40 @@ class LaunchOptions:
                     f"{flag} names local rank(s) {bad}, but --nproc is {self.nproc} "
                     f"(local ranks 0..{self.nproc - 1})"
                 )
+        if self.log_dir is not None:
+            check_log_dir(self.log_dir)
         if not self.run_id or any(c in self.run_id for c in "/\\\0"):
             raise ValueError(
                 f"--run-id must be a non-empty name without slashes, got {self.run_id!r}"
             )
+
+
+# The numeric settings and their accepted ranges (distrib/_validate.py states why).
+_BOUNDS: dict[str, Bound] = {
+    "nproc": PROCS,
+    "nnodes": NODES,
+    "max_restarts": COUNT,
+    "monitor_interval": INTERVAL,
+    "grace_period": GRACE,
+    "timeout": TIMEOUT,
+    "node_timeout": TIMEOUT,
+    "join_timeout": TIMEOUT,
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_log_dir(path: str) -> None:
+    """Create ``path`` if needed and prove it writable; ``ValueError`` naming path and reason."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".distrib-run-probe-")  # noqa: SIM115
+        probe.close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"--log-dir {path!r} is not a writable directory: {reason}") from None
 
 
 def visible_gpu_count(environ: Mapping[str, str] | None = None) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from .._errors import DistBackendError, DistTimeoutError
+from .._validate import check_timeout
 from ..shm._cuda_driver import check_not_forked, device_identity, import_cupy, mark_cuda_used
 from ._engine import Engine
 
@@ -124,7 +125,7 @@ class CudaEventWork:
         return True
 
     def synchronize(self, timeout: float | None = None) -> None:
-        limit = self.timeout if timeout is None else timeout
+        limit = self.timeout if timeout is None else check_timeout(timeout, "synchronize timeout")
         deadline = time.monotonic() + limit
         while not self.event.done:
             if time.monotonic() > deadline:

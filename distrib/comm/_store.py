@@ -9,7 +9,6 @@ and pickles as a plain client (host, port, timeout, secret).
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import os
 import threading
@@ -20,7 +19,8 @@ from typing import Any
 import zmq
 
 from .._config import config
-from .._errors import DistAuthError, DistStoreError, DistTimeoutError
+from .._errors import DistAuthError, DistStoreError, DistTimeoutError, DistUsageError
+from .._validate import check_timeout
 from . import _store_wire as wire
 from ._store_server import StoreServer
 
@@ -30,16 +30,12 @@ DEFAULT_STORE_TIMEOUT_S = 300.0  # torch's default store timeout (5 minutes)
 
 
 def to_seconds(timeout: Any, what: str = "timeout") -> float:
-    """Accept a ``datetime.timedelta`` or a number of seconds; reject the rest."""
-    if isinstance(timeout, datetime.timedelta):
-        value = timeout.total_seconds()
-    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        value = float(timeout)
-    else:
-        raise TypeError(f"{what} must be a datetime.timedelta or seconds, got {timeout!r}")
-    if value <= 0:
-        raise ValueError(f"{what} must be positive, got {value} s")
-    return value
+    """Accept a ``datetime.timedelta`` or a number of seconds; reject the rest.
+
+    NaN, infinities, zero, negatives and more than a year raise ``DistUsageError``
+    (a ``ValueError``) naming ``what``; a non-number raises ``TypeError``.
+    """
+    return check_timeout(timeout, what, DistUsageError)
 
 
 def _as_bytes(value: Any, what: str) -> bytes:

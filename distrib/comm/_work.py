@@ -6,7 +6,8 @@ import threading
 import time
 from typing import Any
 
-from .._errors import DistTimeoutError
+from .._errors import DistTimeoutError, DistUsageError
+from .._validate import check_timeout
 
 __all__ = ["Work"]
 
@@ -28,6 +29,8 @@ class Work:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the operation finished; re-raise its error. ``timeout`` in seconds
         bounds this wait only (the operation keeps its own group timeout)."""
+        if timeout is not None:  # threading's wait overflows on inf, misbehaves on NaN
+            timeout = check_timeout(timeout, f"{self.op}: Work.wait timeout", DistUsageError)
         start = time.monotonic()
         if not self._done.wait(timeout):
             raise DistTimeoutError(
