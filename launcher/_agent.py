@@ -31,7 +31,7 @@ from ._bootstrap_code import BOOTSTRAP_CODE
 from ._guardian import Guardian
 from ._options import STDERR, STDOUT, LaunchOptions
 from ._output import StreamPump, write_all
-from ._procs import set_child_subreaper
+from ._procs import descendants, set_child_subreaper, signal_pids
 from ._rendezvous import Round, SingleNodeRendezvous
 from ._report import format_report, root_cause
 from ._worker import Worker, WorkerExit, signal_name
@@ -298,6 +298,7 @@ class Agent:
         result: AttemptResult | None = None
         stop_sent_at: float | None = None
         killed = False
+        stray_signalled = False
         linger_until: float | None = None
         try:
             while True:
@@ -313,26 +314,44 @@ class Agent:
                         stop_sent_at = now
                 if result is not None:
                     alive = [w for w in workers if w.group_alive()]
-                    if not alive:
+                    # Descendants outside the workers' groups: setsid children, daemons
+                    # (re-parented to us: we are a subreaper).
+                    strays = self._strays(workers)
+                    if not alive and not strays:
                         break
+                    if stop_sent_at is not None and not stray_signalled and strays:
+                        signal_pids(strays, signal.SIGTERM)  # they get the workers' signal
+                        stray_signalled = True
                     if stop_sent_at is None and linger_until is None:
                         linger_until = now + _LINGER_S
                     if stop_sent_at is None and linger_until is not None and now < linger_until:
                         pass  # helpers such as multiprocessing's resource tracker exit soon
                     elif stop_sent_at is None:  # success, but a worker left processes behind
+                        ranks = [w.rank for w in alive]
                         self.say(
-                            f"ranks {[w.rank for w in alive]} exited 0 but left processes; stopping them"
+                            f"ranks {ranks} exited 0 but left processes; stopping them"
+                            if ranks
+                            else f"workers exited 0 but left processes {sorted(strays)}; "
+                            "stopping them"
                         )
                         for w in alive:
                             w.signal_group(signal.SIGTERM)
+                        signal_pids(strays, signal.SIGTERM)
+                        stray_signalled = True
                         stop_sent_at = now
                     elif not killed and now - stop_sent_at > self.opts.grace_period:
                         for w in alive:
                             w.signal_group(signal.SIGKILL)
+                        signal_pids(strays, signal.SIGKILL)
                         killed = True
                     elif killed and now - stop_sent_at > self.opts.grace_period + 10:
-                        self.say(f"processes of ranks {[w.rank for w in alive]} survive SIGKILL")
+                        self.say(
+                            f"processes of ranks {[w.rank for w in alive]} (and "
+                            f"{sorted(strays)}) survive SIGKILL"
+                        )
                         break
+                    elif killed:
+                        signal_pids(strays, signal.SIGKILL)  # newcomers forked while dying
                 self.rdzv.heartbeat()  # also while stopping or draining, which can take a while
                 self._pump(sel, wake_fd, self.opts.monitor_interval)
             self._drain(sel, wake_fd)
@@ -373,6 +392,30 @@ class Agent:
         if self.opts.timeout is not None and now - started > self.opts.timeout:
             return AttemptResult("timeout")
         return None
+
+    def _strays(self, workers: list[Worker]) -> set[int]:
+        """Live descendants of ours other than the worker processes themselves.
+
+        Includes what left the workers' groups or sessions (re-parented to us, a
+        child subreaper, when their parent exited). Reaps those that already exited (they were re-parented to us); worker
+        processes themselves are left to their ``Popen``.
+        """
+        assert self._guardian is not None
+        me = os.getpid()
+        leaders = {w.pid for w in workers}
+        tree = descendants(me, exclude=frozenset({self._guardian.pid}))
+        live = set()
+        for pid, (state, _) in tree.items():
+            if pid in leaders:
+                continue
+            if state == b"Z":
+                try:
+                    os.waitpid(pid, os.WNOHANG)  # ours only if re-parented to us
+                except ChildProcessError:
+                    pass
+            else:
+                live.add(pid)
+        return live
 
     def _drain(self, sel: selectors.BaseSelector, wake_fd: int) -> None:
         end = time.monotonic() + _DRAIN_S
