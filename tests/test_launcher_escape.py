@@ -90,7 +90,7 @@ def test_nothing_escapes_the_launcher(launch, how):
     if how.startswith("SIG"):
         _check_escaped_left_session(pids)
         p.send_signal(getattr(signal, how))
-    out, err = p.communicate(timeout=60)
+    _out, err = p.communicate(timeout=60)
     expected = {"SIGTERM": 128 + 15, "SIGINT": 128 + 2, "SIGKILL": -9, "worker_failure": 1}
     assert p.returncode == expected.get(how, 0), err
     end = time.monotonic() + 15
