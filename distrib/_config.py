@@ -60,6 +60,7 @@ class Config:
     launcher_pid: int | None = None  # DISTRIB_LAUNCHER_PID: set by distrib-run for workers
     local_ranks_filter: str | None = None  # DISTRIB_LOCAL_RANKS_FILTER: reserved for distrib-run
     native: bool | None = None  # DISTRIB_NATIVE: 0 keeps the shm engine's numpy path (no C step)
+    dump_fd: int | None = None  # DISTRIB_DUMP_FD: set by distrib-run: a byte there asks for stacks
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -78,6 +79,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "launcher_pid": _int,
     "local_ranks_filter": _str,
     "native": _bool,
+    "dump_fd": _int,
 }
 
 # Numeric variables and their accepted ranges (NaN, infinities, negatives and absurd
@@ -88,6 +90,7 @@ _BOUNDS: dict[str, Bound] = {
     "max_restarts": COUNT,
     "inline_threshold": Bound(0, 2**40, low_inclusive=True, integer=True, unit=" bytes"),
     "launcher_pid": Bound(1, 2**22, low_inclusive=True, integer=True, unit=""),
+    "dump_fd": Bound(0, 2**20, low_inclusive=True, integer=True, unit=""),
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -29,6 +29,7 @@ from distrib._errors import DistError
 
 from ._bootstrap_code import BOOTSTRAP_CODE
 from ._guardian import Guardian
+from ._hang import find_hang
 from ._options import STDERR, STDOUT, LaunchOptions
 from ._output import StreamPump, write_all
 from ._procs import descendants, set_child_subreaper, signal_pids
@@ -44,6 +45,8 @@ _DRAIN_S = 1.0
 # Processes a successful worker leaves behind get this long to exit on their own
 # (multiprocessing's resource tracker exits within milliseconds of its parent).
 _LINGER_S = 1.0
+# How long a hung job's workers get to write their stack dumps before being stopped.
+_DUMP_WAIT_S = 3.0
 
 
 @dataclass
@@ -133,6 +136,7 @@ class Agent:
             )
             exits = result.exits + theirs
             root = root_cause(exits)
+            hang = self._hang(result, exits, root)
             if not failed and lost is None and root is None:
                 return 0
             if result.outcome == "signal" or (self._pending_signal and result.outcome != "timeout"):
@@ -141,10 +145,15 @@ class Agent:
                 self._report(exits, attempt, f"distrib-run received {name}; workers stopped")
                 return 128 + signum
             if result.outcome == "timeout":
-                self._report(exits, attempt, f"--timeout {self.opts.timeout:g} s passed")
+                headline = f"--timeout {self.opts.timeout:g} s passed"
+                if hang is not None:
+                    headline += f"; hang: {hang.headline()}"
+                self._report(exits, attempt, headline, hang)
                 return 1
             retryable = lost is None and (root is None or root.phase != "startup")
-            if root is not None:
+            if hang is not None:
+                headline = f"hang: {hang.headline()}"
+            elif root is not None:
                 headline = f"rank {root.rank} on host {root.host}: {root.reason()}"
                 if root.phase == "startup":
                     headline += " before the script started; not retried"
@@ -159,16 +168,34 @@ class Agent:
                 )
                 attempt += 1
                 continue
-            self._report(exits, attempt, headline)
+            self._report(exits, attempt, headline, hang)
             return 1
 
-    def _report(self, exits: list[WorkerExit], attempt: int, headline: str) -> None:
+    @staticmethod
+    def _hang(result: AttemptResult, exits: list[WorkerExit], root: WorkerExit | None) -> Any:
+        """The ranks that never entered a collective, when the job hung (else ``None``).
+
+        Only a hang (``--timeout``, or a first failure that is a timeout or a peer's
+        abort: a rank that waited for the laggards) makes the laggards the root
+        cause; an exception of the user's stays its own root cause.
+        """
+        if result.outcome != "timeout" and not _timed_out(root):
+            return None
+        hang = find_hang(exits)
+        if hang is None or (root is not None and root.rank in hang.laggards):
+            return None
+        return hang
+
+    def _report(
+        self, exits: list[WorkerExit], attempt: int, headline: str, hang: Any = None
+    ) -> None:
         text = format_report(
             exits,
             run_id=self.opts.run_id,
             attempt=attempt,
             max_restarts=self.opts.max_restarts,
             headline=headline,
+            hang=hang,
         )
         try:
             write_all(self.stderr, text.encode())
@@ -305,6 +332,8 @@ class Agent:
                 now = time.monotonic()
                 if result is None:
                     result = self._check(workers, rnd, started, now)
+                    if result is not None and _hang_suspected(result, workers):
+                        self._collect_dumps(workers, sel, wake_fd)
                     if result is not None and result.outcome != "success":
                         first = result.signum if result.outcome == "signal" else signal.SIGTERM
                         for w in workers:
@@ -365,8 +394,13 @@ class Agent:
                 assert self._guardian is not None and w.proc is not None
                 if not w.group_alive():
                     self._guardian.forget(w.pid)
+            for w in workers:
+                w.close_dump_pipe()
         exits = [w.poll() for w in workers]
         result.exits = [e for e in exits if e is not None]
+        for e, w in zip(exits, workers, strict=True):
+            if e is not None:
+                e.dump = w.read_dump()
         for w in workers:
             if w.exit is not None:
                 lines = [p.last_line for p in w.pumps if p.last_line]
@@ -392,6 +426,18 @@ class Agent:
         if self.opts.timeout is not None and now - started > self.opts.timeout:
             return AttemptResult("timeout")
         return None
+
+    def _collect_dumps(
+        self, workers: list[Worker], sel: selectors.BaseSelector, wake_fd: int
+    ) -> None:
+        """Ask every running worker for its stacks; wait (bounded) for the answers."""
+        asked = [w for w in workers if w.request_dump()]
+        end = time.monotonic() + _DUMP_WAIT_S
+        while asked and time.monotonic() < end:
+            self._pump(sel, wake_fd, 0.02)
+            asked = [w for w in asked if not w.dump_answered()]
+        if asked:
+            self.say(f"ranks {[w.rank for w in asked]} gave no stack dump within {_DUMP_WAIT_S} s")
 
     def _strays(self, workers: list[Worker]) -> set[int]:
         """Live descendants of ours other than the worker processes themselves.
@@ -421,6 +467,18 @@ class Agent:
         end = time.monotonic() + _DRAIN_S
         while len(sel.get_map()) > 1 and time.monotonic() < end:
             self._pump(sel, wake_fd, 0.05)
+
+
+def _timed_out(e: WorkerExit | None) -> bool:
+    """Whether a worker failed waiting for others (a timeout, or a peer's abort)."""
+    return e is not None and any(k in e.message for k in ("TimeoutError", "PeerLostError"))
+
+
+def _hang_suspected(result: AttemptResult, workers: list[Worker]) -> bool:
+    """A hang, not a plain error: ``--timeout``, another node's failure, or a timeout."""
+    if result.outcome in ("timeout", "peer"):
+        return True
+    return result.outcome == "failure" and any(_timed_out(w.exit) for w in workers)
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:

@@ -30,6 +30,7 @@ from typing import NoReturn
 
 from distrib._config import config
 from distrib._record import PHASE_STARTUP, write_error_file
+from distrib._stacks import dump_path, start_dump_listener, write_dump
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -121,6 +122,13 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] not in ("script", "module", "exec"):
         sys.exit("usage: python -m launcher._bootstrap {script|module|exec} TARGET [ARGS...]")
     mode, target, args = argv[0], argv[1], argv[2:]
+    cfg = config()
+    dump = dump_path(cfg.error_file) if cfg.error_file else None
+    if cfg.dump_fd is not None:
+        if mode == "exec" or dump is None:
+            os.close(cfg.dump_fd)  # nobody to answer: the launcher sees no dump
+        else:
+            start_dump_listener(cfg.dump_fd, dump)
     if mode == "exec":
         _exec(target, args)
     try:
@@ -133,6 +141,8 @@ def main(argv: list[str]) -> None:
     except BaseException as exc:
         exc = _trim_bootstrap_frames(exc)
         write_error_file(exc)
+        if dump is not None and "distrib.comm._flight" in sys.modules:
+            write_dump(dump, "exception")  # the flight records as they were at the error
         sys.excepthook(type(exc), exc, exc.__traceback__)
         sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from ._hang import Hang, hang_lines, stack_lines
 from ._worker import WorkerExit, signal_name
 
 __all__ = ["format_report", "root_cause"]
@@ -58,9 +59,15 @@ def format_report(
     attempt: int,
     max_restarts: int,
     headline: str,
+    hang: Hang | None = None,
 ) -> str:
-    """Render the report for one failed attempt; ``headline`` says why the job ended."""
-    root = root_cause(exits)
+    """Render the report for one failed attempt; ``headline`` says why the job ended.
+
+    With ``hang`` (ranks that never entered a collective), those ranks are the root
+    cause and the earliest failure (a rank that timed out waiting) is listed as
+    another failure; every rank's stacks are shown.
+    """
+    root = root_cause(exits) if hang is None else None
     others = [e for e in exits if e.failed and e is not root]
     stopped = sorted(e.rank for e in exits if e.stopped_by_launcher)
     out = [
@@ -75,7 +82,18 @@ def format_report(
         out.append("-" * 72)
         out.append(f"stopped by the launcher: ranks {', '.join(map(str, stopped))}")
     out.append("-" * 72)
-    if root is not None:
+    if hang is not None:
+        out += hang_lines(hang, exits)
+        out.append("-" * 72)
+        out.append(f"ROOT CAUSE (hang): {hang.headline()}")
+        for e in sorted(exits, key=lambda x: x.rank):
+            if e.rank in hang.laggards:
+                out.append(
+                    f"  rank {e.rank} (local rank {e.local_rank}, node {e.node_rank}) on host "
+                    f"{e.host}, pid {e.pid}: {hang.states.get(e.rank, '')}"
+                )
+                out += stack_lines(e, "  ") or ["  (no stack dump: it did not answer)"]
+    elif root is not None:
         out += _entry(root, "ROOT CAUSE (first failure)")
     else:
         out.append("no worker failed by itself (see the headline)")

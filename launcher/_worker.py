@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from typing import Any
 
 from distrib._cuda_files import remove_cuda_ipc_files
 from distrib._record import read_error_file
+from distrib._stacks import dump_path
 
 from ._procs import group_has_live_member, reap_group
 
@@ -41,6 +43,7 @@ class WorkerExit:
     phase: str = "run"  # "startup": could not even start (not retried)
     stopped_by_launcher: bool = False
     last_output: str = ""
+    dump: dict[str, Any] | None = None  # its stacks and flight records (distrib._stacks)
 
     @property
     def failed(self) -> bool:
@@ -86,17 +89,60 @@ class Worker:
         self.stop_requested = False
         self.group_reaped = False
         self.pumps: list[Any] = []  # its StreamPumps (stdout, stderr), for the last output line
+        self.dump_file = dump_path(error_file)
+        self._dump_w: int | None = None  # a byte written here asks the worker for a dump
+        self._asked_at = 0.0
 
     def start(self) -> None:
         # Own session: a terminal's Ctrl-C reaches the launcher only (it forwards),
         # and killpg(pid) reaches every process the worker started.
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        dump_r, self._dump_w = os.pipe()
+        os.set_blocking(self._dump_w, False)
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env={**self.env, "DISTRIB_DUMP_FD": str(dump_r)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                pass_fds=(dump_r,),
+            )
+        finally:
+            os.close(dump_r)
+
+    def request_dump(self) -> bool:
+        """Ask a running worker for its stacks (``distrib._stacks``); ``False`` if it ended."""
+        if self._dump_w is None or self.poll() is not None:
+            return False
+        self._asked_at = time.time()
+        try:
+            os.write(self._dump_w, b"d")
+        except OSError:
+            return False
+        return True
+
+    def dump_answered(self) -> bool:
+        """Whether the worker wrote a dump since ``request_dump`` (or has ended)."""
+        if self.poll() is not None:
+            return True
+        try:
+            return os.stat(self.dump_file).st_mtime >= self._asked_at - 0.01
+        except OSError:
+            return False
+
+    def read_dump(self) -> dict[str, Any] | None:
+        """The worker's last stack dump, or ``None``."""
+        try:
+            with open(self.dump_file, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def close_dump_pipe(self) -> None:
+        if self._dump_w is not None:
+            os.close(self._dump_w)
+            self._dump_w = None
 
     @property
     def pid(self) -> int:

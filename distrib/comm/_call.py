@@ -128,6 +128,7 @@ def issue(
     """Issue ``action(engine, seq, deadline)`` on ``pg`` after the descriptor check."""
     engine = pg.engine_for(sample)
     check = pg.check_mismatch
+    body_desc = desc  # for the flight recorder, before a disabled check blanks it
     if not check:
         desc = b""  # DISTRIB_CHECK_MISMATCH=0: every rank sends and expects an empty descriptor
 
@@ -139,6 +140,7 @@ def issue(
             verify_descriptor(pg, pg.cpu_engine, desc, seq, op, deadline)
         return action(engine, seq, deadline)
 
+    body.flight_desc = body_desc  # type: ignore[attr-defined]
     if async_op and is_cupy_array(sample):
         # GPU work is enqueued on the caller's current cupy stream (torch's NCCL semantics):
         # enqueue it here, in issue order, and hand back a Work backed by a CUDA event, so a

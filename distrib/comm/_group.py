@@ -35,6 +35,7 @@ from .._errors import (
     DistTimeoutError,
 )
 from ._engine import Engine, EngineContext, make_cpu_engine_for, make_gpu_engine_for
+from ._flight import FlightRecorder
 from ._work import Work
 
 __all__ = ["ProcessGroup", "host_id"]
@@ -111,6 +112,7 @@ class ProcessGroup:
         self._seq = itertools.count()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.flight = FlightRecorder(self.global_ranks, self.global_rank)
 
     def __repr__(self) -> str:
         return f"<ProcessGroup rank {self._rank}/{self._size} ranks={self.global_ranks}>"
@@ -237,6 +239,7 @@ class ProcessGroup:
             ticket = self._next_ticket
             self._next_ticket += 1
             seq = next(self._seq) if collective else -1
+        self.flight.enter(seq, op, body)
         if not async_op:
             # Synchronous: run on the caller's thread, no Work to build (its Event
             # costs microseconds a small all-reduce cannot spare).
@@ -268,8 +271,12 @@ class ProcessGroup:
         try:
             if self._failure is not None:
                 raise self._failure
-            return body(time.monotonic() + self.timeout, seq)
+            self.flight.started(seq)
+            result = body(time.monotonic() + self.timeout, seq)
+            self.flight.completed(seq)
+            return result
         except DistError as exc:
+            self.flight.failed(seq)
             if self._failure is None:
                 self._failure = exc
                 if not getattr(exc, "reported_by_peer", False):

@@ -1,0 +1,134 @@
+"""The flight recorder: each rank's last collectives, for a hang that explains itself.
+
+torch's Flight Recorder is the model. Every process group keeps a ring of its
+last ``RING`` collectives (op, sequence number, call descriptor, state, times);
+recording one is an index and a few attribute writes on preallocated slots, so
+it stays on by default. When a job hangs, ``distrib-run`` asks each rank for a
+dump (``distrib._stacks``): these records plus every thread's Python stack. The
+ranks whose last entered sequence number is lowest never reached the collective
+the others wait in: they are the cause, the others its victims.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+__all__ = ["FlightRecorder", "State", "snapshot_all"]
+
+RING = 64  # a power of two: the slot of seq is seq & (RING - 1)
+_MASK = RING - 1
+
+
+class State(enum.Enum):
+    """Where a collective is on this rank."""
+
+    ENTERED = "entered"  # issued by the caller (async ops may wait behind earlier ones)
+    STARTED = "started"  # its engine is moving data
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class _Entry:
+    __slots__ = ("desc", "op", "seq", "state", "t_end", "t_enter")
+
+    def __init__(self) -> None:
+        self.seq = -1
+        self.op = ""
+        self.desc: bytes = b""
+        self.state = State.ENTERED
+        self.t_enter = 0.0
+        self.t_end = 0.0
+
+
+_recorders: weakref.WeakSet[FlightRecorder] = weakref.WeakSet()
+_created: dict[tuple[int, ...], int] = {}  # ranks -> groups with those ranks made so far
+
+
+class FlightRecorder:
+    """The ring of one process group's collectives on this rank."""
+
+    __slots__ = ("__weakref__", "key", "last_completed", "last_entered", "rank", "ranks", "ring")
+
+    def __init__(self, global_ranks: list[int], global_rank: int) -> None:
+        self.ranks = list(global_ranks)
+        # The n-th group with these ranks: the same name on every member, since every
+        # rank creates groups in the same order.
+        nth = _created.get(tuple(self.ranks), 0)
+        _created[tuple(self.ranks)] = nth + 1
+        self.key = f"{self.ranks}#{nth}"
+        self.rank = global_rank
+        self.ring = [_Entry() for _ in range(RING)]
+        self.last_entered = -1
+        self.last_completed = -1
+        _recorders.add(self)
+
+    def enter(self, seq: int, op: str, body: Callable[..., Any]) -> None:
+        """The caller issued collective ``seq`` (point-to-point, ``seq < 0``, is not kept)."""
+        if seq < 0:
+            return
+        e = self.ring[seq & _MASK]
+        e.seq, e.op, e.state, e.t_enter = seq, op, State.ENTERED, time.monotonic()
+        e.desc = getattr(body, "flight_desc", b"")
+        self.last_entered = seq
+
+    def started(self, seq: int) -> None:
+        if seq >= 0:
+            self.ring[seq & _MASK].state = State.STARTED
+
+    def completed(self, seq: int) -> None:
+        if seq >= 0:
+            e = self.ring[seq & _MASK]
+            e.state, e.t_end = State.COMPLETED, time.monotonic()
+            self.last_completed = seq
+
+    def failed(self, seq: int) -> None:
+        if seq >= 0:
+            e = self.ring[seq & _MASK]
+            e.state, e.t_end = State.FAILED, time.monotonic()
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON/msgpack-ready copy, oldest entry first."""
+        now = time.monotonic()
+        entries = sorted((e for e in self.ring if e.seq >= 0), key=lambda e: e.seq)
+        return {
+            "key": self.key,
+            "ranks": self.ranks,
+            "rank": self.rank,
+            "last_entered": self.last_entered,
+            "last_completed": self.last_completed,
+            "entries": [
+                {
+                    "seq": e.seq,
+                    "op": e.op,
+                    "call": describe_call(e.op, e.desc),
+                    "state": e.state.value,
+                    "age_s": round(now - e.t_enter, 3),
+                }
+                for e in entries
+            ],
+        }
+
+
+def describe_call(op: str, desc: bytes) -> str:
+    """``all_reduce(shape=(4,), dtype=<f4, reduce=SUM)`` from a call descriptor."""
+    try:
+        fields = msgpack.unpackb(desc, raw=False) if desc else {}
+    except Exception:
+        fields = {}
+    if not isinstance(fields, dict):
+        fields = {}
+    args = ", ".join(
+        f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in fields.items() if k != "op"
+    )
+    return f"{op}({args})"
+
+
+def snapshot_all() -> list[dict[str, Any]]:
+    """Every live group's records on this rank."""
+    return [r.snapshot() for r in list(_recorders)]
