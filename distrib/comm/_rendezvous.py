@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from .._errors import DistUsageError
+import msgpack
+
+from .._errors import DistTimeoutError, DistUsageError
 from ._file_store import FileStore
 from ._store import Store, TCPStore
 
-__all__ = ["Rendezvous", "local_rank_from_env", "rendezvous"]
+__all__ = ["Rendezvous", "check_world", "local_rank_from_env", "rendezvous"]
+
+_VIEW = "distrib/world/view/"  # + rank: that rank's {world_size, host, pid}
+_JOINS = "distrib/world/joins/"  # + rank: how many processes claimed that rank
+_VERDICT = "distrib/world/verdict"  # rank 0's judgement: "" when consistent, else why
+_POLL_S = 0.02
 
 _LAUNCHERS = (
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
@@ -169,4 +177,89 @@ def rendezvous(
         timeout=timeout,
         wait_for_workers=False,
     )
+    try:
+        check_world(store, rank, world_size, timeout)
+    except BaseException:
+        store.close()
+        raise
     return Rendezvous(store, rank, world_size, bind_host, True)
+
+
+def _view(raw: bytes | None) -> dict[str, Any]:
+    """A published view (empty when missing or garbled)."""
+    if raw is None:
+        return {}
+    try:
+        doc = msgpack.unpackb(raw, raw=False)
+    except Exception:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def check_world(store: Store, rank: int, world_size: int, timeout: float) -> None:
+    """Every rank publishes its view (world size, rank); rank 0 judges, every rank raises.
+
+    Catches, on every rank, what would otherwise time out on internal keys:
+    ``WORLD_SIZE is 3 on rank 2 but 2 on rank 0``, ``rank 1 joined twice``,
+    ``rank 1 never joined``.
+    """
+    op = "init_process_group"
+    me = {"world_size": world_size, "host": socket.gethostname(), "pid": os.getpid()}
+    joins = store.add(f"{_JOINS}{rank}", 1)
+    if joins > 1:
+        msg = f"rank {rank} joined twice (WORLD_SIZE {world_size}): two processes have RANK={rank}"
+        store.set(_VERDICT + "/dup", msg.encode())
+        raise DistUsageError(f"{op}: {msg}", rank=rank, op=op)
+    store.set(f"{_VIEW}{rank}", msgpack.packb(me))
+    deadline = time.monotonic() + timeout
+    if rank == 0:
+        verdict = _judge(store, world_size, deadline)
+        store.set(_VERDICT, verdict.encode())
+    else:
+        verdict = _await_verdict(store, rank, world_size, deadline + 5.0)
+    if verdict:
+        cls = DistTimeoutError if "never joined" in verdict else DistUsageError
+        raise cls(f"{op}: {verdict} (seen on rank {rank})", rank=rank, op=op)
+
+
+def _judge(store: Store, world_size: int, deadline: float) -> str:
+    """Rank 0: wait for every rank's view; the first inconsistency, or "" when all agree."""
+    while True:
+        dup = store.multi_get([_VERDICT + "/dup"])[0]
+        if dup is not None:
+            return dup.decode(errors="replace")
+        views = store.multi_get([f"{_VIEW}{r}" for r in range(world_size + 1)])
+        for r, raw in enumerate(views):
+            if raw is None or r == 0:
+                continue
+            theirs = _view(raw).get("world_size")
+            if theirs != world_size:
+                return f"WORLD_SIZE is {theirs} on rank {r} but {world_size} on rank 0"
+        missing = [r for r in range(world_size) if views[r] is None]
+        if not missing:
+            return ""
+        if time.monotonic() >= deadline:
+            joined = [r for r in range(world_size) if views[r] is not None]
+            who = "rank" if len(missing) == 1 else "ranks"
+            return (
+                f"{who} {', '.join(map(str, missing))} never joined (WORLD_SIZE {world_size}; "
+                f"joined: {', '.join(map(str, joined))})"
+            )
+        time.sleep(_POLL_S)
+
+
+def _await_verdict(store: Store, rank: int, world_size: int, deadline: float) -> str:
+    """Other ranks: compare with rank 0's view at once, then wait for its verdict."""
+    while True:
+        verdict, dup, raw0 = store.multi_get([_VERDICT, _VERDICT + "/dup", f"{_VIEW}0"])
+        if raw0 is not None:
+            theirs = _view(raw0).get("world_size")
+            if theirs != world_size:
+                return f"WORLD_SIZE is {world_size} on rank {rank} but {theirs} on rank 0"
+        if dup is not None:
+            return dup.decode(errors="replace")
+        if verdict is not None:
+            return verdict.decode(errors="replace")
+        if time.monotonic() >= deadline:
+            return "rank 0 never judged the world (it may have died)"
+        time.sleep(_POLL_S)
