@@ -47,9 +47,7 @@ ESCAPER = """
 
 ENDINGS = {
     "wait": "time.sleep(120)",
-    "fail": (
-        "if rank == '1':\n        time.sleep(0.5)\n        sys.exit(3)\n    time.sleep(120)"
-    ),
+    "fail": ("if rank == '1':\n        time.sleep(0.5)\n        sys.exit(3)\n    time.sleep(120)"),
     "success": "sys.exit(0)",
 }
 

@@ -9,7 +9,6 @@ mismatches and duplicate ranks; a rank that sleeps before a collective.
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import subprocess
 import sys
@@ -56,7 +55,9 @@ def test_bad_numeric_flag_exits_2_naming_it(launch, flag, value):
 
 
 @pytest.mark.parametrize(
-    "value", [*BAD_NUMBERS.values(), "0", "4e7", "abc"], ids=[*BAD_NUMBERS, "zero", "absurd", "text"]
+    "value",
+    [*BAD_NUMBERS.values(), "0", "4e7", "abc"],
+    ids=[*BAD_NUMBERS, "zero", "absurd", "text"],
 )
 def test_bad_distrib_timeout_is_named(launch, value):
     launch.env["DISTRIB_TIMEOUT"] = value
@@ -118,7 +119,7 @@ def test_bad_timeout_arguments_raise_a_named_error(tmp_path, value):
         store.wait(["k"], value)
     with pytest.raises(ValueError, match="timeout"):
         distrib.FileStore(str(tmp_path / "fs2"), 1, timeout=value)
-    with pytest.raises(DistUsageError, match="Work.wait timeout"):
+    with pytest.raises(DistUsageError, match=r"Work\.wait timeout"):
         Work("all_reduce", 0).wait(value)
 
 
@@ -158,8 +159,7 @@ def test_user_folder_in_cwd_cannot_shadow_ours(launch, folder, kind):
     scripts.mkdir()
     script = scripts / "train.py"
     script.write_text(
-        "import sys, distrib\n"
-        "print('OK', hasattr(distrib, 'init_process_group'), sys.path[0])\n"
+        "import sys, distrib\nprint('OK', hasattr(distrib, 'init_process_group'), sys.path[0])\n"
     )
     # The launcher itself runs from the repository (-P: not from the shadowing folder).
     cmd = [sys.executable, "-P", "-m", "launcher", "--nproc", "2", str(script)]
@@ -196,11 +196,10 @@ def _run_ranks(launch, specs, timeout_s="5"):
     for rank, size in specs:
         env = dict(launch.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         env.update(RANK=str(rank), WORLD_SIZE=str(size))
+        cmd = [sys.executable, script, timeout_s]
+        out = subprocess.PIPE
         procs.append(
-            subprocess.Popen(
-                [sys.executable, script, timeout_s], cwd=launch.dir, env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
+            subprocess.Popen(cmd, cwd=launch.dir, env=env, stdout=out, stderr=out, text=True)
         )
         time.sleep(0.2)  # rank 0 first: it hosts the store
     return [p.communicate(timeout=60)[0] for p in procs]
