@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import msgpack
 
-from .._errors import DistTimeoutError, DistUsageError
+from .._errors import DistError, DistTimeoutError, DistUsageError
 from ._file_store import FileStore
 from ._store import Store, TCPStore
 
@@ -28,6 +28,8 @@ __all__ = ["Rendezvous", "check_world", "local_rank_from_env", "rendezvous"]
 _VIEW = "distrib/world/view/"  # + rank: that rank's {world_size, host, pid}
 _JOINS = "distrib/world/joins/"  # + rank: how many processes claimed that rank
 _VERDICT = "distrib/world/verdict"  # rank 0's judgement: "" when consistent, else why
+_READ = "distrib/world/verdict_read"  # how many ranks have read a failing verdict
+_READ_GRACE_S = 2.0
 _POLL_S = 0.02
 
 _LAUNCHERS = (
@@ -215,8 +217,21 @@ def check_world(store: Store, rank: int, world_size: int, timeout: float) -> Non
     if rank == 0:
         verdict = _judge(store, world_size, deadline)
         store.set(_VERDICT, verdict.encode())
+        if verdict:  # rank 0 hosts the store: keep it up until the others have read why
+            end = time.monotonic() + _READ_GRACE_S
+            joined = sum(
+                v is not None
+                for v in store.multi_get([f"{_VIEW}{r}" for r in range(1, world_size + 1)])
+            )
+            while store.add(_READ, 0) < joined and time.monotonic() < end:
+                time.sleep(_POLL_S)
     else:
         verdict = _await_verdict(store, rank, world_size, deadline + 5.0)
+        if verdict:
+            try:
+                store.add(_READ, 1)
+            except DistError:
+                pass  # rank 0 (the store's host) is gone already
     if verdict:
         cls = DistTimeoutError if "never joined" in verdict else DistUsageError
         raise cls(f"{op}: {verdict} (seen on rank {rank})", rank=rank, op=op)
