@@ -34,6 +34,7 @@ from .._errors import (
     DistPeerLostError,
     DistTimeoutError,
 )
+from ._calldesc import CallDesc, CallsDiffer, mismatch_error
 from ._engine import Engine, EngineContext, make_cpu_engine_for, make_gpu_engine_for
 from ._work import Work
 
@@ -77,9 +78,11 @@ class ProcessGroup:
         self.store = store
         self._rank, self._size = rank, size
         self.global_ranks = list(global_ranks)
+        self.group_key = tuple(self.global_ranks)  # names the group in call descriptors
         self.timeout = timeout
         self.backend = backend
         self._failure: DistError | None = None
+        self._reported_error: DistError | None = None  # came from another rank: not re-published
         # DISTRIB_CHECK_MISMATCH=0 turns the collective consistency check off (read once).
         self.check_mismatch = config().check_mismatch is not False
         self._closed = False
@@ -144,6 +147,26 @@ class ProcessGroup:
             return self._gpu_engine
         return self.cpu_engine
 
+    # -- call agreement --------------------------------------------------------
+
+    def agree(self, engine: Engine, call: CallDesc, seq: int, deadline: float) -> None:
+        """Make every rank agree on ``call`` (op ``seq``) before ``engine`` moves data.
+
+        The engine's own step does it for the collectives in its ``fused_agreement``;
+        otherwise ``Engine.agree`` runs first (GPU engines without their own check
+        agree through the CPU engine, which carries the small digests cheaply).
+        A disagreement raises ``CallsDiffer`` on every rank; ``_execute`` names it.
+        """
+        if not self.check_mismatch or self._size == 1:
+            engine.call = None
+            return
+        if call.op in engine.fused_agreement:
+            engine.call = call
+            return
+        engine.call = None
+        agreer = engine if engine is self.cpu_engine or engine is self._zmq_engine else None
+        (agreer or self.cpu_engine).agree(call, seq, deadline)
+
     # -- failure publication -------------------------------------------------
 
     def _check_failed(self) -> None:
@@ -170,8 +193,9 @@ class ProcessGroup:
             rank=self.global_rank,
             op=info.get("op"),
             peer=info.get("peer"),
+            caused_by=info.get("rank"),
         )
-        err.reported_by_peer = True  # type: ignore[attr-defined]  # not re-published
+        self._reported_error = err  # not re-published
         return err
 
     def _diagnose_timeout(self, peer: int, seq: int) -> list[int]:
@@ -199,6 +223,15 @@ class ProcessGroup:
             if time.monotonic() >= end:
                 return chain
             time.sleep(0.05)
+
+    def _culprit_of(self, exc: DistError) -> int:
+        """The global rank whose failure ``exc`` follows: a dead or late peer, the rank
+        that reported first, or this rank itself."""
+        if isinstance(exc.caused_by, int):
+            return exc.caused_by
+        if isinstance(exc, (DistPeerLostError, DistTimeoutError)) and isinstance(exc.peer, int):
+            return exc.peer
+        return self.global_rank
 
     def _publish(self, exc: DistError) -> None:
         info = {
@@ -269,13 +302,20 @@ class ProcessGroup:
             if self._failure is not None:
                 raise self._failure
             return body(time.monotonic() + self.timeout, seq)
+        except CallsDiffer as differ:
+            # Every rank saw the same calls and raises by itself: aborting the engine
+            # would only race the others out of their last step.
+            err = mismatch_error(differ.calls, self._rank, self.global_ranks, seq, differ.op)
+            if self._failure is None:
+                self._failure = err
+                self._publish(err)
+            raise err from None
         except DistError as exc:
             if self._failure is None:
                 self._failure = exc
-                if not getattr(exc, "reported_by_peer", False):
+                if exc is not self._reported_error:
                     self._publish(exc)
-                if not getattr(exc, "seen_by_every_rank", False):
-                    self.cpu_engine.abort(str(exc))
+                self.cpu_engine.abort(str(exc), self._culprit_of(exc), type(exc).__name__)
             raise
         finally:
             with self._cond:
