@@ -3,8 +3,8 @@
 One root, ``DistError``; subclasses are named by cause (a timeout passed, a peer
 is gone, ranks disagree, the caller misused the API, memory ran out) and also
 inherit the matching builtin, so ``except TimeoutError`` keeps working. Every
-error carries ``rank``, ``op`` and ``peer`` (any may be ``None``) and pickles
-with them, so an error raised in a worker arrives intact in its parent.
+error carries ``rank``, ``op``, ``peer`` and ``caused_by`` (any may be ``None``)
+and pickles with them, so an error raised in a worker arrives intact in its parent.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ class DistError(RuntimeError):
         rank: the rank that raised (``None`` outside a process group).
         op: the operation that failed (``"all_reduce"``, ``"store.get"`` ...).
         peer: the other rank (or address) involved, when there is one.
+        caused_by: set when this error is a consequence of another rank's failure
+            (that rank died, or failed and stopped the group): the global rank
+            whose failure it follows. ``None`` for the original failure.
     """
 
     def __init__(
@@ -44,23 +47,30 @@ class DistError(RuntimeError):
         rank: int | None = None,
         op: str | None = None,
         peer: Any = None,
+        caused_by: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.rank = rank
         self.op = op
         self.peer = peer
+        self.caused_by = caused_by
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only attributes do not survive BaseException's default reduce.
-        return (_rebuild, (type(self), self.message, self.rank, self.op, self.peer))
+        return (
+            _rebuild,
+            (type(self), self.message, self.rank, self.op, self.peer, self.caused_by),
+        )
 
     def __str__(self) -> str:
         return self.message
 
 
-def _rebuild(cls: type[DistError], message: str, rank: Any, op: Any, peer: Any) -> DistError:
-    return cls(message, rank=rank, op=op, peer=peer)
+def _rebuild(
+    cls: type[DistError], message: str, rank: Any, op: Any, peer: Any, caused_by: Any = None
+) -> DistError:
+    return cls(message, rank=rank, op=op, peer=peer, caused_by=caused_by)
 
 
 class DistTimeoutError(DistError, TimeoutError):

@@ -357,33 +357,38 @@ def test_segment_has_no_name_in_dev_shm(tmp_path: Any) -> None:
 
 
 def _mismatch(eng: Any, rank: int, n: int) -> Any:
-    import msgpack
+    from distrib.comm._calldesc import CallDesc, CallsDiffer, mismatch_error
 
     dl = time.monotonic() + 10
     buf = np.ones(100, np.float32)
-    eng.call_descriptor = msgpack.packb({"op": "all_reduce", "shape": [100]})
-    eng.all_reduce(buf, ReduceOp.SUM, 0, dl)  # matching: passes
+    reduce = CallDesc("all_reduce", (100,), "<f4", "SUM")
+    eng.call = reduce
+    eng.all_reduce(buf, ReduceOp.SUM, 0, dl)  # matching (compared in its first step): passes
+    before = buf.copy()
     try:
         if rank == 1:
-            eng.call_descriptor = msgpack.packb({"op": "broadcast", "shape": [100], "root": 0})
+            eng.agree(CallDesc("broadcast", (100,), "<f4", root=0), 1, dl)
+            eng.call = None
             eng.broadcast(buf, 0, 1, dl)
         else:
-            eng.call_descriptor = msgpack.packb({"op": "all_reduce", "shape": [100]})
+            eng.call = reduce
             eng.all_reduce(buf, ReduceOp.SUM, 1, dl)
-    except Exception as exc:
-        return type(exc).__name__, exc.peer, str(exc)
+    except CallsDiffer as differ:
+        err = mismatch_error(differ.calls, rank, [0, 1], 1, differ.op)
+        return type(err).__name__, err.peer, str(err), bool((buf == before).all())
     return None
 
 
 @pytest.mark.timeout(60)
 def test_mismatched_collectives_are_named_on_both_sides(tmp_path: Any) -> None:
     results = run_ranks(tmp_path, 2, _mismatch)
-    name, peer, msg = results[0][1]
-    assert name == "DistMismatchError" and peer == 1, msg
-    assert "all_reduce(shape=[100])" in msg
-    name, peer, msg = results[1][1]
-    assert name == "DistMismatchError" and peer == 0, msg
-    assert "broadcast(shape=[100], root=0)" in msg
+    name, peer, msg, untouched = results[0][1]
+    assert name == "DistMismatchError" and peer == 1 and untouched, msg
+    assert "rank 0 called all_reduce(op=SUM, 100 x float32" in msg
+    assert "rank 1 called broadcast(root=0, 100 x float32" in msg
+    name, peer, msg, untouched = results[1][1]
+    assert name == "DistMismatchError" and peer == 0 and untouched, msg
+    assert "rank 1 called broadcast(root=0" in msg and "rank 0 called all_reduce(" in msg
 
 
 def _large_reductions(eng: Any, rank: int, n: int) -> Any:

@@ -14,7 +14,6 @@ import sys
 import time
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 from _ranks import failure_of
@@ -131,23 +130,27 @@ def test_native_step_names_a_dead_peer(tmp_path: Any, n: int) -> None:
 
 
 def _mismatch(eng: Any, rank: int, n: int) -> Any:
+    from distrib.comm._calldesc import CallDesc, CallsDiffer, mismatch_error
+
     buf = np.zeros(300_000, np.float32)
-    shape = [300_000] if rank == 0 else [600, 500]
-    eng.call_descriptor = msgpack.packb({"op": "all_reduce", "shape": shape})
+    shape = (300_000,) if rank == 0 else (600, 500)
+    eng.call = CallDesc("all_reduce", shape, "<f4", "SUM")
     try:
         eng.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 10)
-    except Exception as exc:
-        return type(exc).__name__, getattr(exc, "peer", None), str(exc)
+    except CallsDiffer as differ:
+        err = mismatch_error(differ.calls, rank, [0, 1], 1, differ.op)
+        return type(err).__name__, err.peer, str(err), bool((buf == 0).all())
     return None
 
 
 def test_native_step_detects_mismatched_calls(tmp_path: Any) -> None:
     results = run_ranks(tmp_path, 2, _mismatch, part=None)
-    # (naming the other side's call needs the group's store, which these bare engines lack)
-    for rank, other, own in ((0, 1, "shape=[300000]"), (1, 0, "shape=[600, 500]")):
-        name, peer, msg = results[rank][1]
-        assert name == "DistMismatchError" and peer == other, msg
-        assert f"rank {rank} called all_reduce({own})" in msg, msg
+    # Both sides name both calls (exchanged through the segment) and wrote nothing.
+    for rank, other in ((0, 1), (1, 0)):
+        name, peer, msg, untouched = results[rank][1]
+        assert name == "DistMismatchError" and peer == other and untouched, msg
+        assert "rank 0 called all_reduce(op=SUM, 300000 x float32, shape [300000]" in msg, msg
+        assert "rank 1 called all_reduce(op=SUM, 300000 x float32, shape [600, 500]" in msg, msg
 
 
 def _agree(path: str, rank: int, out: Any) -> None:

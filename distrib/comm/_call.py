@@ -9,18 +9,16 @@ Shared by the collectives (``_collectives``) and point-to-point (``_p2p``).
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import numpy as np
 
-from .._errors import DistMismatchError, DistUsageError
+from .._errors import DistUsageError
+from ._calldesc import CallDesc
 from ._gpu import CudaEventWork, is_cupy_array
 from ._group import ProcessGroup
 from ._ops import ReduceOp
-from ._zmq_links import describe
 
 __all__ = [
     "check_array",
@@ -99,84 +97,47 @@ def write_back(array: Any, flat: Any) -> None:
         xp_of(array).copyto(array, flat.reshape(array.shape))
 
 
-def descriptor(op: str, **fields: Any) -> bytes:
-    """The call descriptor (msgpack map) of one collective call.
+def descriptor(
+    op: str,
+    *,
+    shape: tuple[int, ...] = (),
+    dtype: str = "",
+    reduce: str = "",
+    root: int = -1,
+) -> CallDesc:
+    """The call descriptor of one collective call (the group adds itself in ``issue``)."""
+    return CallDesc(op, shape, dtype, reduce, int(root))
 
-    Cached: a training loop issues the same few calls over and over, packing
-    costs microseconds, and returning the *same* bytes object lets engines
-    cache their digest of it too.
-    """
-    try:
-        return _packed(op, tuple(fields.items()))
-    except TypeError:  # an unhashable field value
-        return msgpack.packb({"op": op, **fields})
 
-
-@functools.lru_cache(maxsize=512)
-def _packed(op: str, fields: tuple[tuple[str, Any], ...]) -> bytes:
-    return msgpack.packb({"op": op, **dict(fields)})
+@functools.lru_cache(maxsize=1024)
+def _in_group(call: CallDesc, group: tuple[int, ...]) -> CallDesc:
+    # Cached: a training loop issues the same few calls over and over.
+    return call._replace(group=group)
 
 
 def issue(
     pg: ProcessGroup,
     op: str,
     sample: Any,
-    desc: bytes,
+    call: CallDesc,
     action: Callable[[Any, int, float], Any],
     async_op: bool,
 ) -> Any:
-    """Issue ``action(engine, seq, deadline)`` on ``pg`` after the descriptor check."""
+    """Issue ``action(engine, seq, deadline)`` on ``pg`` once the ranks agree on ``call``."""
     engine = pg.engine_for(sample)
-    check = pg.check_mismatch
-    body_desc = desc  # for the flight recorder, before a disabled check blanks it
-    if not check:
-        desc = b""  # DISTRIB_CHECK_MISMATCH=0: every rank sends and expects an empty descriptor
+    call = _in_group(call, pg.group_key)
 
     def body(deadline: float, seq: int) -> Any:
-        engine.call_descriptor = desc
-        if check and not engine.verifies_descriptors and pg.size() > 1:
-            # The digests are numpy arrays: the CPU engine carries them for every engine.
-            pg.cpu_engine.call_descriptor = desc
-            verify_descriptor(pg, pg.cpu_engine, desc, seq, op, deadline)
+        pg.agree(engine, call, seq, deadline)
         return action(engine, seq, deadline)
 
-    body.flight_desc = body_desc  # type: ignore[attr-defined]
     if async_op and is_cupy_array(sample):
         # GPU work is enqueued on the caller's current cupy stream (torch's NCCL semantics):
         # enqueue it here, in issue order, and hand back a Work backed by a CUDA event, so a
         # user's non-default stream orders the collective correctly.
-        pg.submit(op, body, False)
+        pg.submit(op, body, False, call=call)
         return CudaEventWork(None, op, pg.global_rank, pg.timeout)
-    return pg.submit(op, body, async_op)
-
-
-def verify_descriptor(
-    pg: ProcessGroup, engine: Any, desc: bytes, seq: int, op: str, deadline: float
-) -> None:
-    """Mismatch check for engines that do not compare descriptors in their own traffic:
-    all-gather an 8-byte digest; on a difference, name both sides through the store."""
-    n, r = pg.size(), pg.rank()
-    digests = np.zeros(n, np.int64)
-    digests[r] = int.from_bytes(
-        hashlib.blake2b(desc, digest_size=8).digest(), "little", signed=True
-    )
-    engine.all_gather(digests, seq, deadline)
-    if (digests == digests[r]).all():
-        return
-    pg.store.set(f"desc/{seq}/{r}", desc)
-    other = int(np.flatnonzero(digests != digests[r])[0])
-    theirs = pg.store.get(f"desc/{seq}/{other}")
-    err = DistMismatchError(
-        f"{op}: mismatched collectives at op #{seq}: rank {pg.global_rank} called "
-        f"{describe(desc)} but rank {pg.global_ranks[other]} called {describe(theirs)}",
-        rank=pg.global_rank,
-        op=op,
-        peer=pg.global_ranks[other],
-    )
-    # Every rank saw the same digests and raises by itself: aborting the engine would
-    # only race the others out of their last step.
-    err.seen_by_every_rank = True  # type: ignore[attr-defined]
-    raise err
+    return pg.submit(op, body, async_op, call=call)
 
 
 def shape_of(a: Any) -> tuple[int, ...]:

@@ -12,7 +12,6 @@ import os
 import time
 from typing import Any
 
-from .._config import config
 from ._engine import Engine
 from ._hier import HierEngine, leader_context
 from ._shm_engine import ShmEngine
@@ -46,7 +45,6 @@ def make_cpu_engine(ctx: Any) -> Engine | None:
     members = hosts[my_host]
     deadline = time.monotonic() + ctx.timeout
     single_host = len(hosts) == 1
-    verify = single_host and config().check_mismatch is not False
     local: ShmEngine | None = None
     if len(members) > 1:
         local = connect_local(
@@ -57,8 +55,6 @@ def make_cpu_engine(ctx: Any) -> Engine | None:
             [ctx.global_ranks[r] for r in members],
             deadline,
             check_failed=ctx.check_failed,
-            store_for_errors=ctx.store,
-            verify=verify,
         )
     # Every rank must pick the same kind of engine: agree through the store.
     ok = local is not None or len(members) == 1

@@ -32,13 +32,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from .._errors import DistMismatchError, DistUsageError
 from ..shm._cuda_driver import check_not_forked, mark_cuda_used
 from ..shm._cuda_ipc import export_allocation, open_allocation, release_mapping
 from ..shm._cuda_kernels import copy_async, fused_reduce
+from ._calldesc import CallsDiffer, pack, unpack
 from ._engine import Engine
 from ._gpu_mesh import GpuMesh
 from ._ops import ReduceOp
@@ -49,23 +49,26 @@ _CACHE_LIMIT = 64  # opened peer allocations kept mapped; cupy's pool reuses a f
 _LEADER = 0
 
 
-def _describe(opname: str, seq: int, meta: list[Any], desc: bytes) -> str:
-    """Human-readable call for mismatch messages (the group's descriptor when it set one)."""
-    if desc:
-        try:
-            fields = msgpack.unpackb(desc, raw=False)
-            return f"{fields} (op #{seq})"
-        except Exception:
-            pass
+def _describe(opname: str, seq: int, meta: list[Any]) -> str:
+    """Human-readable call for mismatch messages when no descriptor was agreed."""
     return f"{opname} (op #{seq}, {meta})"
+
+
+_COLLECTIVES = frozenset(
+    {
+        "all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+        "gather", "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+        "all_to_all_single", "barrier",
+    }
+)  # fmt: skip
 
 
 class CudaIpcEngine(Engine):
     """The ``Engine`` for ranks whose cupy buffers live on one shared device."""
 
-    # The leader compares every rank's call descriptor (set by the group) in the request.
-    verifies_descriptors = True
-    call_descriptor: bytes = b""
+    # The leader compares every rank's call descriptor (set by the group) in the request,
+    # before any kernel runs: the agreement is fused into every collective.
+    fused_agreement = _COLLECTIVES
 
     def __init__(
         self,
@@ -212,7 +215,7 @@ class CudaIpcEngine(Engine):
                             "op": opname,
                             "s": seq,
                             "m": meta,
-                            "d": self.call_descriptor,
+                            "d": b"" if self.call is None else pack(self.call),
                             "w": busy,
                             "b": [self._desc(b) for b in bufs],
                         },
@@ -224,6 +227,10 @@ class CudaIpcEngine(Engine):
                         opname,
                         self._on_async,
                     )
+                    if reply.get("calls"):
+                        calls = [unpack(c) for c in reply["calls"]]
+                        calls[self.rank] = self.call
+                        raise CallsDiffer(calls, opname)
                     if reply.get("err"):
                         raise self._mismatch(opname, reply["err"])
                     if self.host_sync:
@@ -238,15 +245,19 @@ class CudaIpcEngine(Engine):
                     peer, lambda m: m["k"] == "coll", deadline, opname, self._on_async
                 )
             error = None
-            mine = (opname, seq, list(meta), self.call_descriptor)
+            mine_d = b"" if self.call is None else pack(self.call)
+            packed = [mine_d] + [bytes(reqs[p]["d"]) for p in range(1, self.size)]
+            differ = any(d != mine_d for d in packed)
+            mine = (opname, seq, list(meta))
             for peer, req in reqs.items():
-                if (req["op"], req["s"], list(req["m"]), req["d"]) != mine:
+                if not differ and (req["op"], req["s"], list(req["m"])) != mine:
                     error = (
-                        f"rank 0 called {_describe(opname, seq, meta, self.call_descriptor)} "
-                        f"while rank {peer} called "
-                        f"{_describe(req['op'], req['s'], req['m'], req['d'])}"
+                        f"rank 0 called {_describe(opname, seq, meta)} "
+                        f"while rank {peer} called {_describe(req['op'], req['s'], req['m'])}"
                     )
                     break
+            if differ:
+                error = "calls differ"
             if error is None:
                 for peer, req in reqs.items():
                     if req["w"]:
@@ -256,7 +267,10 @@ class CudaIpcEngine(Engine):
             for peer in reqs:
                 if error is None:
                     self._ev_out[peer].record(stream)
-                self.mesh.send(peer, {"k": "done", "s": seq, "err": error})
+                reply = {"k": "done", "s": seq, "err": error, "calls": packed if differ else None}
+                self.mesh.send(peer, reply)
+            if differ:
+                raise CallsDiffer([self.call] + [unpack(d) for d in packed[1:]], opname)
             if error is not None:
                 raise self._mismatch(opname, error)
 
@@ -409,7 +423,7 @@ class CudaIpcEngine(Engine):
 
     # ------------------------------------------------------------ lifecycle
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, culprit: int | None = None, cls_name: str = "") -> None:
         self.mesh.abort(reason)
 
     def close(self) -> None:

@@ -26,7 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .._errors import DistBackendError
+from ._calldesc import MAX_PACKED, CallDesc, CallsDiffer, digest, pack, unpack
 from ._ops import ReduceOp
 
 __all__ = ["Engine", "EngineContext", "make_cpu_engine_for", "make_gpu_engine_for"]
@@ -102,17 +105,44 @@ def make_gpu_engine_for(ctx: EngineContext) -> Engine:
 class Engine(ABC):
     """Moves contiguous buffers among the ranks of one group.
 
-    Mismatch detection: before each collective the group sets
-    ``call_descriptor`` (msgpack bytes naming the op, shape, dtype, root and
-    reduce op). An engine that compares it across ranks as part of its own
-    traffic sets ``verifies_descriptors = True`` (the ZeroMQ engine does);
-    otherwise the group checks descriptors itself with one small all-gather.
+    Mismatch detection: before each collective the group makes the ranks agree
+    on the call's ``CallDesc`` with ``agree`` (one primitive, implemented per
+    transport; the default all-gathers 64-bit digests). For the collectives
+    named in ``fused_agreement`` the group instead sets ``call`` and the engine
+    compares digests inside its own first step, still before writing any user
+    byte; ``call`` is ``None`` otherwise (nothing left to check).
     """
 
     rank: int
     size: int
-    verifies_descriptors: bool = False
-    call_descriptor: bytes = b""
+    call: CallDesc | None = None
+    fused_agreement: frozenset[str] = frozenset()
+
+    def agree(self, call: CallDesc, seq: int, deadline: float) -> None:
+        """Return when every rank passed an equal ``call`` for op ``seq``; otherwise raise
+        ``CallsDiffer`` with every rank's call, on every rank.
+
+        Default: all-gather the digests; only when they differ (every rank sees that)
+        all-gather the packed descriptors, to name both sides' calls.
+        """
+        digests = np.zeros(self.size, np.int64)
+        digests[self.rank] = digest(call)
+        self.all_gather(digests, seq, deadline)
+        if (digests == digests[0]).all():
+            return
+        width = MAX_PACKED + 2
+        raw = np.zeros(self.size * width, np.uint8)
+        mine = pack(call)
+        at = self.rank * width
+        raw[at : at + 2] = np.frombuffer(len(mine).to_bytes(2, "little"), np.uint8)
+        raw[at + 2 : at + 2 + len(mine)] = np.frombuffer(mine, np.uint8)
+        self.all_gather(raw, seq, deadline)
+        calls: list[CallDesc | None] = []
+        for q in range(self.size):
+            block = raw[q * width : (q + 1) * width].tobytes()
+            calls.append(unpack(block[2 : 2 + int.from_bytes(block[:2], "little")]))
+        calls[self.rank] = call
+        raise CallsDiffer(calls, call.op)
 
     @abstractmethod
     def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
@@ -158,8 +188,23 @@ class Engine(ABC):
     def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
         """Point-to-point receive into ``buf``."""
 
-    def abort(self, reason: str) -> None:  # noqa: B027 - optional hook
-        """Make blocked and future calls fail fast (a peer was reported dead)."""
+    def abort(  # noqa: B027 - optional hook
+        self, reason: str, culprit: int | None = None, cls_name: str = ""
+    ) -> None:
+        """Make blocked and future calls fail fast and tell the peers: ``culprit`` is the
+        global rank whose failure this rank's follows (``None``: this rank's own),
+        ``cls_name`` the error class the peers should raise."""
+
+    def last_send(self, dst: int, tag: int) -> int:
+        """Number of the latest ``send`` to ``dst`` with ``tag``; 0 when sends are not
+        confirmed by this engine."""
+        return 0
+
+    def confirm_send(  # noqa: B027 - optional hook
+        self, dst: int, tag: int, n: int, call: CallDesc | None, deadline: float
+    ) -> None:
+        """Wait until the receiver accepted send number ``n`` to ``dst`` with ``tag``;
+        raise ``DistMismatchError`` if its ``recv`` did not match ``call``."""
 
     @abstractmethod
     def close(self) -> None:

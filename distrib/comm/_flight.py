@@ -14,10 +14,9 @@ from __future__ import annotations
 import enum
 import time
 import weakref
-from collections.abc import Callable
 from typing import Any
 
-import msgpack
+from ._calldesc import CallDesc, describe
 
 __all__ = ["FlightRecorder", "State", "snapshot_all"]
 
@@ -35,12 +34,12 @@ class State(enum.Enum):
 
 
 class _Entry:
-    __slots__ = ("desc", "op", "seq", "state", "t_end", "t_enter")
+    __slots__ = ("call", "op", "seq", "state", "t_end", "t_enter")
 
     def __init__(self) -> None:
         self.seq = -1
         self.op = ""
-        self.desc: bytes = b""
+        self.call: CallDesc | None = None
         self.state = State.ENTERED
         self.t_enter = 0.0
         self.t_end = 0.0
@@ -68,13 +67,13 @@ class FlightRecorder:
         self.last_completed = -1
         _recorders.add(self)
 
-    def enter(self, seq: int, op: str, body: Callable[..., Any]) -> None:
+    def enter(self, seq: int, op: str, call: CallDesc | None) -> None:
         """The caller issued collective ``seq`` (point-to-point, ``seq < 0``, is not kept)."""
         if seq < 0:
             return
         e = self.ring[seq & _MASK]
         e.seq, e.op, e.state, e.t_enter = seq, op, State.ENTERED, time.monotonic()
-        e.desc = getattr(body, "flight_desc", b"")
+        e.call = call
         self.last_entered = seq
 
     def started(self, seq: int) -> None:
@@ -106,27 +105,13 @@ class FlightRecorder:
                 {
                     "seq": e.seq,
                     "op": e.op,
-                    "call": describe_call(e.op, e.desc),
+                    "call": describe(e.call) if e.call is not None else f"{e.op}()",
                     "state": e.state.value,
                     "age_s": round(now - e.t_enter, 3),
                 }
                 for e in entries
             ],
         }
-
-
-def describe_call(op: str, desc: bytes) -> str:
-    """``all_reduce(shape=(4,), dtype=<f4, reduce=SUM)`` from a call descriptor."""
-    try:
-        fields = msgpack.unpackb(desc, raw=False) if desc else {}
-    except Exception:
-        fields = {}
-    if not isinstance(fields, dict):
-        fields = {}
-    args = ", ".join(
-        f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in fields.items() if k != "op"
-    )
-    return f"{op}({args})"
 
 
 def snapshot_all() -> list[dict[str, Any]]:

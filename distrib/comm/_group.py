@@ -34,6 +34,7 @@ from .._errors import (
     DistPeerLostError,
     DistTimeoutError,
 )
+from ._calldesc import CallDesc, CallsDiffer, mismatch_error
 from ._engine import Engine, EngineContext, make_cpu_engine_for, make_gpu_engine_for
 from ._flight import FlightRecorder
 from ._work import Work
@@ -78,9 +79,11 @@ class ProcessGroup:
         self.store = store
         self._rank, self._size = rank, size
         self.global_ranks = list(global_ranks)
+        self.group_key = tuple(self.global_ranks)  # names the group in call descriptors
         self.timeout = timeout
         self.backend = backend
         self._failure: DistError | None = None
+        self._reported_error: DistError | None = None  # came from another rank: not re-published
         # DISTRIB_CHECK_MISMATCH=0 turns the collective consistency check off (read once).
         self.check_mismatch = config().check_mismatch is not False
         self._closed = False
@@ -146,6 +149,26 @@ class ProcessGroup:
             return self._gpu_engine
         return self.cpu_engine
 
+    # -- call agreement --------------------------------------------------------
+
+    def agree(self, engine: Engine, call: CallDesc, seq: int, deadline: float) -> None:
+        """Make every rank agree on ``call`` (op ``seq``) before ``engine`` moves data.
+
+        The engine's own step does it for the collectives in its ``fused_agreement``;
+        otherwise ``Engine.agree`` runs first (GPU engines without their own check
+        agree through the CPU engine, which carries the small digests cheaply).
+        A disagreement raises ``CallsDiffer`` on every rank; ``_execute`` names it.
+        """
+        if not self.check_mismatch or self._size == 1:
+            engine.call = None
+            return
+        if call.op in engine.fused_agreement:
+            engine.call = call
+            return
+        engine.call = None
+        agreer = engine if engine is self.cpu_engine or engine is self._zmq_engine else None
+        (agreer or self.cpu_engine).agree(call, seq, deadline)
+
     # -- failure publication -------------------------------------------------
 
     def _check_failed(self) -> None:
@@ -172,8 +195,9 @@ class ProcessGroup:
             rank=self.global_rank,
             op=info.get("op"),
             peer=info.get("peer"),
+            caused_by=info.get("rank"),
         )
-        err.reported_by_peer = True  # type: ignore[attr-defined]  # not re-published
+        self._reported_error = err  # not re-published
         return err
 
     def _diagnose_timeout(self, peer: int, seq: int) -> list[int]:
@@ -202,6 +226,15 @@ class ProcessGroup:
                 return chain
             time.sleep(0.05)
 
+    def _culprit_of(self, exc: DistError) -> int:
+        """The global rank whose failure ``exc`` follows: a dead or late peer, the rank
+        that reported first, or this rank itself."""
+        if isinstance(exc.caused_by, int):
+            return exc.caused_by
+        if isinstance(exc, (DistPeerLostError, DistTimeoutError)) and isinstance(exc.peer, int):
+            return exc.peer
+        return self.global_rank
+
     def _publish(self, exc: DistError) -> None:
         info = {
             "cls": type(exc).__name__,
@@ -223,9 +256,10 @@ class ProcessGroup:
         body: Callable[[float, int], list[Any] | None],
         async_op: bool,
         collective: bool = True,
+        call: CallDesc | None = None,
     ) -> Any:
         """Run ``body(deadline, seq)`` after every earlier operation; return a ``Work`` when
-        async. Collectives get the next ``seq`` (taken with the ticket, so the two orders
+        async (``call`` is what the flight recorder keeps). Collectives get the next ``seq`` (taken with the ticket, so the two orders
         agree even when several threads issue operations)."""
         if self._closed:
             raise DistClosedError(
@@ -239,7 +273,7 @@ class ProcessGroup:
             ticket = self._next_ticket
             self._next_ticket += 1
             seq = next(self._seq) if collective else -1
-        self.flight.enter(seq, op, body)
+        self.flight.enter(seq, op, call)
         if not async_op:
             # Synchronous: run on the caller's thread, no Work to build (its Event
             # costs microseconds a small all-reduce cannot spare).
@@ -275,14 +309,22 @@ class ProcessGroup:
             result = body(time.monotonic() + self.timeout, seq)
             self.flight.completed(seq)
             return result
+        except CallsDiffer as differ:
+            # Every rank saw the same calls and raises by itself: aborting the engine
+            # would only race the others out of their last step.
+            err = mismatch_error(differ.calls, self._rank, self.global_ranks, seq, differ.op)
+            if self._failure is None:
+                self._failure = err
+                self._publish(err)
+            self.flight.failed(seq)
+            raise err from None
         except DistError as exc:
             self.flight.failed(seq)
             if self._failure is None:
                 self._failure = exc
-                if not getattr(exc, "reported_by_peer", False):
+                if exc is not self._reported_error:
                     self._publish(exc)
-                if not getattr(exc, "seen_by_every_rank", False):
-                    self.cpu_engine.abort(str(exc))
+                self.cpu_engine.abort(str(exc), self._culprit_of(exc), type(exc).__name__)
             raise
         finally:
             with self._cond:

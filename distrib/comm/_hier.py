@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import DistError
+from ._calldesc import CallDesc
 from ._engine import Engine, EngineContext
 from ._ops import ReduceOp
 from ._shm_engine import ShmEngine
@@ -56,7 +57,8 @@ class HierEngine(Engine):
         global_ranks: global rank of each group rank (for messages).
     """
 
-    verifies_descriptors = False  # the group all-gathers descriptor digests through us
+    # No fused agreement: the group agrees through our all_gather (Engine.agree); the
+    # sub-engines then run with ``call = None``.
 
     def __init__(
         self,
@@ -90,12 +92,10 @@ class HierEngine(Engine):
             raise
 
     def _lead(self) -> Engine | None:
-        if self._leaders is not None:
-            self._leaders.call_descriptor = self.call_descriptor
         return self._leaders
 
     def _flat_engine(self) -> Engine:
-        self._flat.call_descriptor = self.call_descriptor
+        self._flat.call = self.call  # only point-to-point calls set one
         return self._flat
 
     # -- hierarchical collectives ------------------------------------------------
@@ -192,10 +192,18 @@ class HierEngine(Engine):
         self._flat_engine().recv(buf, src, tag, deadline)
 
     # -- lifecycle -------------------------------------------------------------------
-    def abort(self, reason: str) -> None:
+    def last_send(self, dst: int, tag: int) -> int:
+        return self._flat.last_send(dst, tag)
+
+    def confirm_send(
+        self, dst: int, tag: int, n: int, call: CallDesc | None, deadline: float
+    ) -> None:
+        self._flat.confirm_send(dst, tag, n, call, deadline)
+
+    def abort(self, reason: str, culprit: int | None = None, cls_name: str = "") -> None:
         for eng in (self._local, self._leaders, self._flat):
             if eng is not None:
-                eng.abort(reason)
+                eng.abort(reason, culprit, cls_name)
 
     def close(self) -> None:
         for eng in (self._local, self._leaders, self._flat):

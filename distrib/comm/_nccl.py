@@ -395,7 +395,7 @@ class NcclEngine(Engine):
 
     # ------------------------------------------------------------ lifecycle
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, culprit: int | None = None, cls_name: str = "") -> None:
         self._fail(
             DistPeerLostError(
                 f"rank {self.rank}/{self.size}: NCCL communicator aborted: {reason}",

@@ -1,4 +1,10 @@
-"""Point-to-point: ``send``, ``recv`` and their asynchronous forms, torch's names."""
+"""Point-to-point: ``send``, ``recv`` and their asynchronous forms, torch's names.
+
+Each message carries the sender's ``CallDesc`` (shape, dtype); the receiver
+compares it with its own before writing a byte and answers, so a mismatched
+pair raises ``DistMismatchError`` on both ends: ``send`` (and ``isend``'s
+``Work.wait``) waits for that answer, like a synchronous send in gloo or MPI.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,23 @@ from typing import Any
 
 from .._errors import DistUsageError
 from ._api import resolve_group
-from ._call import check_array, flat_view, group_rank, write_back
+from ._call import check_array, flat_view, group_rank, shape_of, write_back
+from ._calldesc import CallDesc
 from ._group import ProcessGroup
+from ._work import Work
 
 __all__ = ["irecv", "isend", "recv", "send"]
 
 
-def _p2p(pg: ProcessGroup, op: str, tensor: Any, peer: int, tag: int, sending: bool) -> Any:
+class _Confirm:
+    """Which send to confirm: filled in by the send body, read by the confirmation."""
+
+    n = 0
+
+
+def _p2p(
+    pg: ProcessGroup, op: str, tensor: Any, peer: int, tag: int, sending: bool
+) -> tuple[Any, Any]:
     if not isinstance(tag, int) or isinstance(tag, bool):
         raise TypeError(f"{op}: tag must be an int, got {tag!r}")
     check_array(pg, tensor, "tensor", op, writable=not sending)
@@ -26,42 +42,85 @@ def _p2p(pg: ProcessGroup, op: str, tensor: Any, peer: int, tag: int, sending: b
             peer=peer,
         )
     engine = pg.engine_for(tensor)
+    call = CallDesc(
+        "send" if sending else "recv", shape_of(tensor), tensor.dtype.str, group=pg.group_key
+    )
+    which = _Confirm()
 
     def body(deadline: float, seq: int) -> list[Any]:
         flat = flat_view(tensor)
+        engine.call = call
         if sending:
             engine.send(flat, peer_g, tag, deadline)
+            which.n = engine.last_send(peer_g, tag)
         else:
             engine.recv(flat, peer_g, tag, deadline)
             write_back(tensor, flat)
         return [tensor]
 
-    return body
+    def confirm(deadline: float, seq: int) -> None:
+        if which.n:
+            engine.confirm_send(peer_g, tag, which.n, call, deadline)
+
+    return body, confirm
+
+
+class _SendWork(Work):
+    """``isend``'s handle: ``wait`` also waits for the receiver's verdict (in issue order,
+    so receives issued before it still run first)."""
+
+    def __init__(self, inner: Work, pg: ProcessGroup, confirm: Any) -> None:
+        super().__init__(inner.op, pg.global_rank)
+        self._inner, self._pg, self._confirm = inner, pg, confirm
+        self._confirmed = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._inner.wait(timeout)
+        if not self._confirmed:
+            self._confirmed = True
+            try:
+                self._pg.submit(self.op, self._confirm, False, False)
+            except BaseException as exc:
+                self._finish(exc)
+                raise
+            self._finish(None, self._inner.result())
+        return super().wait(0)
+
+    def is_completed(self) -> bool:
+        return self._inner.is_completed() if not self._confirmed else self._done.is_set()
+
+    def is_success(self) -> bool:
+        return self._inner.is_success() if not self._confirmed else super().is_success()
+
+    def exception(self) -> BaseException | None:
+        return self._inner.exception() if not self._confirmed else self._exc
 
 
 def send(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> None:
-    """Send ``tensor`` to rank ``dst`` (matched by ``recv`` with the same ``tag``)."""
+    """Send ``tensor`` to rank ``dst`` (matched by ``recv`` with the same ``tag``); returns
+    once the receiver accepted it."""
     pg = resolve_group(group, "send")
     if pg is not None:
-        pg.submit("send", _p2p(pg, "send", tensor, dst, tag, True), False, False)
+        body, confirm = _p2p(pg, "send", tensor, dst, tag, True)
+        pg.submit("send", body, False, False)
+        pg.submit("send", confirm, False, False)
 
 
 def recv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> int:
     """Receive into ``tensor`` from rank ``src``; returns ``src``."""
     pg = resolve_group(group, "recv")
     if pg is not None:
-        pg.submit("recv", _p2p(pg, "recv", tensor, src, tag, False), False, False)
+        pg.submit("recv", _p2p(pg, "recv", tensor, src, tag, False)[0], False, False)
     return src
 
 
 def isend(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> Any:
-    """Asynchronous ``send``; returns a ``Work``."""
+    """Asynchronous ``send``; returns a ``Work`` (``wait`` includes the receiver's verdict)."""
     pg = resolve_group(group, "isend")
-    return (
-        None
-        if pg is None
-        else pg.submit("isend", _p2p(pg, "isend", tensor, dst, tag, True), True, False)
-    )
+    if pg is None:
+        return None
+    body, confirm = _p2p(pg, "isend", tensor, dst, tag, True)
+    return _SendWork(pg.submit("isend", body, True, False), pg, confirm)
 
 
 def irecv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> Any:
@@ -70,5 +129,5 @@ def irecv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> Any:
     return (
         None
         if pg is None
-        else pg.submit("irecv", _p2p(pg, "irecv", tensor, src, tag, False), True, False)
+        else pg.submit("irecv", _p2p(pg, "irecv", tensor, src, tag, False)[0], True, False)
     )

@@ -11,7 +11,7 @@ finished step ``k`` entirely (the next op may split the half differently).
 Every rank signals ``2k+2`` in every step of every collective, so the counters
 stay in lock-step across operations.
 
-``ShmPipeline`` holds that bookkeeping, the call-descriptor check, the barrier,
+``ShmPipeline`` holds that bookkeeping, the call agreement, the barrier,
 failure handling (any failure aborts the engine for every local rank, so the
 others raise at once instead of waiting for their own timeout) and lifecycle;
 ``_shm_reduce`` and ``_shm_engine`` build the collectives on it.
@@ -19,21 +19,19 @@ others raise at once instead of waiting for their own timeout) and lifecycle;
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from .._errors import (
     DistClosedError,
     DistError,
-    DistMismatchError,
     DistPeerLostError,
     DistTimeoutError,
     DistUsageError,
 )
+from ._calldesc import MAX_PACKED, CallDesc, CallsDiffer, digest, pack, unpack
 from ._engine import Engine
 from ._shm_cma import RemoteReader
 from ._shm_native import NativeStep
@@ -48,21 +46,15 @@ def _bounds(count: int, parts: int) -> list[int]:
     return [q * count // parts for q in range(parts + 1)]
 
 
-def _describe(desc: bytes) -> str:
-    """``all_reduce(shape=[3], ...)`` from a call descriptor (msgpack map)."""
-    try:
-        d = dict(msgpack.unpackb(desc, raw=False))
-        return f"{d.pop('op')}(" + ", ".join(f"{k}={v}" for k, v in d.items()) + ")"
-    except Exception:
-        return repr(desc)
-
-
 class ShmPipeline(Engine):
     """Step bookkeeping, checks, barrier and lifecycle of the shared-memory engine.
 
-    Mismatch detection (``verifies_descriptors``): each rank publishes a digest
-    of the group's call descriptor in its header line; all-reduce compares them
-    inside its first step (free), other collectives run one extra barrier step.
+    Call agreement: each rank publishes the digest of its call descriptor in
+    its header line; reductions compare them inside their first step (free,
+    ``fused_agreement``), other collectives run one extra barrier step
+    (``agree``). When digests differ every rank sees it in the same step, and
+    all run one more step that exchanges the packed descriptors through their
+    slots, so each names both sides' calls without waiting on anyone.
 
     Args:
         segment: this process's mapping of the node's segment.
@@ -72,8 +64,6 @@ class ShmPipeline(Engine):
         p2p: engine for ``send``/``recv`` (point-to-point is not collective,
             so it does not fit the lock-step pipeline); ``None`` refuses them.
         check_failed: raises a failure another rank published (polled while waiting).
-        store: the group's store, used only to name both calls in a mismatch error.
-        verify: compare call descriptors across ranks (``DISTRIB_CHECK_MISMATCH``).
         cma: every local rank can ``process_vm_readv`` every other (probed at
             rendezvous): large all-reduces then read peers' buffers directly.
         native: the C step's function from ``_shm_native.load`` (agreed by
@@ -89,8 +79,6 @@ class ShmPipeline(Engine):
         pids: list[int],
         p2p: Engine | None = None,
         check_failed: Callable[[], None] | None = None,
-        store: Any = None,
-        verify: bool = True,
         cma: bool = False,
         native: Any = None,
     ) -> None:
@@ -98,9 +86,7 @@ class ShmPipeline(Engine):
         self._native: NativeStep | None = None
         self._pids = pids
         self._reader = RemoteReader() if cma else None
-        self.verifies_descriptors = verify
-        self._store = store  # only to show both descriptors in a mismatch error
-        self._digest_of: tuple[bytes, int] = (b"", 0)
+        self.fused_agreement = frozenset({"all_reduce", "reduce"})
         self.size = size
         self._seg = segment
         self._global = global_ranks
@@ -139,13 +125,12 @@ class ShmPipeline(Engine):
             self._sync.wait_all(2 * k - 1, op, deadline)
         return k
 
-    def _run(self, op: str, deadline: float, body: Any, *args: Any, check: bool = True) -> None:
-        """Run ``body(*args)`` (after a descriptor check step); abort everyone on failure."""
+    def _run(self, op: str, deadline: float, body: Any, *args: Any) -> None:
+        """Run ``body(*args)``; abort everyone on failure (but a disagreement on the
+        call, which every rank detects in the same step, aborts no one)."""
         try:
-            if check and self.verifies_descriptors:
-                self._check_step(op, deadline)
             body(*args)
-        except DistClosedError:
+        except (DistClosedError, CallsDiffer):
             raise
         except DistError as exc:
             # tell the other local ranks at once, naming the rank at fault
@@ -161,47 +146,63 @@ class ShmPipeline(Engine):
     def _part(self, dtype: np.dtype) -> int:
         return max(1, self._part_bytes // dtype.itemsize)
 
-    # -- mismatch detection ----------------------------------------------------
-    def _digest(self) -> int:
-        desc = self.call_descriptor
-        if self._digest_of[0] is not desc:
-            d = int.from_bytes(hashlib.blake2b(desc, digest_size=8).digest(), "little")
-            self._digest_of = (desc, d)
-        return self._digest_of[1]
+    # -- call agreement ------------------------------------------------------
+    def agree(self, call: CallDesc, seq: int, deadline: float) -> None:
+        if self.size > 1:
+            self._run(call.op, deadline, self._agree_step, call, deadline)
 
-    def _compare_digest(self, q: int, h: int, k: int, name: str) -> None:
-        if self._sync.digest(q, h) == self._digest_of[1]:
-            return
-        me, other = self._global[self.rank], self._global[q]
-        theirs = "a different collective"
-        if self._store is not None:
-            try:
-                self._store.set(f"shm/desc/{k}/{me}", self.call_descriptor)
-                self._store.wait([f"shm/desc/{k}/{other}"], 5.0)
-                theirs = _describe(self._store.get(f"shm/desc/{k}/{other}"))
-            except Exception:
-                pass
-        raise DistMismatchError(
-            f"{name}: mismatched collectives: rank {me} called "
-            f"{_describe(self.call_descriptor)} but rank {other} called {theirs}",
-            rank=me,
-            op=name,
-            peer=other,
-        )
-
-    def _check_step(self, name: str, deadline: float) -> None:
-        """One barrier step that compares every rank's call digest."""
-        digest = self._digest()
-        k = self._begin(name, deadline)
+    def _agree_step(self, call: CallDesc, deadline: float) -> None:
+        """One barrier step that publishes and compares every rank's call digest."""
+        k = self._begin(call.op, deadline)
         h = k & 1
-        self._sync.publish_digest(h, digest)
+        self._sync.publish_digest(h, digest(call))
         self._sync.signal(2 * k + 1)
-        for q in range(self.size):
-            if q != self.rank:
-                self._sync.wait(q, 2 * k + 1, name, deadline)
-                self._compare_digest(q, h, k, name)
+        self._fused_check(call, k, h, deadline)
         self._sync.signal(2 * k + 2)
         self._step = k + 1
+
+    def _fused_check(self, call: CallDesc, k: int, h: int, deadline: float) -> None:
+        """In step ``k`` (this rank published ``digest(call)`` in half ``h`` and signalled
+        ``2k+1``): wait for every peer's digest and compare; on any difference finish
+        the step, exchange the descriptors in the next one and raise ``CallsDiffer``."""
+        mine = digest(call)
+        differ = False
+        for q in range(self.size):
+            if q != self.rank:
+                self._sync.wait(q, 2 * k + 1, call.op, deadline)
+                differ = differ or self._sync.digest(q, h) != mine
+        if not differ:
+            return
+        # Every rank has a peer whose digest differs from its own, so every rank is here.
+        self._sync.signal(2 * k + 2)
+        self._step = k + 1
+        self._exchange_calls(call, deadline)
+
+    def _exchange_calls(self, call: CallDesc, deadline: float) -> None:
+        k = self._begin(call.op, deadline)
+        h = k & 1
+        slots = self._seg.slots(np.dtype(np.uint8))
+        mine = slots[self.rank][h]
+        room = min(mine.size - 2, MAX_PACKED)
+        raw = pack(call)
+        if len(raw) > room:  # a tiny test segment: drop the group list, then give up
+            raw = pack(call._replace(group=()))
+            raw = raw if len(raw) <= room else b""
+        mine[:2] = np.frombuffer(len(raw).to_bytes(2, "little"), np.uint8)
+        mine[2 : 2 + len(raw)] = np.frombuffer(raw, np.uint8)
+        self._sync.signal(2 * k + 1)
+        calls: list[CallDesc | None] = []
+        for q in range(self.size):
+            if q == self.rank:
+                calls.append(call)
+                continue
+            self._sync.wait(q, 2 * k + 1, call.op, deadline)
+            theirs = slots[q][h]
+            length = min(int.from_bytes(theirs[:2].tobytes(), "little"), room)
+            calls.append(unpack(theirs[2 : 2 + length].tobytes()))
+        self._sync.signal(2 * k + 2)
+        self._step = k + 1
+        raise CallsDiffer(calls, call.op)
 
     def barrier(self, seq: int, deadline: float) -> None:
         if self.size > 1:
@@ -216,10 +217,22 @@ class ShmPipeline(Engine):
 
     # -- point to point --------------------------------------------------------
     def send(self, buf: Any, dst: int, tag: int, deadline: float) -> None:
-        self._p2p_engine("send").send(buf, dst, tag, deadline)
+        engine = self._p2p_engine("send")
+        engine.call = self.call
+        engine.send(buf, dst, tag, deadline)
 
     def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
-        self._p2p_engine("recv").recv(buf, src, tag, deadline)
+        engine = self._p2p_engine("recv")
+        engine.call = self.call
+        engine.recv(buf, src, tag, deadline)
+
+    def last_send(self, dst: int, tag: int) -> int:
+        return self._p2p.last_send(dst, tag) if self._p2p is not None else 0
+
+    def confirm_send(
+        self, dst: int, tag: int, n: int, call: CallDesc | None, deadline: float
+    ) -> None:
+        self._p2p_engine("send").confirm_send(dst, tag, n, call, deadline)
 
     def set_p2p(self, engine: Engine) -> None:
         """Use ``engine`` for ``send``/``recv`` (and close it with this one)."""
@@ -236,10 +249,10 @@ class ShmPipeline(Engine):
         return self._p2p
 
     # -- lifecycle -------------------------------------------------------------
-    def abort(self, reason: str) -> None:
-        self._sync.abort(reason)
+    def abort(self, reason: str, culprit: int | None = None, cls_name: str = "") -> None:
+        self._sync.abort(reason, culprit)
         if self._p2p is not None:
-            self._p2p.abort(reason)
+            self._p2p.abort(reason, culprit, cls_name)
 
     def close(self) -> None:
         if self._closed:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import DistError, DistPeerLostError
+from ._calldesc import digest
 from ._ops import ReduceOp, ufunc
 from ._shm_native import NativeStep
 from ._shm_pipeline import ShmPipeline, _bounds
@@ -96,16 +97,24 @@ class ShmReductions(ShmPipeline):
 
     # -- reductions ----------------------------------------------------------
     def _in_rank_order(
-        self, parts: list[Any], k: int, h: int, name: str, deadline: float, verify: bool = False
+        self, parts: list[Any], k: int, h: int, name: str, deadline: float
     ) -> Iterator[Any]:
         """Yield ``parts[q]`` for q = 0, 1, ... once rank q has published step ``k``'s
-        inputs (signalled ``2k+1``), comparing its call digest first if ``verify``."""
+        inputs (signalled ``2k+1``)."""
         for q, part in enumerate(parts):
             if q != self.rank:
                 self._sync.wait(q, 2 * k + 1, name, deadline)
-                if verify:
-                    self._compare_digest(q, h, k, name)
             yield part
+
+    def _publish_call(self, h: int) -> None:
+        """Publish the call's digest for the first step (when the group asked to agree)."""
+        if self.call is not None:
+            self._sync.publish_digest(h, digest(self.call))
+
+    def _check_call(self, k: int, h: int, deadline: float) -> None:
+        """Agree on the call inside step ``k``, before any user byte is written."""
+        if self.call is not None:
+            self._fused_check(self.call, k, h, deadline)
 
     def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
         if self.size > 1:
@@ -118,7 +127,6 @@ class ShmReductions(ShmPipeline):
                 None,
                 deadline,
                 "all_reduce",
-                check=buf.size == 0,  # else compared inside the first step
             )
 
     def reduce(self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float) -> None:
@@ -132,7 +140,6 @@ class ShmReductions(ShmPipeline):
                 root,
                 deadline,
                 "reduce",
-                check=buf.size == 0,
             )
 
     def _reduce(self, buf: Any, op: ReduceOp, root: int | None, deadline: float, name: str) -> None:
@@ -156,15 +163,16 @@ class ShmReductions(ShmPipeline):
         # 1. (in _staged_steps) publish the parts the other ranks reduce
         for start, chunk, b, k, h in self._staged_steps(buf, deadline, name):
             mine = slots[r][h]
-            verify = start == 0 and self.verifies_descriptors
-            if verify:
-                sync.publish_digest(h, self._digest())
+            if start == 0:
+                self._publish_call(h)
             sync.signal(2 * k + 1)
+            if start == 0:
+                self._check_call(k, h, deadline)
             # 2. reduce my part in rank order, reading the others' slots in place
             lo, hi = b[r], b[r + 1]
             acc = mine[lo:hi]
             parts = [chunk[lo:hi] if q == r else slots[q][h][lo:hi] for q in range(n)]
-            _fold(fn, self._in_rank_order(parts, k, h, name, deadline, verify), acc)
+            _fold(fn, self._in_rank_order(parts, k, h, name, deadline), acc)
             sync.signal(2 * k + 2)
             # 3. collect every part's result
             if root is None or root == r:
@@ -189,15 +197,12 @@ class ShmReductions(ShmPipeline):
         h = k & 1
         count = buf.size
         np.copyto(slots[r][h][:count], buf)
-        verify = self.verifies_descriptors
-        if verify:
-            sync.publish_digest(h, self._digest())
+        self._publish_call(h)
         sync.signal(2 * k + 1)
+        self._check_call(k, h, deadline)
         for q in range(n):
             if q != r:
                 sync.wait(q, 2 * k + 1, name, deadline)
-                if verify:
-                    self._compare_digest(q, h, k, name)
         if root is None or root == r:
             _fold(fn, [slots[q][h][:count] for q in range(n)], buf)
         sync.signal(2 * k + 2)
@@ -221,17 +226,15 @@ class ShmReductions(ShmPipeline):
             chunk = buf[start : start + step]
             k = self._begin(name, deadline)
             h = k & 1
-            verify = start == 0 and self.verifies_descriptors
+            verify = start == 0 and self.call is not None
             if verify:
-                sync.publish_digest(h, self._digest())
+                self._publish_call(h)
             stage = native(0, dtype, op, chunk, h, k, spin, verify)
             while stage != 0:
                 if stage == 1:  # a peer has not published its inputs yet
                     sync.wait(native.blocked_on, 2 * k + 1, name, deadline)
                 elif stage == 2:  # every peer's inputs are there: compare the calls first
-                    for q in range(self.size):
-                        if q != self.rank:
-                            self._compare_digest(q, h, k, name)
+                    self._check_call(k, h, deadline)
                 elif stage == 3:  # a peer's part of the result is not final yet
                     sync.wait(native.blocked_on, 2 * k + 2, name, deadline)
                 else:
@@ -270,18 +273,18 @@ class ShmReductions(ShmPipeline):
         for start, chunk, b, k, h in self._staged_steps(buf, deadline, name):
             mine = slots[r][h]
             first = start == 0
-            verify = first and self.verifies_descriptors
             if first:
                 sync.publish_addr(base)
-            if verify:
-                sync.publish_digest(h, self._digest())
+                self._publish_call(h)
             sync.signal(2 * k + 1)
+            if first:
+                self._check_call(k, h, deadline)
             lo, hi = b[r], b[r + 1]
             own = chunk[lo:hi]
             spare = mine[lo:hi]  # my slot's own part: nobody else reads it
             parts = [own if q == r else slots[q][h][lo:hi] for q in range(n)]
             prev = acc = None
-            for q, src in enumerate(self._in_rank_order(parts, k, h, name, deadline, verify)):
+            for q, src in enumerate(self._in_rank_order(parts, k, h, name, deadline)):
                 if prev is None:
                     prev = src
                     continue

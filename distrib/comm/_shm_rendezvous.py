@@ -79,8 +79,6 @@ def connect_local(
     part_bytes: int | None = None,
     *,
     check_failed: Callable[[], None] | None = None,
-    store_for_errors: Any = None,
-    verify: bool = True,
     use_cma: bool = True,
     use_native: bool = True,
 ) -> ShmEngine | None:
@@ -156,6 +154,4 @@ def connect_local(
         check_failed=check_failed,
         cma=cma and use_cma,
         native=native,
-        store=store_for_errors,
-        verify=verify,
     )

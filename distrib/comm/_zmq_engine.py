@@ -20,9 +20,17 @@ import msgpack
 import numpy as np
 
 from .._errors import DistMismatchError
+from ._calldesc import (
+    CallDesc,
+    CallsDiffer,
+    p2p_matches,
+    p2p_mismatch_error,
+    pack,
+    unpack,
+)
 from ._engine import Engine, EngineContext
 from ._ops import ReduceOp, ufunc
-from ._zmq_links import COLLECTIVE, P2P, ZmqLinks, frame_array
+from ._zmq_links import AGREE, COLLECTIVE, P2P, P2P_ACK, ZmqLinks, frame_array
 
 __all__ = ["ZmqEngine"]
 
@@ -58,19 +66,46 @@ def _blocks(buf: np.ndarray, parts: int) -> list[np.ndarray]:
 class ZmqEngine(Engine):
     """Collectives among a group's ranks over ZeroMQ (any host layout)."""
 
-    verifies_descriptors = True
-
     def __init__(self, ctx: EngineContext) -> None:
         self.rank, self.size = ctx.rank, ctx.size
         self.links = ZmqLinks(ctx)
+        self._sent: dict[tuple[int, int], int] = {}  # (dst, tag) -> P2P messages sent
+        self._received: dict[tuple[int, int], int] = {}  # (src, tag) -> P2P messages taken
+
+    # -- call agreement ---------------------------------------------------------
+
+    def agree(self, call: CallDesc, seq: int, deadline: float) -> None:
+        """Dissemination all-gather of the packed descriptors: ceil(log2 n) rounds of one
+        small message each way; every rank ends with every rank's call."""
+        n, r = self.size, self.rank
+        if n == 1:
+            return
+        mine = pack(call)
+        known: dict[int, bytes] = {r: mine}
+        dist = 1
+        while dist < n:
+            body = msgpack.packb(list(known.items()))
+            self.links.send((r + dist) % n, AGREE, seq, b"", np.frombuffer(body, np.uint8))
+            frame = self.links.recv((r - dist) % n, AGREE, seq, call.op, deadline)
+            try:
+                for q, raw in msgpack.unpackb(bytes(frame), raw=False, strict_map_key=False):
+                    if isinstance(q, int) and 0 <= q < n and isinstance(raw, bytes):
+                        known.setdefault(q, raw)
+            except Exception:
+                pass  # unreadable: that rank's call shows as unreadable below
+            dist <<= 1
+        if all(known.get(q) == mine for q in range(n)):
+            return
+        calls = [call if q == r else unpack(known.get(q, b"")) for q in range(n)]
+        raise CallsDiffer(calls, call.op)
 
     # -- helpers -------------------------------------------------------------
 
     def _send(self, peer: int, seq: int, data: np.ndarray, copy: bool = False) -> None:
-        self.links.send(peer, COLLECTIVE, seq, self.call_descriptor, data, copy)
+        self.links.send(peer, COLLECTIVE, seq, b"", data, copy)
 
     def _recv(self, peer: int, seq: int, op: str, deadline: float) -> Any:
-        return self.links.recv(peer, COLLECTIVE, seq, self.call_descriptor, op, deadline)
+        return self.links.recv(peer, COLLECTIVE, seq, op, deadline)
 
     def _recv_into(self, peer: int, seq: int, out: np.ndarray, op: str, deadline: float) -> None:
         frame = self._recv(peer, seq, op, deadline)
@@ -280,26 +315,50 @@ class ZmqEngine(Engine):
             dist <<= 1
 
     def send(self, buf: Any, dst: int, tag: int, deadline: float) -> None:
-        desc = msgpack.packb([buf.dtype.str, int(buf.shape[0])])
-        self.links.send(dst, P2P, tag, desc, buf)
+        """Send ``buf`` with its descriptor; the receiver checks it before writing and
+        answers (``confirm_send`` waits for that answer)."""
+        call = self.call or CallDesc("send", (int(buf.shape[0]),), buf.dtype.str)
+        key = (dst, tag)
+        self._sent[key] = self._sent.get(key, 0) + 1
+        self.links.send(dst, P2P, tag, pack(call), buf)
         self.links.flush("send", deadline)
 
+    def last_send(self, dst: int, tag: int) -> int:
+        """Number of the latest ``send`` to ``dst`` with ``tag`` (for ``confirm_send``)."""
+        return self._sent.get((dst, tag), 0)
+
+    def confirm_send(
+        self, dst: int, tag: int, n: int, call: CallDesc | None, deadline: float
+    ) -> None:
+        verdict = self.links.take_ack(dst, tag, n, "send", deadline)
+        if verdict:
+            g = self.links.global_ranks
+            raise p2p_mismatch_error(g[self.rank], g[dst], call, unpack(verdict), tag, g[self.rank])
+
     def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
-        frame = self.links.recv(src, P2P, tag, b"", "recv", deadline)
+        posted = self.call or CallDesc("recv", (int(buf.shape[0]),), buf.dtype.str)
+        desc, frame = self.links.recv_with_desc(src, P2P, tag, "recv", deadline)
+        key = (src, tag)
+        count = self._received[key] = self._received.get(key, 0) + 1
+        sent = unpack(desc)
         data = np.frombuffer(frame, dtype=np.uint8)
-        if data.nbytes != buf.nbytes:
-            raise DistMismatchError(
-                f"recv: {self.links.gname(src)} sent {data.nbytes} bytes with tag {tag} but "
-                f"{self.links.gname(self.rank)} posted a receive of {buf.nbytes} bytes "
-                f"({buf.shape[0]} x {buf.dtype})",
-                rank=self.links.global_ranks[self.rank],
-                op="recv",
-                peer=self.links.global_ranks[src],
-            )
+        ok = p2p_matches(sent, posted) and data.nbytes == buf.nbytes
+        reply = b"" if ok else pack(posted)
+        self.links.send(
+            src, P2P_ACK, tag, count.to_bytes(8, "little"), np.frombuffer(reply, np.uint8)
+        )
+        g = self.links.global_ranks
+        if not ok:
+            if sent is not None and p2p_matches(sent, posted):
+                sent = sent._replace(shape=(data.nbytes // max(1, buf.itemsize),))
+            raise p2p_mismatch_error(g[src], g[self.rank], sent, posted, tag, g[self.rank])
         np.copyto(buf.view(np.uint8), data)
 
-    def abort(self, reason: str) -> None:
-        """Nothing is blocked outside our own thread; the group refuses further calls."""
+    def abort(self, reason: str, culprit: int | None = None, cls_name: str = "") -> None:
+        """Tell every peer (over our own connections) that this rank failed and whose
+        failure it follows, so none of them blames this rank's exit."""
+        me = self.links.global_ranks[self.rank]
+        self.links.send_abort(me if culprit is None else culprit, cls_name, reason)
 
     def close(self) -> None:
         self.links.close()

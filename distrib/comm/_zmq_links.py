@@ -8,15 +8,21 @@ sends to ``b`` on its DEALER; ``b`` reads everything on its ROUTER. One TCP/IPC
 connection per ordered pair keeps each sender's messages in order.
 
 Message = ``[header, payload]``; header = ``<kind:u8, seq:i64>`` + descriptor.
-``kind`` is COLLECTIVE (``seq`` = the group's op counter, descriptor = the
-call's msgpack descriptor, compared with ours: mismatch detection for free) or
-P2P (``seq`` = user tag, descriptor = dtype/size). A message from another peer
-or for a later op is stashed per peer until asked for; older ones are stale.
+``kind`` is COLLECTIVE (``seq`` = the group's op counter), AGREE (the call
+agreement before op ``seq``), P2P (``seq`` = user tag, descriptor = the
+sender's packed ``CallDesc``), P2P_ACK (the receiver's verdict on the n-th
+P2P message with that tag) or ABORT (the sender failed; payload says whose
+failure it follows). A message from another peer or for a later op is stashed
+per peer until asked for; older ones are stale.
 
-Failure detection while blocked: a monitor on each DEALER reports a peer's
-disconnect (killed, closed its sockets), confirmed after a short grace so data
-already sent still arrives; every ``FAILURE_POLL_S`` the group's store is asked
-whether another rank published a failure; the deadline bounds everything.
+Failure detection while blocked (receiving, or waiting for zero-copy sends to
+leave): a monitor on each DEALER reports a peer's disconnect (killed, closed
+its sockets), confirmed after a short grace so data already sent still
+arrives; a rank that fails sends ABORT to every peer before it stops, so its
+neighbours blame the rank it blamed rather than its own exit; every
+``FAILURE_POLL_S`` the group's store is asked whether another rank published a
+failure (the store may be gone: the connections alone suffice); the deadline
+bounds everything.
 Zero-copy sends (large segments) are tracked and awaited before an op returns,
 so a caller may reuse its buffer immediately.
 """
@@ -35,13 +41,24 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .._errors import DistClosedError, DistMismatchError, DistPeerLostError, DistTimeoutError
+from .._errors import (
+    DistClosedError,
+    DistError,
+    DistMismatchError,
+    DistPeerLostError,
+    DistTimeoutError,
+)
 from ._engine import EngineContext
 
-__all__ = ["COLLECTIVE", "P2P", "ZmqLinks", "describe"]
+__all__ = ["ABORT", "AGREE", "COLLECTIVE", "P2P", "P2P_ACK", "ZmqLinks"]
 
 COLLECTIVE = 0
 P2P = 1
+AGREE = 2
+P2P_ACK = 3
+ABORT = 4
+_ABORT_CLASSES = {c.__name__: c for c in (DistPeerLostError, DistTimeoutError, DistMismatchError)}
+_MAX_ACKS = 4096  # unclaimed positive acks kept (an isend whose Work is never waited)
 _HEADER = struct.Struct("<BqI")  # kind, seq (or tag), descriptor length
 # Below this many bytes a send copies (pyzmq's own copy threshold): tracking costs more.
 ZERO_COPY_MIN = 65536
@@ -51,16 +68,6 @@ DISCONNECT_GRACE_S = 0.5
 FAILURE_POLL_S = 0.2  # how often a blocked rank asks the store about failures elsewhere
 _POLL_SLICE_MS = 50
 _QUIET_WAIT_S = 0.02  # waits shorter than this never consult the store or the monitors
-
-
-def describe(desc: bytes) -> str:
-    """Human-readable form of a call descriptor (``all_reduce(shape=(3,), ...)``)."""
-    try:
-        d = msgpack.unpackb(desc, raw=False)
-        name = d.pop("op")
-        return f"{name}(" + ", ".join(f"{k}={v}" for k, v in d.items()) + ")"
-    except Exception:
-        return repr(desc)
 
 
 class ZmqLinks:
@@ -76,11 +83,11 @@ class ZmqLinks:
         self._stash: dict[int, deque[tuple[int, int, bytes, Any]]] = {
             p: deque() for p in range(self.size)
         }
-        self._trackers: list[Any] = []
+        self._trackers: list[tuple[int, Any]] = []
+        self._acks: dict[tuple[int, int, int], bytes] = {}  # (peer, tag, n) -> verdict
         self._lost_since: dict[int, float] = {}
         self._connected: set[int] = set()
         self._next_failure_poll = 0.0
-        self._recent_descs: dict[int, bytes] = {}  # seq -> our descriptor, for stale messages
         self.router = self._zctx.socket(zmq.ROUTER)
         self._tune(self.router)
         me = f"{ctx.host_ids[self.rank]}"
@@ -142,14 +149,14 @@ class ZmqLinks:
             return
         sock.send(header + desc, zmq.SNDMORE)
         if not copy:
-            self._trackers.append(sock.send(payload, copy=False, track=True))
+            self._trackers.append((peer, sock.send(payload, copy=False, track=True)))
         else:
             sock.send(payload, copy=True)
 
     def flush(self, op: str, deadline: float) -> None:
         """Wait until zmq no longer reads any buffer we sent zero-copy."""
         trackers, self._trackers = self._trackers, []
-        for tracker in trackers:
+        for peer, tracker in trackers:
             while not tracker.done:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -160,9 +167,11 @@ class ZmqLinks:
                         op=op,
                     )
                 try:
-                    tracker.wait(min(remaining, 0.1))
+                    tracker.wait(min(remaining, 0.05))
                 except zmq.NotDone:
-                    self._poll_failures(op, None, time.monotonic())
+                    # The peer we send to may be gone; a failure report may be waiting.
+                    self._drain(op)
+                    self._poll_failures(op, peer, time.monotonic())
 
     # -- receiving -----------------------------------------------------------
 
@@ -175,9 +184,9 @@ class ZmqLinks:
             if kind == COLLECTIVE:
                 if s < seq:
                     # Every message of a healthy group is consumed in its own op: one left
-                    # over means the peer's op #s differed from ours (say, another root).
+                    # over means the peer's op #s differed from ours.
                     del queue[i]
-                    raise self._mismatch(peer, s, self._recent_descs.get(s, b""), desc, "stale")
+                    raise self._mismatch(peer, s, "stale")
                 if s > seq:
                     return desc, None  # the peer moved on: reported as a mismatch
             elif s != seq:
@@ -186,39 +195,55 @@ class ZmqLinks:
             return desc, frame
         return None
 
-    def recv(self, peer: int, kind: int, seq: int, desc: bytes, op: str, deadline: float) -> Any:
-        """The next matching message from ``peer`` (a zmq Frame), checking its descriptor."""
-        if kind == COLLECTIVE and seq not in self._recent_descs:
-            self._recent_descs[seq] = desc
-            self._recent_descs.pop(seq - 16, None)
+    def recv(self, peer: int, kind: int, seq: int, op: str, deadline: float) -> Any:
+        """The next matching message from ``peer`` (a zmq Frame)."""
+        return self.recv_with_desc(peer, kind, seq, op, deadline)[1]
+
+    def recv_with_desc(
+        self, peer: int, kind: int, seq: int, op: str, deadline: float
+    ) -> tuple[bytes, Any]:
+        """The next matching message from ``peer``: (its descriptor bytes, its payload)."""
         found = self._take(peer, kind, seq)
         while found is None:
             self._pump(peer, op, deadline, seq if kind == COLLECTIVE else None)
             found = self._take(peer, kind, seq)
-        their_desc, frame = found
-        if kind == COLLECTIVE and (frame is None or their_desc != desc):
-            raise self._mismatch(
-                peer, seq, desc, their_desc, "same" if frame is not None else "later"
-            )
-        return frame
+        if kind == COLLECTIVE and found[1] is None:
+            raise self._mismatch(peer, seq, "later")
+        return found
 
-    def _mismatch(self, peer: int, seq: int, mine: bytes, theirs: bytes, how: str) -> Exception:
+    def take_ack(self, peer: int, tag: int, n: int, op: str, deadline: float) -> bytes:
+        """The receiver's verdict on our ``n``-th P2P message to ``peer`` with ``tag``."""
+        key = (peer, tag, n)
+        while key not in self._acks:
+            self._pump(peer, op, deadline, None)
+        return self._acks.pop(key)
+
+    def _mismatch(self, peer: int, seq: int, how: str) -> Exception:
+        # The ranks agreed on the call before moving data, so this is a protocol slip
+        # (say, a message size the descriptor does not decide): name it as such.
         when = {
-            "same": "as the same op",
-            "later": "as its next op, having finished this one without sending to "
-            f"{self.gname(self.rank)}",
-            "stale": f"and sent {self.gname(self.rank)} data this rank's op #{seq} never used",
-        }[how]
-        name = msgpack.unpackb(mine, raw=False).get("op", "collective") if mine else "collective"
+            "later": "finished op #{seq} without sending to this rank",
+            "stale": "sent data this rank's op #{seq} never used",
+        }[how].format(seq=seq)
         return DistMismatchError(
-            f"{name}: mismatched collectives at op #{seq}: {self.gname(self.rank)} called "
-            f"{describe(mine)} but {self.gname(peer)} called {describe(theirs)} ({when}); every "
-            "rank of the group must call the same collectives in the same order with matching "
-            "arguments",
+            f"collective: mismatched collectives at op #{seq}: {self.gname(peer)} {when} "
+            f"({self.gname(self.rank)}); every rank of the group must call the same "
+            "collectives in the same order with matching arguments",
             rank=self.global_ranks[self.rank],
-            op=name,
+            op="collective",
             peer=self.global_ranks[peer],
         )
+
+    def _drain(self, op: str) -> None:
+        """Read what already arrived (without waiting), so an ABORT is seen."""
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                raise self._closed_error(op, exc) from None
+            self._file(frames, op)
 
     def _pump(self, peer: int, op: str, deadline: float, seq: int | None) -> None:
         """Receive whatever arrives next (stashing it), or fail if ``peer`` cannot deliver."""
@@ -249,6 +274,10 @@ class ZmqLinks:
                     frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     frames = None
+        self._file(frames, op)
+
+    def _file(self, frames: list[Any], op: str) -> None:
+        """Stash one received message (acks and aborts are handled at once)."""
         if len(frames) not in (2, 3):
             return  # not ours (a stray connection); ignore
         src = _rank_of(frames[0].bytes, self.size)
@@ -260,7 +289,46 @@ class ZmqLinks:
         desc = bytes(whole[_HEADER.size : end])
         # Two frames: header and payload in one (small); three: payload separate (large).
         payload = whole[end:] if len(frames) == 2 else frames[2].buffer
+        if kind == ABORT:
+            raise self._aborted_by(src, bytes(payload), op)
+        if kind == P2P_ACK:
+            if len(self._acks) >= _MAX_ACKS:  # nobody will ask for old positive acks
+                self._acks = {k: v for k, v in self._acks.items() if v}
+            self._acks[(src, seq, int.from_bytes(desc, "little"))] = bytes(payload)
+            return
         self._stash[src].append((kind, seq, desc, payload))
+
+    def _aborted_by(self, src: int, payload: bytes, op: str) -> DistError:
+        """The error a rank raises when peer ``src`` reports that it failed."""
+        try:
+            info = msgpack.unpackb(payload, raw=False)
+            culprit, cls_name, why = int(info[0]), str(info[1]), str(info[2])[:2000]
+        except Exception:
+            culprit, cls_name, why = self.global_ranks[src], "", "no reason given"
+        cls = _ABORT_CLASSES.get(cls_name, DistPeerLostError)
+        me, sender = self.global_ranks[self.rank], self.global_ranks[src]
+        if culprit == sender:
+            head = f"rank {sender} failed"
+        else:
+            head = f"rank {culprit} failed (reported by rank {sender})"
+        return cls(
+            f"{op}: rank {me} stopped: {head}: {why}",
+            rank=me,
+            op=op,
+            peer=culprit,
+            caused_by=culprit,
+        )
+
+    def send_abort(self, culprit: int, cls_name: str, reason: str) -> None:
+        """Tell every peer this rank failed (best effort, never blocks)."""
+        if self._closed:
+            return
+        body = np.frombuffer(msgpack.packb([culprit, cls_name, reason[:2000]]), np.uint8)
+        for peer in self.dealers:
+            try:
+                self.send(peer, ABORT, 0, b"", body)
+            except zmq.ZMQError:
+                pass
 
     def _timeout_error(self, peer: int, op: str, seq: int | None) -> DistTimeoutError:
         chain = self._diagnose_timeout(peer, seq) if seq is not None else [peer]
@@ -285,6 +353,10 @@ class ZmqLinks:
             peer=self.global_ranks[culprit],
         )
 
+    def _read_monitors(self) -> None:
+        for monitor in self._monitors:
+            self._read_monitor(monitor)
+
     def _read_monitor(self, monitor: zmq.Socket) -> None:
         peer = self._monitors[monitor]
         while True:
@@ -303,7 +375,11 @@ class ZmqLinks:
 
     def _poll_failures(self, op: str, peer: int | None, now: float) -> None:
         lost = self._lost_since.get(peer) if peer is not None else None
+        if peer is not None and lost is None:
+            self._read_monitors()
+            lost = self._lost_since.get(peer)
         if peer is not None and lost is not None and now - lost > DISCONNECT_GRACE_S:
+            self._drain(op)  # its last words (an ABORT naming someone else) come first
             raise DistPeerLostError(
                 f"{op}: {self.gname(peer)} closed its connection or died while "
                 f"{self.gname(self.rank)} was waiting for it",
@@ -329,6 +405,7 @@ class ZmqLinks:
         self._closed = True
         self._stash.clear()
         self._trackers.clear()
+        self._acks.clear()
         for dealer in self.dealers.values():
             try:
                 dealer.disable_monitor()

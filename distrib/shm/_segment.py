@@ -53,6 +53,10 @@ class Segment:
             mm = mmap.mmap(fd, size)
         except OSError as exc:
             os.close(fd)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Python's mmap keeps a duplicate of the descriptor: at the open-file
+                # limit that duplicate is what fails, on the creating side too.
+                raise _fd_limit_error(f"mapping shared-memory segment {seg_id}") from exc
             raise ShmError(
                 f"cannot map shared-memory segment {seg_id} ({size} bytes): {exc}", op="shm.map"
             ) from exc
