@@ -22,6 +22,7 @@ __all__ = [
     "ONE_YEAR_S",
     "PROCS",
     "TIMEOUT",
+    "WAIT",
     "Bound",
     "check_number",
     "check_timeout",
@@ -56,6 +57,8 @@ def _fmt(x: float) -> str:
 # Timeouts (--timeout, --node-timeout, --join-timeout, DISTRIB_TIMEOUT, timeout=): more
 # than a year is a typo or an attempt to mean "forever", which would hide a hang.
 TIMEOUT = Bound(0.0, ONE_YEAR_S, why="a year; a longer one would hide a hang")
+# A wait on something already started (Work.wait): 0 polls, as threading's waits do.
+WAIT = Bound(0.0, ONE_YEAR_S, low_inclusive=True, why="a year; a longer one would hide a hang")
 # SIGTERM -> SIGKILL delay: a worker that needs more than an hour to stop is hung.
 GRACE = Bound(0.0, 3600.0, why="an hour")
 # How often the launcher looks around: below 1 ms it spins, above a minute it misses

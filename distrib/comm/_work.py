@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from .._errors import DistTimeoutError, DistUsageError
-from .._validate import check_timeout
+from .._validate import WAIT, check_timeout
 
 __all__ = ["Work"]
 
@@ -30,7 +30,7 @@ class Work:
         """Block until the operation finished; re-raise its error. ``timeout`` in seconds
         bounds this wait only (the operation keeps its own group timeout)."""
         if timeout is not None:  # threading's wait overflows on inf, misbehaves on NaN
-            timeout = check_timeout(timeout, f"{self.op}: Work.wait timeout", DistUsageError)
+            timeout = check_timeout(timeout, f"{self.op}: Work.wait timeout", DistUsageError, WAIT)
         start = time.monotonic()
         if not self._done.wait(timeout):
             raise DistTimeoutError(
