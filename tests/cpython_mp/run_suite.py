@@ -50,15 +50,39 @@ class _Recorder(unittest.TextTestResult):
             self.outcomes[test.id()] = "failed"
 
 
+def _module_name() -> str:
+    import multiprocessing
+
+    return multiprocessing.__name__
+
+
+def _which_multiprocessing(method: str) -> list[str]:
+    """The module ``import multiprocessing`` gives here and in a child of ``method``."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(1) as pool:
+        child = pool.apply(_module_name)
+    return [multiprocessing.__name__, child]
+
+
 def main() -> int:
     method, out, *ids = sys.argv[1:]
     module = f"test_multiprocessing_{method}"
     loader = unittest.TestLoader()
     suite = loader.loadTestsFromNames(ids) if ids else loader.loadTestsFromName(module)
+    which = _which_multiprocessing(method)
     runner = unittest.TextTestRunner(resultclass=_Recorder, verbosity=1, stream=sys.stderr)
     result = runner.run(suite)
     with open(out, "w") as f:
-        json.dump(result.outcomes, f)
+        json.dump(
+            {
+                "multiprocessing": which,
+                "loaded": suite.countTestCases(),
+                "outcomes": result.outcomes,
+            },
+            f,
+        )
     return 0
 
 
