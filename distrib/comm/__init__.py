@@ -56,6 +56,7 @@ from ._subgroups import (
     new_subgroups,
     new_subgroups_by_enumeration,
 )
+from ._torch_compat import all_gather_single, default_pg_timeout, reduce_scatter_single
 from ._work import Work
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "all_gather",
     "all_gather_into_tensor",
     "all_gather_object",
+    "all_gather_single",
     "all_reduce",
     "all_to_all",
     "all_to_all_single",
@@ -79,6 +81,7 @@ __all__ = [
     "batch_isend_irecv",
     "broadcast",
     "broadcast_object_list",
+    "default_pg_timeout",
     "destroy_process_group",
     "gather",
     "gather_object",
@@ -102,6 +105,7 @@ __all__ = [
     "recv",
     "reduce",
     "reduce_scatter",
+    "reduce_scatter_single",
     "reduce_scatter_tensor",
     "scatter",
     "scatter_object_list",
