@@ -1,11 +1,15 @@
 """torch's all_reduce through the "distrib" backend vs distrib's own all_reduce on numpy.
 
-Both run in the same ranks, interleaved round by round, on the same sizes:
+All run in the same ranks, interleaved round by round, on the same sizes:
 ``torch.distributed.all_reduce(tensor)`` on a process group created with
-``init_process_group("distrib")``, and ``distrib.all_reduce(array)`` on
-distrib's own default group. The difference is what the backend adds: torch's
-Python front end, the ``.numpy()`` view and the ``Work``/future it returns.
-Reported: median microseconds per call (float32), and torch/distrib.
+``init_process_group("distrib")``; ``distrib.all_reduce(array)`` on distrib's
+own default group with a numpy array; and the same on ``tensor.numpy()``, the
+tensor's own memory. The first against the third is what the backend adds
+(torch's Python front end, the ``.numpy()`` view, the ``Work`` and future);
+the third against the second is the memory itself (numpy asks the kernel for
+transparent huge pages on large arrays, torch's allocator does not, and memory
+bandwidth bound copies run faster on huge pages). Reported: median
+microseconds per call (float32) and the ratios.
 
     flock /tmp/distrib-bench.lock python benchmarks/bench_torch_backend.py
     python benchmarks/bench_torch_backend.py --nproc 2 --sizes-mib 1 4 16 64
@@ -51,15 +55,18 @@ def rank_main(spec: dict) -> None:
         n = int(mib * (1 << 20)) // 4
         t = torch.ones(n)
         a = np.ones(n, np.float32)
+        tv = torch.ones(n).numpy()  # a torch allocation, used through numpy
         calls = max(3, min(50, int(256 / mib)))
-        for _ in range(2):  # warm up both paths (segments, mappings)
+        for _ in range(2):  # warm up every path (segments, mappings)
             dist.all_reduce(t)
             distrib.all_reduce(a)
-        per = {"torch": [], "distrib": []}
+            distrib.all_reduce(tv)
+        per: dict[str, list[float]] = {"torch": [], "distrib": [], "tensor_memory": []}
         for _ in range(spec["rounds"]):
             for name, fn in (
                 ("torch", lambda t=t: dist.all_reduce(t)),
                 ("distrib", lambda a=a: distrib.all_reduce(a)),
+                ("tensor_memory", lambda tv=tv: distrib.all_reduce(tv)),
             ):
                 distrib.barrier()
                 start = time.perf_counter()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import multiprocessing as std_mp
 import os
+import platform
 import queue
+import re
 import subprocess
 import sys
 import textwrap
@@ -273,10 +275,29 @@ def _ddp(rank, world, gloo):
     return params
 
 
+def _huge_pages():
+    """KiB of huge pages in this process before, after a first and after a second
+    all_reduce of one 16 MiB tensor, and whether its contents survived."""
+    import re
+
+    def huge_kib():
+        with open("/proc/self/smaps_rollup") as f:
+            return int(re.search(r"AnonHugePages:\s+(\d+)", f.read()).group(1))
+
+    t = torch.arange(4 << 20, dtype=torch.float32)
+    seen = [huge_kib()]
+    for _ in range(2):
+        dist.all_reduce(t)
+        seen.append(huge_kib())
+    return seen, torch.equal(t, torch.arange(4 << 20, dtype=torch.float32))
+
+
 def _everything(rank, world, gloo):
     """Every check that needs ``world`` ranks, in one set of processes (spawning torch
     processes costs seconds each)."""
     out = {"collectives": _every_collective(rank, world, gloo)}
+    if world == 1:
+        out["huge_pages"] = _huge_pages()
     if world == 2:
         out["errors"] = _errors(rank, world, gloo)
     if world in (2, 3):
@@ -291,6 +312,19 @@ def test_backend_against_gloo(world):
     # every collective equals gloo's result on every rank
     for r in results:
         assert not r["collectives"], "\n".join(r["collectives"])
+    if world == 1:  # a reused large tensor is moved onto huge pages, contents intact
+        (before, first, second), intact = results[0]["huge_pages"]
+        assert intact
+        # Only where the kernel can collapse pages (Linux 6.1+, THP not disabled).
+        try:
+            with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+                thp_off = "[never]" in f.read()
+        except OSError:
+            thp_off = True
+        release = tuple(int(x) for x in re.findall(r"\d+", platform.release())[:2])
+        thp_off = thp_off or release < (6, 1)
+        assert first - before < 8192  # the first sighting leaves a tensor alone
+        assert thp_off or second - first >= 8192, (before, first, second)
     if world == 2:  # what the backend cannot do is a clear error naming the alternative
         msgs = results[0]["errors"]
         assert "runs CPU tensors only" in msgs[0] and "nccl" in msgs[0], msgs[0]
