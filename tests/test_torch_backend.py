@@ -361,7 +361,7 @@ def test_env_init_under_distrib_run(tmp_path):
         [sys.executable, "-m", "launcher", "--nproc", "3", str(script)],
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=240,
         env=env,
         cwd=tmp_path,
     )
