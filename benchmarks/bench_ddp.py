@@ -1,4 +1,4 @@
-"""Weak-scaling benchmark: distrib DDP vs torch DDP (gloo) on a ~10M-parameter MLP.
+"""Weak-scaling benchmark: distrib DDP vs torch DDP over gloo and over "distrib", ~10M-param MLP.
 
 Each rank trains the same MLP (1024 -> 2048 -> 2048 -> 2048 -> 10, float32,
 10.5M parameters) on a fixed per-rank batch of synthetic data with SGD; both
@@ -12,8 +12,12 @@ overhead over the single-rank run (1 - t1/tN).
     flock /tmp/distrib-bench.lock python benchmarks/bench_ddp.py
     python benchmarks/bench_ddp.py --ranks 1 2 4 8 16 --steps 20
 
-torch runs in a separate interpreter (``--peer-python``, default
-/opt/peers/bin/python when it exists); without it the torch columns are skipped.
+torch DDP runs twice in the same run: over gloo, and over distrib's torch
+backend (``import distrib.torch``; ``init_process_group("distrib")``), same
+model, data and settings. torch comes from this interpreter when it has it,
+else from ``--peer-python`` (default /opt/peers/bin/python when it exists; the
+"distrib" backend then needs this checkout on that interpreter's path, which
+the benchmark sets); without torch the torch columns are skipped.
 """
 
 from __future__ import annotations
@@ -33,6 +37,17 @@ DEFAULT_PEER = "/opt/peers/bin/python"
 LAYERS = [1024, 2048, 2048, 2048, 10]
 # One thread per rank for every BLAS/OpenMP runtime either side may load.
 THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def machine() -> str:
+    """CPU model and core count, for the table header."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def n_params(layers: list[int]) -> int:
@@ -113,8 +128,10 @@ import json, os, sys, time
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 torch.set_num_threads(1)
-layers, steps, warmup, batch, cap = json.loads(sys.argv[1])
-dist.init_process_group("gloo")
+layers, steps, warmup, batch, cap, backend = json.loads(sys.argv[1])
+if backend == "distrib":
+    import distrib.torch  # registers the "distrib" backend
+dist.init_process_group(backend)
 rank = dist.get_rank()
 torch.manual_seed(rank)
 mods = []
@@ -160,6 +177,7 @@ def _launch(cmds: list[list[str]], timeout: float) -> dict:
     procs = []
     for rank, cmd in enumerate(cmds):
         env = dict(os.environ, **THREAD_ENV)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
         env.update(
             RANK=str(rank),
             LOCAL_RANK=str(rank),
@@ -205,9 +223,18 @@ def run_distrib(n: int, args: argparse.Namespace) -> dict:
     return _launch([cmd] * n, args.timeout)
 
 
-def run_torch(n: int, args: argparse.Namespace) -> dict:
-    spec = json.dumps([LAYERS, args.steps, args.warmup, args.batch, args.bucket_cap_mb])
+def run_torch(n: int, args: argparse.Namespace, backend: str) -> dict:
+    spec = json.dumps([LAYERS, args.steps, args.warmup, args.batch, args.bucket_cap_mb, backend])
     return _launch([[args.peer_python, "-c", TORCH_RANK, spec]] * n, args.timeout)
+
+
+def _torch_python(peer: str | None) -> str | None:
+    """This interpreter when it has torch, else ``peer`` when it exists."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        return sys.executable
+    return peer if peer and os.path.exists(peer) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--peer-python",
         default=DEFAULT_PEER if os.path.exists(DEFAULT_PEER) else None,
-        help="interpreter with torch for the comparison (default /opt/peers/bin/python)",
+        help="interpreter with torch when this one has none (default /opt/peers/bin/python)",
     )
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--_rank", action="store_true", help=argparse.SUPPRESS)
@@ -246,15 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     ranks = args.ranks or ([1, 2, 4, 8] + ([16] if cores >= 16 else []))
     if 1 not in ranks:
         ranks = [1, *ranks]
-    torch_ok = bool(args.peer_python) and os.path.exists(args.peer_python)
+    args.peer_python = _torch_python(args.peer_python)
+    torch_ok = args.peer_python is not None
     print(
         f"# MLP {LAYERS}, {n_params(LAYERS) / 1e6:.1f}M float32 params, batch {args.batch}/rank, "
         f"{args.steps} steps, best of {args.repeat}, {cores} cores, 1 thread per rank, "
         f"buckets {args.bucket_cap_mb:g} MiB (distrib last_bucket_mb={args.last_bucket_mb})"
     )
+    print(f"# machine: {machine()}")
     if not torch_ok:
         print(
-            f"# torch columns skipped: no peer interpreter at {args.peer_python!r} "
+            "# torch columns skipped: no torch in this interpreter and no peer interpreter "
             "(pass --peer-python PATH)"
         )
     head = (
@@ -262,18 +291,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{'ovh %':>6}"
     )
     if torch_ok:
-        head += f" | {'torch samp/s':>12} {'eff':>5} {'step ms':>8} {'ovh %':>6}"
+        for name in ("gloo", "distrib"):
+            head += f" | {'torch/' + name + ' samp/s':>20} {'eff':>5} {'step ms':>8} {'ovh %':>6}"
     print(head)
     print("-" * len(head), flush=True)
-    base_ours = base_torch = 0.0
+    base_ours = 0.0
+    base_torch = {"gloo": 0.0, "distrib": 0.0}
+    torch_sps: dict[tuple[str, int], float] = {}
     for n in sorted(ranks):
-        # Alternate the two frameworks and keep each one's fastest run: on a shared
-        # machine the minimum is the least disturbed measurement of the same work.
-        ours_runs, torch_runs = [], []
+        # Alternate the three and keep each one's fastest run: on a shared machine
+        # the minimum is the least disturbed measurement of the same work.
+        ours_runs: list[dict] = []
+        torch_runs: dict[str, list[dict]] = {"gloo": [], "distrib": []}
         for _ in range(args.repeat):
             ours_runs.append(run_distrib(n, args))
             if torch_ok:
-                torch_runs.append(run_torch(n, args))
+                for name in torch_runs:
+                    torch_runs[name].append(run_torch(n, args, name))
         ours = min(ours_runs, key=lambda r: r["step_s"])
         base_ours = base_ours or ours["step_s"]  # the first row is 1 rank
         sps = n * args.batch / ours["step_s"]
@@ -283,15 +317,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * (1 - base_ours / ours['step_s']):>6.1f}"
         )
         if torch_ok:
-            theirs = min(torch_runs, key=lambda r: r["step_s"])
-            base_torch = base_torch or theirs["step_s"]
-            tsps = n * args.batch / theirs["step_s"]
-            line += (
-                f" | {tsps:>12.1f} {base_torch / theirs['step_s']:>5.2f} "
-                f"{theirs['step_s'] * 1e3:>8.1f} "
-                f"{100 * (1 - base_torch / theirs['step_s']):>6.1f}"
-            )
+            for name, runs in torch_runs.items():
+                theirs = min(runs, key=lambda r: r["step_s"])
+                base_torch[name] = base_torch[name] or theirs["step_s"]
+                tsps = torch_sps[name, n] = n * args.batch / theirs["step_s"]
+                line += (
+                    f" | {tsps:>20.1f} {base_torch[name] / theirs['step_s']:>5.2f} "
+                    f"{theirs['step_s'] * 1e3:>8.1f} "
+                    f"{100 * (1 - base_torch[name] / theirs['step_s']):>6.1f}"
+                )
         print(line, flush=True)
+    if torch_ok:
+        for n in sorted(ranks):
+            ratio = torch_sps["distrib", n] / torch_sps["gloo", n]
+            print(f"# torch DDP at {n} ranks: over distrib / over gloo = {ratio:.2f}x samples/s")
     print(
         "# eff = samples/s at N / (N x samples/s at 1); wait % = time blocked in "
         "synchronize(); ovh % = 1 - t1/tN"

@@ -28,7 +28,7 @@ import numpy as np
 
 import distrib.multiprocessing as dmp
 import distrib.shm as shm
-from distrib.multiprocessing import _pickler
+from distrib.multiprocessing._impl import _pickler
 
 SIZES = {"1 KiB": 1 << 10, "1 MiB": 1 << 20, "64 MiB": 64 << 20, "512 MiB": 512 << 20}
 _DEFAULT_PEER = "/opt/peers/bin/python"

@@ -15,6 +15,7 @@ from ._api import (
     get_backend,
     get_rank,
     get_world_size,
+    group,
     init_process_group,
     is_initialized,
     new_group,
@@ -35,6 +36,7 @@ from ._collectives import (
 )
 from ._file_store import FileStore
 from ._group import ProcessGroup
+from ._monitored import monitored_barrier
 from ._objects import (
     all_gather_object,
     broadcast_object_list,
@@ -43,13 +45,25 @@ from ._objects import (
 )
 from ._ops import ReduceOp
 from ._p2p import irecv, isend, recv, send
+from ._p2p_batch import P2POp, batch_isend_irecv
 from ._store import PrefixStore, Store, TCPStore
+from ._subgroups import (
+    get_global_rank,
+    get_group_rank,
+    get_pg_count,
+    get_process_group_ranks,
+    is_available,
+    new_subgroups,
+    new_subgroups_by_enumeration,
+)
+from ._torch_compat import all_gather_single, default_pg_timeout, reduce_scatter_single
 from ._work import Work
 
 __all__ = [
     "Backend",
     "FileStore",
     "GroupMember",
+    "P2POp",
     "PrefixStore",
     "ProcessGroup",
     "ReduceOp",
@@ -59,26 +73,39 @@ __all__ = [
     "all_gather",
     "all_gather_into_tensor",
     "all_gather_object",
+    "all_gather_single",
     "all_reduce",
     "all_to_all",
     "all_to_all_single",
     "barrier",
+    "batch_isend_irecv",
     "broadcast",
     "broadcast_object_list",
+    "default_pg_timeout",
     "destroy_process_group",
     "gather",
     "gather_object",
     "get_backend",
+    "get_global_rank",
+    "get_group_rank",
+    "get_pg_count",
+    "get_process_group_ranks",
     "get_rank",
     "get_world_size",
+    "group",
     "init_process_group",
     "irecv",
+    "is_available",
     "is_initialized",
     "isend",
+    "monitored_barrier",
     "new_group",
+    "new_subgroups",
+    "new_subgroups_by_enumeration",
     "recv",
     "reduce",
     "reduce_scatter",
+    "reduce_scatter_single",
     "reduce_scatter_tensor",
     "scatter",
     "scatter_object_list",

@@ -24,6 +24,7 @@ __all__ = [
     "get_backend",
     "get_rank",
     "get_world_size",
+    "group",
     "init_process_group",
     "is_initialized",
     "new_group",
@@ -44,10 +45,24 @@ class Backend:
     ALL = ("auto", "cpu", "zmq", "gloo", "nccl")
 
 
-class GroupMember:
-    """``GroupMember.NON_GROUP_MEMBER`` is what ``new_group`` returns to non-members."""
+class _WorldMeta(type):
+    """Gives a class torch's ``WORLD`` attribute: the default group (``None`` before init)."""
+
+    @property
+    def WORLD(cls) -> ProcessGroup | None:
+        world = _current()
+        return None if world is None else world.group
+
+
+class GroupMember(metaclass=_WorldMeta):
+    """``GroupMember.WORLD`` is the default group; ``GroupMember.NON_GROUP_MEMBER`` is what
+    ``new_group`` returns to non-members (torch's ``GroupMember``)."""
 
     NON_GROUP_MEMBER = object()
+
+
+class group(metaclass=_WorldMeta):  # torch's name
+    """``group.WORLD`` is the default process group (torch's ``group``)."""
 
 
 @dataclass

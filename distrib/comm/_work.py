@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .._errors import DistTimeoutError, DistUsageError
@@ -21,6 +22,8 @@ class Work:
         self._done = threading.Event()
         self._exc: BaseException | None = None
         self._result: list[Any] = []
+        self._callbacks: list[Callable[[Work], None]] | None = []
+        self._callbacks_lock = threading.Lock()
 
     def __repr__(self) -> str:
         state = "failed" if self._exc else "completed" if self._done.is_set() else "pending"
@@ -60,8 +63,21 @@ class Work:
         self.wait()
         return self._result
 
+    def add_done_callback(self, fn: Callable[[Work], None]) -> None:
+        """Call ``fn(work)`` once the operation finished (now, if it already has), on the
+        thread that finished it; how the torch backend completes torch futures."""
+        with self._callbacks_lock:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
     def _finish(self, exc: BaseException | None = None, result: list[Any] | None = None) -> None:
         self._exc = exc
         if result is not None:
             self._result = result
         self._done.set()
+        with self._callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
+            fn(self)

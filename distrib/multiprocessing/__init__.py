@@ -5,11 +5,14 @@ as shared memory instead of pickled copies: an array from ``distrib.shm`` is
 not copied at all, a private one is copied once into shared memory (arrays up
 to DISTRIB_INLINE_THRESHOLD bytes are pickled inline, which is faster there).
 Every name of the standard module is here, with contexts for fork, spawn and
-forkserver; importing this module changes nothing in the standard one.
+forkserver, and its submodules (``distrib.multiprocessing.connection`` is
+``multiprocessing.connection``...). The default start method is the standard
+module's own (one setting for both); nothing else in it is changed.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import multiprocessing as _stdlib
 from typing import Any
@@ -19,15 +22,15 @@ from ..shm._strategy import (
     get_sharing_strategy,
     set_sharing_strategy,
 )
-from ._context import Connection, default_context
-from ._pickler import ArrayPickler, reduce_ndarray
-from ._spawn import (
+from ._impl._context import Connection, default_context
+from ._impl._pickler import ArrayPickler, reduce_ndarray
+from ._impl._spawn import (
     ProcessContext,
     ProcessException,
     ProcessExitedException,
     ProcessRaisedException,
-    spawn,
 )
+from ._impl._spawn import spawn as _torch_spawn
 
 __all__ = [
     "Array",
@@ -122,6 +125,34 @@ reducer = default_context.reducer
 set_executable = default_context.set_executable
 set_forkserver_preload = default_context.set_forkserver_preload
 set_start_method = default_context.set_start_method
+
+
+# Log levels of the standard module (not in its __all__ either).
+SUBDEBUG: int = _stdlib.SUBDEBUG  # type: ignore[attr-defined]
+SUBWARNING: int = _stdlib.SUBWARNING  # type: ignore[attr-defined]
+
+# The standard module's submodules, reachable as ours: each file of this package
+# but __init__ is a stdlib module's name and makes it the same module object
+# (never a second copy). ``spawn`` stays torch's function, as in torch.multiprocessing.
+_SUBMODULES = (
+    "connection", "context", "dummy", "forkserver", "heap", "managers", "pool",
+    "popen_fork", "popen_forkserver", "popen_spawn_posix", "popen_spawn_win32", "process",
+    "queues", "reduction", "resource_sharer", "resource_tracker", "shared_memory",
+    "sharedctypes", "spawn", "synchronize", "util",
+)  # fmt: skip
+
+
+def _import_submodules() -> None:
+    for name in _SUBMODULES:
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ImportError:
+            continue  # the other platform's (popen_spawn_win32 on POSIX, and back)
+
+
+_import_submodules()
+# Importing the ``spawn`` submodule bound that name to it here: make it the function again.
+spawn = _torch_spawn
 
 
 def ipc_collect() -> int:

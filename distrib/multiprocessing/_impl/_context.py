@@ -5,26 +5,29 @@ thing: objects are pickled with ``ArrayPickler`` (numpy arrays become
 shared-memory handles). Nothing in the standard module is patched or
 registered: ``multiprocessing.Queue`` keeps copying arrays.
 
-Where the stdlib pickles in a place we cannot reach (a Queue's feeder thread,
-a spawned Process's arguments), we hand it a ``Preserialized`` wrapper made by
-``ArrayPickler`` up front. A side effect users see: ``Queue.put`` pickles
-synchronously, so an array changed after ``put`` is sent as it was at ``put``
-(the stdlib and torch pickle later, in the feeder thread).
+A spawned Process's arguments are pickled by the stdlib in ``Popen``; we hand
+it a ``Preserialized`` wrapper made by ``ArrayPickler``. Queues are in
+``_queues``, pipe ends in ``_connection``.
+
+There is one default start method, the standard library's: ``DefaultContext``
+reads and sets it through ``multiprocessing.context``'s default context, so
+``set_start_method`` here also decides what ``sharedctypes``, ``SyncManager``
+and ``ProcessPoolExecutor`` use, and a child (whose ``Process._bootstrap``
+forces the stdlib default to its own start method) answers its own.
 """
 
 from __future__ import annotations
 
-import multiprocessing.connection as _mpconn
 import multiprocessing.context as _mpctx
 import multiprocessing.process as _mpprocess
-import multiprocessing.queues as _mpqueues
 import os
 import sys
 from typing import Any
 
-from .._cuda_files import remove_cuda_ipc_files
-from ..shm import _client
-from ._pickler import ArrayPickler, Preserialized, dumps
+from ..._cuda_files import remove_cuda_ipc_files
+from ._connection import Connection, Pipe
+from ._pickler import Preserialized
+from ._queues import JoinableQueue, Queue, SimpleQueue
 
 __all__ = [
     "Connection",
@@ -39,84 +42,6 @@ __all__ = [
     "SpawnContext",
     "default_context",
 ]
-
-
-# -- connections ---------------------------------------------------------------
-class Connection(_mpconn.Connection):
-    """A pipe end whose ``send`` shares numpy arrays instead of copying them."""
-
-    def send(self, obj: Any) -> None:
-        """Send ``obj``; numpy arrays travel as shared-memory handles."""
-        self._check_closed()  # type: ignore[attr-defined]
-        self._check_writable()  # type: ignore[attr-defined]
-        self._send_bytes(ArrayPickler.dumps(obj))  # type: ignore[attr-defined]
-
-    def recv(self) -> Any:
-        """Receive an object; arrays arrive mapped onto the sender's shared memory."""
-        try:
-            return super().recv()
-        finally:
-            _client.flush()
-
-    def __reduce__(self) -> tuple:
-        # Passed to a spawned child: rebuild as our class, not the stdlib's.
-        _, args = _mpconn.reduce_connection(self)  # type: ignore[attr-defined]
-        return _rebuild_connection, args
-
-
-def _rebuild_connection(dup_fd: Any, readable: bool, writable: bool) -> Connection:
-    return Connection(dup_fd.detach(), readable, writable)
-
-
-def _adopt(conn: _mpconn.Connection) -> Connection:
-    conn.__class__ = Connection  # same layout: only the send path changes
-    return conn  # type: ignore[return-value]
-
-
-def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
-    """A pair of connected ``Connection`` objects (like ``multiprocessing.Pipe``)."""
-    a, b = _mpconn.Pipe(duplex)
-    return _adopt(a), _adopt(b)
-
-
-# -- queues --------------------------------------------------------------------
-class Queue(_mpqueues.Queue):
-    """``multiprocessing.Queue`` that shares numpy arrays."""
-
-    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(Preserialized(obj), block, timeout)
-
-
-class JoinableQueue(_mpqueues.JoinableQueue):
-    """``multiprocessing.JoinableQueue`` that shares numpy arrays."""
-
-    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(Preserialized(obj), block, timeout)
-
-
-class SimpleQueue(_mpqueues.SimpleQueue):
-    """``multiprocessing.SimpleQueue`` that shares numpy arrays (Pool uses it too)."""
-
-    def __init__(self, *, ctx: Any) -> None:
-        super().__init__(ctx=ctx)
-        # Pool sends tasks through ``_writer.send`` directly: make it ours.
-        _adopt(self._reader)  # type: ignore[attr-defined]
-        _adopt(self._writer)  # type: ignore[attr-defined]
-
-    def get(self) -> Any:
-        try:
-            return super().get()
-        finally:
-            _client.flush()
-
-    def put(self, obj: Any) -> None:
-        data = dumps(obj)  # serialise before taking the lock, as the stdlib does
-        writer = self._writer  # type: ignore[attr-defined]
-        if self._wlock is None:  # type: ignore[attr-defined]
-            writer.send_bytes(data)
-        else:
-            with self._wlock:  # type: ignore[attr-defined]
-                writer.send_bytes(data)
 
 
 # -- processes -----------------------------------------------------------------
@@ -226,19 +151,25 @@ if sys.platform != "win32":
 
 
 class DefaultContext(_ArrayContext, _mpctx.DefaultContext):
-    """The module-level context; its start method is separate from the stdlib's."""
+    """The module-level context; its start method is the standard library's default."""
 
     Process = Process  # type: ignore[assignment]
 
     def get_context(self, method: str | None = None) -> Any:
         if method is None:
-            if self._actual_context is None:  # type: ignore[has-type]
-                self._actual_context = self._default_context  # type: ignore[attr-defined]
-            return self._actual_context
+            return _concrete[_stdlib_default.get_start_method()]
         return _ArrayContext.get_context(self, method)
 
+    def get_start_method(self, allow_none: bool = False) -> Any:
+        return _stdlib_default.get_start_method(allow_none)
 
-# Same default start method as the standard library on this platform.
-default_context = DefaultContext(
-    _concrete[_mpctx._default_context._default_context._name]  # type: ignore[attr-defined]
-)
+    def set_start_method(self, method: str | None, force: bool = False) -> None:
+        _stdlib_default.set_start_method(method, force)
+
+    def get_all_start_methods(self) -> list[str]:
+        return list(_stdlib_default.get_all_start_methods())
+
+
+# The standard library's default context (public methods only are used).
+_stdlib_default: Any = _mpctx._default_context  # type: ignore[attr-defined]
+default_context = DefaultContext(None)  # type: ignore[arg-type]

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .._config import config
-from ..shm import _client
-from ..shm._array import block_of, handle_of, rebuild_array, share
+from ..._config import config
+from ...shm import _client
+from ...shm._array import block_of, handle_of, rebuild_array, share
 
 __all__ = ["ArrayPickler", "Preserialized", "dumps", "inline_threshold", "loads", "reduce_ndarray"]
 

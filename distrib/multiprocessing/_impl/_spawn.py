@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .._errors import DistError
+from ..._errors import DistError
 from ._context import default_context
 
 __all__ = [

@@ -1,0 +1,447 @@
+"""``DistribProcessGroup``: torch.distributed's ``ProcessGroup`` over distrib's collectives.
+
+torch calls these methods with the GIL held, from Python (``dist.all_reduce``)
+or from C++ (DistributedDataParallel's reducer). A call with
+``opts.asyncOp=False`` runs on the caller's thread, as distrib's own
+synchronous collectives do; otherwise it is handed to the distrib group's
+progress thread and the caller gets a ``Work`` whose future resolves (with the
+output tensors) when the collective finishes there. Tensors travel as
+``.numpy()`` views: nothing is copied on the way in or out.
+
+Rendezvous: the group's rank 0 starts a distrib ``TCPStore`` (port 0) on the
+address of torch's store and publishes it through torch's store; every rank
+then joins a distrib ``ProcessGroup`` through it, which picks shared memory on
+one host and the ZeroMQ ring across hosts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as _tdist
+from torch._C._distributed_c10d import (  # type: ignore[attr-defined]
+    _create_work_from_future,
+)
+
+from .. import comm as dcomm
+from .._config import config
+from .._errors import DistUsageError
+from ..comm._group import ProcessGroup as _Group
+from ..comm._rendezvous import _bind_host_towards
+from ..comm._store import PrefixStore, TCPStore
+from ._tensors import Staged, as_array, reduce_op
+
+# torch's stubs do not describe the Python ProcessGroup API this module uses.
+tdist: Any = _tdist
+
+__all__ = ["BACKEND_NAME", "DistribProcessGroup", "create"]
+
+BACKEND_NAME = "distrib"
+# Tag of the point-to-point messages of an uneven all-to-all (user tags are small ints).
+_A2A_TAG = 0x7D15_A2A
+_ADDR_KEY = "distrib/store_addr"
+
+
+def _store_host(store: Any) -> str:
+    """The host of torch's TCPStore under ``store`` (127.0.0.1 for file and hash stores)."""
+    while hasattr(store, "underlying_store"):
+        store = store.underlying_store
+    return str(getattr(store, "host", "") or "127.0.0.1")
+
+
+def _blocks(arr: Any, sizes: list[int]) -> list[Any]:
+    """``arr`` split along dim 0 into views of ``sizes`` rows."""
+    edges = [0]
+    for size in sizes:
+        edges.append(edges[-1] + int(size))
+    return [arr[a:b] for a, b in itertools.pairwise(edges)]
+
+
+def _seconds(timeout: Any) -> float:
+    if isinstance(timeout, datetime.timedelta):
+        return timeout.total_seconds()
+    return float(timeout)
+
+
+class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
+    """A torch ``ProcessGroup`` whose collectives are distrib's (CPU tensors)."""
+
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        size: int,
+        timeout: Any,
+        global_ranks: list[int] | None = None,
+        group_name: str = "",
+    ) -> None:
+        super().__init__(rank, size)
+        seconds = _seconds(timeout)
+        host = _store_host(store)
+        if rank == 0:
+            self._store = TCPStore(host, 0, is_master=True, timeout=seconds, wait_for_workers=False)
+            store.set(_ADDR_KEY, f"{self._store.port}")
+        else:
+            port = int(store.get(_ADDR_KEY).decode())
+            self._store = TCPStore(host, port, timeout=seconds)
+        bind_host = "127.0.0.1" if host.startswith("127.") else _bind_host_towards(host, 0)
+        try:
+            self._group = _Group(
+                PrefixStore(f"distrib/torch/{group_name}", self._store),
+                rank,
+                size,
+                list(global_ranks) if global_ranks else list(range(size)),
+                seconds,
+                BACKEND_NAME,
+                bind_host,
+                config().transport or "auto",
+            )
+        except BaseException:
+            self._store.close()
+            raise
+        self._closed = False
+
+    # -- identity --------------------------------------------------------------
+    def getBackendName(self) -> str:
+        return BACKEND_NAME
+
+    def name(self) -> str:
+        return BACKEND_NAME
+
+    def __repr__(self) -> str:
+        return f"<DistribProcessGroup rank {self.rank()}/{self.size()}>"
+
+    # -- issue -----------------------------------------------------------------
+    def _run(
+        self,
+        where: str,
+        opts: Any,
+        calls: Sequence[Callable[..., Any]],
+        outputs: list[torch.Tensor],
+        staged: Staged,
+    ) -> Any:
+        """Run the distrib calls in order; a torch ``Work`` that resolves to ``outputs``."""
+        fut: torch.futures.Future = torch.futures.Future()
+        if not getattr(opts, "asyncOp", True):
+            for call in calls:
+                work = call(False)
+                if work is not None:  # a point-to-point part of a composite call
+                    work.wait()
+            staged.finish()
+            fut.set_result(outputs)
+            return _create_work_from_future(fut)
+        works = [call(True) for call in calls]
+
+        def done(work: Any) -> None:
+            exc = work.exception()
+            if exc is not None:
+                fut.set_exception(exc)
+                return
+            try:
+                staged.finish()
+            except Exception as e:  # a failed copy back must still resolve the future
+                fut.set_exception(e)
+                return
+            fut.set_result(outputs)
+
+        works[-1].add_done_callback(done)  # operations of a group finish in issue order
+        return _create_work_from_future(fut)
+
+    def _arrays(self, ts: list[Any], arg: str, where: str, staged: Staged, arith: bool) -> list:
+        return [as_array(t, f"{arg}[{i}]", where, staged, arith) for i, t in enumerate(ts)]
+
+    def _root(self, opts: Any) -> int:
+        return self._group.global_ranks[int(opts.rootRank)]
+
+    # -- collectives -------------------------------------------------------------
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+        opts = opts or tdist.AllreduceOptions()
+        s = Staged()
+        op = reduce_op(opts.reduceOp, "allreduce")
+        arrs = self._arrays(tensors, "tensors", "allreduce", s, True)
+        g = self._group
+        calls = [lambda a_, a=a: dcomm.all_reduce(a, op, g, a_) for a in arrs]
+        return self._run("allreduce", opts, calls, tensors, s)
+
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+        return self.allreduce(tensors, opts)
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+        opts = opts or tdist.BroadcastOptions()
+        s = Staged()
+        arrs = self._arrays(tensors, "tensors", "broadcast", s, False)
+        root, g = self._root(opts), self._group
+        calls = [lambda a_, a=a: dcomm.broadcast(a, root, g, a_) for a in arrs]
+        return self._run("broadcast", opts, calls, tensors, s)
+
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+        opts = opts or tdist.ReduceOptions()
+        s = Staged()
+        op = reduce_op(opts.reduceOp, "reduce")
+        arrs = self._arrays(tensors, "tensors", "reduce", s, True)
+        root, g = self._root(opts), self._group
+        calls = [lambda a_, a=a: dcomm.reduce(a, root, op, g, a_) for a in arrs]
+        return self._run("reduce", opts, calls, tensors, s)
+
+    def allgather(
+        self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        opts = opts or tdist.AllgatherOptions()
+        s = Staged()
+        ins = self._arrays(inputs, "input_tensors", "allgather", s, False)
+        outs = [self._arrays(o, "output_tensors", "allgather", s, False) for o in output_lists]
+        g = self._group
+        calls = [
+            lambda a_, o=o, i=i: dcomm.all_gather(o, i, g, a_)
+            for o, i in zip(outs, ins, strict=True)
+        ]
+        return self._run("allgather", opts, calls, output_lists, s)  # type: ignore[arg-type]
+
+    def allgather_coalesced(
+        self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        opts = opts or tdist.AllgatherOptions()
+        s = Staged()
+        g = self._group
+        calls = []
+        for out_list, t in zip(output_lists, inputs, strict=True):
+            i = as_array(t, "input_tensor_list", "allgather_coalesced", s, False)
+            o = self._arrays(out_list, "output_tensor_lists", "allgather_coalesced", s, False)
+            calls.append(lambda a_, o=o, i=i: dcomm.all_gather(o, i, g, a_))
+        return self._run("allgather_coalesced", opts, calls, output_lists, s)  # type: ignore[arg-type]
+
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
+        return self._gather_single([output], [input], opts or tdist.AllgatherOptions())
+
+    def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
+        return self.all_gather_single(output, input, opts)
+
+    def all_gather_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        return self._gather_single(outputs, inputs, opts or tdist.AllgatherOptions())
+
+    def allgather_into_tensor_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        return self._gather_single(outputs, inputs, opts or tdist.AllgatherOptions())
+
+    def _gather_single(self, outputs: list, inputs: list, opts: Any) -> Any:
+        s = Staged()
+        o = self._arrays(outputs, "output_tensor", "all_gather_single", s, False)
+        i = self._arrays(inputs, "input_tensor", "all_gather_single", s, False)
+        g = self._group
+        calls = [
+            lambda a_, x=x, y=y: dcomm.all_gather_into_tensor(x, y, g, a_)
+            for x, y in zip(o, i, strict=True)
+        ]
+        return self._run("all_gather_single", opts, calls, outputs, s)
+
+    def gather(
+        self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        opts = opts or tdist.GatherOptions()
+        s = Staged()
+        i = as_array(inputs[0], "tensor", "gather", s, False)
+        out = (
+            self._arrays(output_lists[0], "gather_list", "gather", s, False)
+            if output_lists
+            else None
+        )
+        root, g = self._root(opts), self._group
+        calls = [lambda a_: dcomm.gather(i, out, root, g, a_)]
+        return self._run("gather", opts, calls, output_lists, s)  # type: ignore[arg-type]
+
+    def scatter(
+        self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None
+    ) -> Any:
+        opts = opts or tdist.ScatterOptions()
+        s = Staged()
+        o = as_array(outputs[0], "tensor", "scatter", s, False)
+        ins = (
+            self._arrays(input_lists[0], "scatter_list", "scatter", s, False)
+            if input_lists
+            else None
+        )
+        root, g = self._root(opts), self._group
+        calls = [lambda a_: dcomm.scatter(o, ins, root, g, a_)]
+        return self._run("scatter", opts, calls, outputs, s)
+
+    def reduce_scatter(
+        self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None
+    ) -> Any:
+        opts = opts or tdist.ReduceScatterOptions()
+        s = Staged()
+        op = reduce_op(opts.reduceOp, "reduce_scatter")
+        g = self._group
+        calls = []
+        for out, in_list in zip(outputs, input_lists, strict=True):
+            o = as_array(out, "output", "reduce_scatter", s, True)
+            i = self._arrays(in_list, "input_list", "reduce_scatter", s, True)
+            calls.append(lambda a_, o=o, i=i: dcomm.reduce_scatter(o, i, op, g, a_))
+        return self._run("reduce_scatter", opts, calls, outputs, s)
+
+    def reduce_scatter_single(
+        self, output: torch.Tensor, input: torch.Tensor, opts: Any = None
+    ) -> Any:
+        return self._scatter_single([output], [input], opts or tdist.ReduceScatterOptions())
+
+    def _reduce_scatter_base(
+        self, output: torch.Tensor, input: torch.Tensor, opts: Any = None
+    ) -> Any:
+        return self.reduce_scatter_single(output, input, opts)
+
+    def reduce_scatter_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        return self._scatter_single(outputs, inputs, opts or tdist.ReduceScatterOptions())
+
+    def reduce_scatter_tensor_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        return self._scatter_single(outputs, inputs, opts or tdist.ReduceScatterOptions())
+
+    def _scatter_single(self, outputs: list, inputs: list, opts: Any) -> Any:
+        s = Staged()
+        op = reduce_op(opts.reduceOp, "reduce_scatter_single")
+        o = self._arrays(outputs, "output", "reduce_scatter_single", s, True)
+        i = self._arrays(inputs, "input", "reduce_scatter_single", s, True)
+        g = self._group
+        calls = [
+            lambda a_, x=x, y=y: dcomm.reduce_scatter_tensor(x, y, op, g, a_)
+            for x, y in zip(o, i, strict=True)
+        ]
+        return self._run("reduce_scatter_single", opts, calls, outputs, s)
+
+    def alltoall(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        opts = opts or tdist.AllToAllOptions()
+        s = Staged()
+        o = self._arrays(outputs, "output_tensor_list", "alltoall", s, False)
+        i = self._arrays(inputs, "input_tensor_list", "alltoall", s, False)
+        if len({a.shape for a in o + i}) > 1:  # uneven blocks: pairwise exchange
+            return self._exchange("alltoall", opts, o, i, outputs, s)
+        g = self._group
+        return self._run("alltoall", opts, [lambda a_: dcomm.all_to_all(o, i, g, a_)], outputs, s)
+
+    def all_to_all_single(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: list[int],
+        input_split_sizes: list[int],
+        opts: Any = None,
+    ) -> Any:
+        opts = opts or tdist.AllToAllOptions()
+        s = Staged()
+        o = as_array(output, "output", "all_to_all_single", s, False)
+        i = as_array(input, "input", "all_to_all_single", s, False)
+        outs, ins = list(output_split_sizes), list(input_split_sizes)
+        if len(set(outs)) > 1 or len(set(ins)) > 1:  # uneven splits: pairwise exchange
+            return self._exchange(
+                "all_to_all_single", opts, _blocks(o, outs), _blocks(i, ins), [output], s
+            )
+        g = self._group
+        calls = [lambda a_: dcomm.all_to_all_single(o, i, outs or None, ins or None, g, a_)]
+        return self._run("all_to_all_single", opts, calls, [output], s)
+
+    def alltoall_base(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: list[int],
+        input_split_sizes: list[int],
+        opts: Any = None,
+    ) -> Any:
+        return self.all_to_all_single(output, input, output_split_sizes, input_split_sizes, opts)
+
+    def _exchange(
+        self, where: str, opts: Any, outs: list, ins: list, outputs: list, s: Staged
+    ) -> Any:
+        """All-to-all with blocks of any size: a send to every peer, then a receive from
+        each (distrib's all_to_all moves equal blocks only)."""
+        g, me, n = self._group, self._group.rank(), self._group.size()
+        if len(outs) != n or len(ins) != n:
+            raise ValueError(
+                f"{where}: expected {n} blocks (one per rank), got {len(ins)} input and "
+                f"{len(outs)} output blocks on rank {g.global_rank}"
+            )
+        outs[me][...] = ins[me]
+        calls: list[Callable[..., Any]] = []
+        for k in range(1, n):
+            a, p = ins[(me + k) % n], g.global_ranks[(me + k) % n]
+            calls.append(lambda a_, a=a, p=p: dcomm.isend(a, p, g, _A2A_TAG))
+        for k in range(1, n):
+            a, p = outs[(me - k) % n], g.global_ranks[(me - k) % n]
+            calls.append(lambda a_, a=a, p=p: dcomm.irecv(a, p, g, _A2A_TAG))
+        if n == 1:
+            calls.append(lambda a_: dcomm.barrier(g, a_))  # a group operation to complete on
+        return self._run(where, opts, calls, outputs, s)
+
+    def barrier(self, opts: Any = None) -> Any:
+        opts = opts or tdist.BarrierOptions()
+        g = self._group
+        return self._run("barrier", opts, [lambda a_: dcomm.barrier(g, a_)], [], Staged())
+
+    # -- point to point (peers are group ranks, as torch passes them) -----------------
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Any:
+        s = Staged()
+        arrs = self._arrays(tensors, "tensor", "send", s, False)
+        peer, g = self._group.global_ranks[dst], self._group
+        calls = [lambda a_, a=a: dcomm.isend(a, peer, g, tag) for a in arrs]
+        return self._run("send", None, calls, tensors, s)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> Any:
+        s = Staged()
+        arrs = self._arrays(tensors, "tensor", "recv", s, False)
+        peer, g = self._group.global_ranks[src], self._group
+        calls = [lambda a_, a=a: dcomm.irecv(a, peer, g, tag) for a in arrs]
+        return self._run("recv", None, calls, tensors, s)
+
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> Any:
+        raise DistUsageError(
+            "recv: the 'distrib' backend has no receive from any source; pass src=<rank>",
+            op="recv",
+        )
+
+    def monitored_barrier(self, *args: Any, **kwargs: Any) -> Any:
+        raise DistUsageError(
+            "monitored_barrier: torch only forwards it to gloo; call distrib.monitored_barrier() "
+            "(same arguments, names the late ranks) or use a gloo group",
+            op="monitored_barrier",
+        )
+
+    # -- lifecycle ---------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Finish queued work, close the distrib group and its store."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._group.close()
+        finally:
+            self._store.close()
+
+    def abort(self) -> None:
+        self.shutdown()
+
+
+def create(opts: Any, pg_options: Any = None) -> DistribProcessGroup:
+    """torch's backend creator (extended API): one ``DistribProcessGroup`` per torch group."""
+    if pg_options is not None:
+        raise DistUsageError(
+            "init_process_group: the 'distrib' backend takes no pg_options", op="init_process_group"
+        )
+    return DistribProcessGroup(
+        opts.store,
+        opts.group_rank,
+        opts.group_size,
+        opts.timeout,
+        list(opts.global_ranks_in_group or []),
+        str(opts.group_id or ""),
+    )

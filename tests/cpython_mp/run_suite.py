@@ -1,0 +1,90 @@
+"""Run CPython's multiprocessing suite for one start method; write each test's outcome as JSON.
+
+    python run_suite.py METHOD OUT.json [TEST_ID ...]
+
+With test ids (``test_multiprocessing_fork.WithProcessesTestQueue.test_put``),
+only those run: how a failure is reproduced alone. Which ``multiprocessing``
+runs is decided by PYTHONPATH (``alias/`` makes it ``distrib.multiprocessing``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import unittest
+
+
+class _Recorder(unittest.TextTestResult):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outcomes: dict[str, str] = {}
+
+    def addSuccess(self, test):
+        super().addSuccess(test)
+        self.outcomes[test.id()] = "passed"
+
+    def addFailure(self, test, err):
+        super().addFailure(test, err)
+        self.outcomes[test.id()] = "failed"
+
+    def addError(self, test, err):
+        super().addError(test, err)
+        # setUpModule/tearDownModule errors have no test id of a test: keep them too
+        self.outcomes[test.id()] = "error"
+
+    def addSkip(self, test, reason):
+        super().addSkip(test, reason)
+        self.outcomes[test.id()] = "skipped"
+
+    def addExpectedFailure(self, test, err):
+        super().addExpectedFailure(test, err)
+        self.outcomes[test.id()] = "passed"
+
+    def addUnexpectedSuccess(self, test):
+        super().addUnexpectedSuccess(test)
+        self.outcomes[test.id()] = "failed"
+
+    def addSubTest(self, test, subtest, err):
+        super().addSubTest(test, subtest, err)
+        if err is not None:
+            self.outcomes[test.id()] = "failed"
+
+
+def _module_name() -> str:
+    import multiprocessing
+
+    return multiprocessing.__name__
+
+
+def _which_multiprocessing(method: str) -> list[str]:
+    """The module ``import multiprocessing`` gives here and in a child of ``method``."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(1) as pool:
+        child = pool.apply(_module_name)
+    return [multiprocessing.__name__, child]
+
+
+def main() -> int:
+    method, out, *ids = sys.argv[1:]
+    module = f"test_multiprocessing_{method}"
+    loader = unittest.TestLoader()
+    suite = loader.loadTestsFromNames(ids) if ids else loader.loadTestsFromName(module)
+    which = _which_multiprocessing(method)
+    runner = unittest.TextTestRunner(resultclass=_Recorder, verbosity=1, stream=sys.stderr)
+    result = runner.run(suite)
+    with open(out, "w") as f:
+        json.dump(
+            {
+                "multiprocessing": which,
+                "loaded": suite.countTestCases(),
+                "outcomes": result.outcomes,
+            },
+            f,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
