@@ -45,7 +45,8 @@ class LaunchOptions:
     grace_period: float = 5.0  # SIGTERM -> SIGKILL delay when stopping workers
     node_timeout: float = 30.0  # multi-node: silence after which a peer launcher is lost
     join_timeout: float = 300.0  # multi-node: how long launchers wait for each other to join
-    auth_token: str | None = None
+    auth_token: str | None = None  # None: one node makes one per job; several need one
+    insecure_store: bool = False  # several nodes without a shared secret (explicit opt-out)
     python: str | None = None  # interpreter for workers (default: this one)
     prefix_output: bool = True
 
@@ -74,6 +75,10 @@ class LaunchOptions:
                 raise ValueError(f"{flag} must be > 0 seconds, got {getattr(self, name)}")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.nnodes > 1 and self.auth_token is None and not self.insecure_store:
+            from ._job_store import MISSING_SECRET
+
+            raise ValueError(MISSING_SECRET.format(nnodes=self.nnodes))
         if self.module and self.no_python:
             raise ValueError("-m/--module and --no-python cannot be combined")
         for name in ("redirects", "tee", "local_ranks_filter"):

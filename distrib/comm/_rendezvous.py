@@ -4,7 +4,10 @@
 without ``RANK``/``WORLD_SIZE`` it falls back to Slurm (``SLURM_PROCID``,
 ``SLURM_NTASKS``), Open MPI (``OMPI_COMM_WORLD_RANK``/``SIZE``) and MPICH/PMI
 (``PMI_RANK``/``PMI_SIZE``). ``tcp://host:port`` names the store directly and
-``file://path`` uses a ``FileStore``. Rank 0 hosts the TCP store.
+``file://path`` uses a ``FileStore``. Rank 0 hosts the TCP store, except under
+``distrib-run``: its workers (the launcher's direct children) use the store the
+launcher hosts (``DISTRIB_STORE_ADDR``), with one key prefix per attempt, so the
+store outlives rank 0 and survivors can still read why the job failed.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from .._config import config
 from .._errors import DistUsageError
 from ._file_store import FileStore
-from ._store import Store, TCPStore
+from ._store import PrefixStore, Store, TCPStore
 
 __all__ = ["Rendezvous", "local_rank_from_env", "rendezvous"]
 
@@ -160,6 +164,10 @@ def rendezvous(
         )
     rank, world_size = _check_rank(rank, world_size)
     bind_host = _bind_host_towards(host, port)
+    if parsed.scheme == "env":
+        agent = _launcher_store(timeout)
+        if agent is not None:
+            return Rendezvous(agent, rank, world_size, bind_host, True)
     is_master = rank == 0
     store = TCPStore(
         socket.gethostbyname(host),
@@ -169,4 +177,32 @@ def rendezvous(
         timeout=timeout,
         wait_for_workers=False,
     )
+    if not is_master:
+        store.hosted_by = "rank 0"  # named if the connection drops: rank 0 died
     return Rendezvous(store, rank, world_size, bind_host, True)
+
+
+class _OwnedPrefixStore(PrefixStore):
+    """A prefix view that owns its store: closing it closes the connection."""
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _launcher_store(timeout: float) -> Store | None:
+    """The store ``distrib-run`` hosts, for its own workers only (``None`` otherwise)."""
+    cfg = config()
+    # Only the launcher's direct children: a process the worker starts with its own
+    # RANK/WORLD_SIZE forms another world and must not share the workers' keys.
+    if cfg.store_addr is None or cfg.launcher_pid != os.getppid():
+        return None
+    host, _, port = cfg.store_addr.rpartition(":")
+    try:
+        store = TCPStore(socket.gethostbyname(host.strip("[]")), int(port), timeout=timeout)
+    except (ValueError, OSError):
+        raise DistUsageError(
+            f"init_process_group: DISTRIB_STORE_ADDR={cfg.store_addr!r} is not host:port",
+            op="init_process_group",
+        ) from None
+    store.hosted_by = "the distrib-run launcher"
+    return _OwnedPrefixStore(f"/worker/attempt_{cfg.restart_count or 0}", store)
