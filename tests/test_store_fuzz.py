@@ -16,6 +16,7 @@ import pytest
 from _store_faults import MARKER, ROW_IDS, run_row, total_messages
 
 from distrib.comm import TCPStore
+from distrib.comm._store_server import StoreServer
 
 SECRET = b"fuzz-secret"
 
@@ -26,6 +27,18 @@ def master():
     store.set("keep", "safe")
     yield store
     store.close()
+
+
+@pytest.fixture(scope="module")
+def insecure():
+    """A store without a secret (``distrib-run --insecure-store``): bad input is still refused."""
+    server = StoreServer("127.0.0.1", 0, None)
+    server.start()
+    client = TCPStore("127.0.0.1", server.port, timeout=5)
+    client.set("keep", "safe")
+    client.close()
+    yield server
+    server.close()
 
 
 def test_table_has_at_least_10000_messages():
@@ -54,3 +67,22 @@ def test_fault_row(master, row):
     assert not os.path.exists(MARKER), "a pickle payload was unpickled"
     assert not master.check(["failed"]), "an unauthenticated request was served"
     assert master.server.stats["errors"] == 0, master.server.stats
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("row", [r for r in ROW_IDS if r not in ("unauthenticated", "replayed")])
+def test_fault_row_without_authentication(insecure, row):
+    client = TCPStore("127.0.0.1", insecure.port, timeout=5)
+    counter = iter(range(10**9))
+
+    def check() -> bool:
+        key = f"check/{row}/{next(counter)}"
+        client.set(key, b"ok")
+        return client.get(key) == b"ok" and client.get("keep") == b"safe"
+
+    tally = run_row(row, insecure.port, b"", check, insecure.alive)
+    client.close()
+    assert tally.store_deaths == 0 and tally.bad_checks == 0, tally
+    assert tally.ok_to_bad == 0 and tally.silent == 0, (tally, tally.notes[:5])
+    assert tally.error_replies + tally.closed + tally.ok_replies == tally.sent, tally
+    assert insecure.stats["errors"] == 0, insecure.stats

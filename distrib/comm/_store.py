@@ -304,7 +304,7 @@ class TCPStore(Store):
             secret = self._secret = _auth.read_token_file(self.port)
         if auth_required and secret is None:
             raise DistAuthError(
-                f"{op}: the store at {where} refused the connection: it requires the job's "
+                f"{op}: the store at {where} refused the request: it requires the job's "
                 "shared secret and this process has none (pass auth_token= or set "
                 "DISTRIB_AUTH_TOKEN; distrib-run sets it for its workers)",
                 op=op,
@@ -334,7 +334,7 @@ class TCPStore(Store):
         ):
             # [0, status, message]: the server refused and closes the connection
             raise DistAuthError(
-                f"{op}: the store at {where} refused the connection: {reply[2]}",
+                f"{op}: the store at {where} refused the request: {reply[2]}",
                 op=op,
                 peer=self._peer(),
             )

@@ -299,7 +299,8 @@ class StoreServer:
         conn.outbuf += wire.frame(obj, conn.key, b"r")
 
     def _fatal(self, conn: _Conn, status: wire.Status, message: str) -> None:
-        """Reply with an error (seq 0: not an answer to any request) and close."""
+        """Reply with an error (seq 0: not an answer to any request) and close: after a
+        frame that cannot be parsed, nothing that follows on the connection can be trusted."""
         self._send(conn, [0, int(status), message])
         conn.closing = True
         conn.inbuf.clear()
@@ -349,10 +350,10 @@ class StoreServer:
             self._fatal(conn, wire.Status.AUTH, f"request refused: {exc}")
             return
         except ValueError as exc:
-            self._send(conn, [0, int(wire.Status.ERROR), f"malformed request: {exc}"])
+            self._fatal(conn, wire.Status.ERROR, f"malformed request: {exc}")
             return
         if not (isinstance(msg, list) and len(msg) == 3):
-            self._send(conn, [0, int(wire.Status.ERROR), "request is not [seq, command, args]"])
+            self._fatal(conn, wire.Status.ERROR, "malformed request: not [seq, command, args]")
             return
         seq, command, args = msg
         if not isinstance(seq, int) or isinstance(seq, bool) or seq != conn.next_seq:
@@ -364,7 +365,7 @@ class StoreServer:
                     f"{conn.next_seq} (a replayed or reordered request)",
                 )
                 return
-            self._send(conn, [0, int(wire.Status.ERROR), f"bad sequence number {seq!r}"])
+            self._fatal(conn, wire.Status.ERROR, f"malformed request: sequence number {seq!r}")
             return
         conn.next_seq += 1
         fd = conn.sock.fileno()
