@@ -135,7 +135,7 @@ def test_several_nodes_with_insecure_store_run(launch):
         for n in (0, 1)
     ]  # fmt: skip
     results = launch.finish_all(procs, timeout=60)
-    for code, out, err in results:
+    for code, _out, err in results:
         assert code == 0, err
     assert "[0]: sum 2.0" in results[0][1] and "[1]: sum 2.0" in results[1][1]
 
