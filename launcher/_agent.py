@@ -97,7 +97,13 @@ class Agent:
         # fork before any thread exists; it removes the error files if we are killed
         self._guardian = Guardian(self.opts.grace_period, self._error_dir)
         set_child_subreaper()
-        self._job_store = JobStore(self.opts)  # its thread starts after the guardian's fork
+        try:
+            self._job_store = JobStore(self.opts)  # its thread starts after the guardian's fork
+        except DistError as exc:  # e.g. --master-addr is not an address of this host
+            self.say(str(exc))
+            shutil.rmtree(self._error_dir, ignore_errors=True)
+            self._guardian.close()
+            return 1
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)

@@ -42,10 +42,18 @@ class JobStore:
             # Node 0's launcher already serves the launchers' store; workers use it too.
             self.address = f"{opts.master_addr}:{opts.master_port}"
             return
+        from distrib._errors import DistStoreError
         from distrib.comm._store_server import StoreServer
 
         secret = opts.auth_token.encode() if opts.auth_token else None
-        self._server = StoreServer(opts.master_addr, 0, secret)
+        try:
+            self._server = StoreServer(opts.master_addr, 0, secret)
+        except DistStoreError as exc:
+            raise DistStoreError(
+                f"--master-addr {opts.master_addr}: cannot serve the job's store there "
+                f"({exc}); on one node it must be an address of this host (default 127.0.0.1)",
+                op="launcher.store",
+            ) from None
         self._server.start()
         self.address = f"{opts.master_addr}:{self._server.port}"
 

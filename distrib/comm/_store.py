@@ -156,9 +156,12 @@ class TCPStore(Store):
         if world_size is not None and (not isinstance(world_size, int) or world_size < 1):
             raise ValueError(f"TCPStore: world_size must be a positive int, got {world_size!r}")
         cfg = config()
-        self.timeout = (
-            to_seconds(timeout) if timeout is not None else cfg.timeout or DEFAULT_STORE_TIMEOUT_S
-        )
+        if timeout is not None:
+            self.timeout = to_seconds(timeout)
+        elif cfg.timeout is not None:
+            self.timeout = to_seconds(cfg.timeout, "DISTRIB_TIMEOUT")
+        else:
+            self.timeout = DEFAULT_STORE_TIMEOUT_S
         self._secret = _auth.explicit_secret(auth_token)
         self._strict = self._secret is not None  # refuse a store that does not authenticate
         self.host = host

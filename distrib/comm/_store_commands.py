@@ -47,7 +47,7 @@ class Result:
     woken: list[Woken] = field(default_factory=list)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Waiter:
     ident: int
     conn_fd: int
