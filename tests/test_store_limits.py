@@ -194,3 +194,37 @@ def test_fds_of_test_process_unaffected():
     # the descriptor test above limits only its own child process
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 64
     assert os.getpid() > 0
+
+
+def test_pipelined_requests_and_a_partial_frame_are_answered():
+    master = _master()
+    c = RawClient(master.port)
+    c.handshake(b"s")
+    frames = [c.request_frame("set", [f"p{i}", b"v"]) for i in range(3)]
+    c.send_raw(frames[0] + frames[1] + frames[2][:7])  # two whole requests, part of a third
+    c.sock.settimeout(5)
+    assert [c.read()[:2] for _ in range(2)] == [[1, wire.Status.OK], [2, wire.Status.OK]]
+    c.send_raw(frames[2][7:])
+    assert c.read()[:2] == [3, wire.Status.OK]
+    c.close()
+    master.close()
+
+
+def test_a_client_that_does_not_read_its_replies_is_held_back():
+    master = _master()
+    master.set("big", b"x" * (1 << 20))
+    c = RawClient(master.port)
+    c.handshake(b"s")
+    n = 100  # 100 MiB of replies the client does not read for now
+    c.send_raw(b"".join(c.request_frame("get", ["big", 5.0]) for _ in range(n)))
+    time.sleep(1.0)
+    held = max(len(conn.outbuf) for conn in master.server._conns.values())
+    assert held < 24 << 20, f"{held} bytes of replies queued for a client that does not read"
+    other = TCPStore("127.0.0.1", master.port, timeout=5, auth_token="s")
+    other.set("k", b"v")
+    assert other.get("k") == b"v"  # everyone else is served meanwhile
+    c.sock.settimeout(10)
+    assert all(c.read()[1] == wire.Status.OK for _ in range(n))  # then all are answered
+    other.close()
+    c.close()
+    master.close()

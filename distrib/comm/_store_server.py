@@ -237,8 +237,6 @@ class StoreServer:
     # -- bytes in, bytes out ---------------------------------------------------
 
     def _read(self, conn: _Conn) -> None:
-        if len(conn.outbuf) > _MAX_OUTBUF:
-            return  # the client does not read its replies: wait for it before reading more
         try:
             data = conn.sock.recv(1 << 20)
         except (BlockingIOError, InterruptedError):
@@ -252,8 +250,15 @@ class StoreServer:
         if conn.closing:
             return  # discard what follows a fatal error
         conn.inbuf += data
+        self._process(conn)
+        self._flush(conn)
+
+    def _process(self, conn: _Conn) -> None:
+        """Handle the complete frames received, while the client reads its replies."""
         limit = self.limits.max_frame_bytes if conn.ready else wire.MAX_HANDSHAKE_BYTES
         while len(conn.inbuf) >= wire.HEADER.size and not conn.closing:
+            if len(conn.outbuf) > _MAX_OUTBUF:
+                return  # resumed by _flush once the client has read enough
             (length,) = wire.HEADER.unpack_from(conn.inbuf)
             if length > limit + wire.TAG_BYTES:
                 self._fatal(
@@ -272,9 +277,11 @@ class StoreServer:
                 self._request(conn, payload)
             else:
                 self._handshake(conn, payload)
-        self._flush(conn)
+            limit = self.limits.max_frame_bytes if conn.ready else wire.MAX_HANDSHAKE_BYTES
 
     def _flush(self, conn: _Conn) -> None:
+        if conn.sock.fileno() < 0:
+            return  # already dropped
         if conn.outbuf:
             try:
                 sent = conn.sock.send(conn.outbuf)
@@ -284,10 +291,15 @@ class StoreServer:
             except OSError:
                 self._drop(conn)
                 return
+            if len(conn.outbuf) <= _MAX_OUTBUF and conn.inbuf and not conn.closing:
+                self._process(conn)  # requests held back while the client was not reading
         if conn.closing and not conn.outbuf:
             self._drop(conn)
             return
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        # Do not read from a client that does not read its replies (bounded memory, no spin).
+        want = (selectors.EVENT_READ if len(conn.outbuf) <= _MAX_OUTBUF else 0) | (
+            selectors.EVENT_WRITE if conn.outbuf else 0
+        )
         if want != conn.mask:
             conn.mask = want
             try:
