@@ -23,7 +23,8 @@ its traceback, and no worker outlives the launcher.
 examples:
   distrib-run --nproc 4 train.py --epochs 3
   distrib-run --nproc auto -m mypkg.train
-  distrib-run --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 train.py
+  distrib-run --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 \
+      --auth-token-file ~/.distrib-token train.py
 """
 
 

@@ -173,10 +173,14 @@ class TCPStore(Store):
         if is_master:
             self._server = StoreServer(host, port, None, limits)
             port = self._server.port
-            if self._secret is None and _auth.is_loopback(host):
-                self._secret, self._token_file = _auth.write_token_file(port)
-            elif self._secret is None:
-                _auth.warn_unauthenticated(host, port)
+            try:
+                if self._secret is None and _auth.is_loopback(host):
+                    self._secret, self._token_file = _auth.write_token_file(port)
+                elif self._secret is None:
+                    _auth.warn_unauthenticated(host, port)
+            except BaseException:
+                self._server.close()
+                raise
             self._server.secret = self._secret
             self._server.start()
         self.port = port
