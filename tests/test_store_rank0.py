@@ -77,3 +77,23 @@ def test_rank0_death_is_seen_on_the_survivors_connection(what):
         for p in procs:
             p.kill()
             p.join(10)
+
+
+def test_a_group_polling_its_failure_key_reports_the_lost_store_host():
+    import types
+
+    import distrib
+    from distrib.comm._group import ProcessGroup
+
+    class LostStore:
+        def check(self, keys):
+            raise distrib.DistPeerLostError(
+                "store.check: lost the connection to the store at 127.0.0.1:1 (hosted by rank 0)",
+                op="store.check",
+                peer=0,
+            )
+
+    group = types.SimpleNamespace(_fail_store=LostStore(), _fail_store_ok_after=0.0, global_rank=1)
+    with pytest.raises(distrib.DistPeerLostError, match="hosted by rank 0") as info:
+        ProcessGroup._check_failed(group)  # type: ignore[arg-type]
+    assert info.value.rank == 1 and info.value.peer == 0
