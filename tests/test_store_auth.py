@@ -74,6 +74,8 @@ import os, signal, time
 import distrib as dist
 from distrib.comm import TCPStore
 
+if os.environ["RANK"] == "1":  # read after the launcher starts stopping us
+    signal.signal(signal.SIGTERM, lambda *a: None)
 dist.init_process_group()
 rank = dist.get_rank()
 host, port = os.environ["DISTRIB_STORE_ADDR"].rsplit(":", 1)
@@ -81,8 +83,9 @@ store = TCPStore(host, int(port), timeout=10)
 if rank == 0:
     store.set("pid0", str(os.getpid()))
     store.set("why", b"rank 0 ran out of data")
+    store.wait(["ready1"])  # rank 1 is past its start-up
     os._exit(3)
-signal.signal(signal.SIGTERM, lambda *a: None)  # read after the launcher starts stopping us
+store.set("ready1", b"1")
 store.wait(["why"])
 pid0 = int(store.get("pid0"))
 end = time.monotonic() + 20
