@@ -58,6 +58,7 @@ class Config:
     shm_dir: str | None = None  # DISTRIB_SHM_DIR: directory for named segments (default /dev/shm)
     inline_threshold: int | None = None  # DISTRIB_INLINE_THRESHOLD: bytes pickled inline
     launcher_pid: int | None = None  # DISTRIB_LAUNCHER_PID: set by distrib-run for workers
+    store_addr: str | None = None  # DISTRIB_STORE_ADDR: host:port of distrib-run's job store
     local_ranks_filter: str | None = None  # DISTRIB_LOCAL_RANKS_FILTER: reserved for distrib-run
     native: bool | None = None  # DISTRIB_NATIVE: 0 keeps the shm engine's numpy path (no C step)
     dump_fd: int | None = None  # DISTRIB_DUMP_FD: set by distrib-run: a byte there asks for stacks
@@ -77,6 +78,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "shm_dir": _str,
     "inline_threshold": _int,
     "launcher_pid": _int,
+    "store_addr": _str,
     "local_ranks_filter": _str,
     "native": _bool,
     "dump_fd": _int,

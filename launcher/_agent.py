@@ -30,6 +30,7 @@ from distrib._errors import DistError
 from ._bootstrap_code import BOOTSTRAP_CODE
 from ._guardian import Guardian
 from ._hang import find_hang
+from ._job_store import JobStore
 from ._options import STDERR, STDOUT, LaunchOptions
 from ._output import StreamPump, write_all
 from ._procs import descendants, set_child_subreaper, signal_pids
@@ -100,6 +101,13 @@ class Agent:
         # fork before any thread exists; it removes the error files if we are killed
         self._guardian = Guardian(self.opts.grace_period, self._error_dir)
         set_child_subreaper()
+        try:
+            self._job_store = JobStore(self.opts)  # its thread starts after the guardian's fork
+        except DistError as exc:  # e.g. --master-addr is not an address of this host
+            self.say(str(exc))
+            shutil.rmtree(self._error_dir, ignore_errors=True)
+            self._guardian.close()
+            return 1
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -117,6 +125,7 @@ class Agent:
             os.close(wake_w)
             shutil.rmtree(self._error_dir, ignore_errors=True)
             self.rdzv.close()
+            self._job_store.close()
             self._guardian.close()
 
     def _run_attempts(self, wake_fd: int) -> int:
@@ -236,6 +245,7 @@ class Agent:
             TORCHELASTIC_ERROR_FILE=error_file,
             PYTHONUNBUFFERED="1",
         )
+        env.update(self._job_store.worker_env())
         if opts.auth_token is not None:
             env["DISTRIB_AUTH_TOKEN"] = opts.auth_token
         if opts.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:

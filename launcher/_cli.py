@@ -23,7 +23,8 @@ its traceback, and no worker outlives the launcher.
 examples:
   distrib-run --nproc 4 train.py --epochs 3
   distrib-run --nproc auto -m mypkg.train
-  distrib-run --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 train.py
+  distrib-run --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 \
+      --auth-token-file ~/.distrib-token train.py
 """
 
 
@@ -167,8 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-token-file",
         dest="auth_token_file",
         default=None,
-        help="file holding a shared secret that authenticates launcher-to-launcher traffic "
-        "(default: DISTRIB_AUTH_TOKEN). Workers get it as DISTRIB_AUTH_TOKEN.",
+        help="file holding the job's shared secret, which authenticates the store that "
+        "launchers and workers meet at (default: DISTRIB_AUTH_TOKEN). Required with --nnodes > 1 "
+        "unless --insecure-store; one node makes a fresh secret per job by itself. Workers get "
+        "it as DISTRIB_AUTH_TOKEN.",
+    )
+    a(
+        "--insecure-store",
+        "--insecure_store",
+        dest="insecure_store",
+        action="store_true",
+        help="with --nnodes > 1 and no shared secret: run the job's store without "
+        "authentication (anyone who can reach --master-addr:--master-port can read and forge "
+        "the job's state). Never needed on one node.",
     )
     a(
         "--no-prefix",
@@ -239,6 +251,7 @@ def options_from_args(ns: argparse.Namespace) -> LaunchOptions:
         node_timeout=ns.node_timeout,
         join_timeout=ns.join_timeout,
         prefix_output=ns.prefix,
+        insecure_store=ns.insecure_store,
     )
     if ns.standalone:
         opts.nnodes, opts.node_rank = 1, 0
@@ -259,8 +272,14 @@ def options_from_args(ns: argparse.Namespace) -> LaunchOptions:
             raise ValueError(f"--auth-token-file {ns.auth_token_file!r}: {exc.strerror}") from None
         if not opts.auth_token:
             raise ValueError(f"--auth-token-file {ns.auth_token_file!r} is empty")
+        if os.stat(ns.auth_token_file).st_mode & 0o077:
+            print(
+                f"distrib-run: warning: --auth-token-file {ns.auth_token_file} is readable by "
+                "other users; chmod 600 it",
+                file=sys.stderr,
+            )
     else:
-        opts.auth_token = config().auth_token
+        opts.auth_token = config().auth_token or None
     opts.validate()
     return opts
 

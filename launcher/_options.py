@@ -49,7 +49,8 @@ class LaunchOptions:
     grace_period: float = 5.0  # SIGTERM -> SIGKILL delay when stopping workers
     node_timeout: float = 30.0  # multi-node: silence after which a peer launcher is lost
     join_timeout: float = 300.0  # multi-node: how long launchers wait for each other to join
-    auth_token: str | None = None
+    auth_token: str | None = None  # None: one node makes one per job; several need one
+    insecure_store: bool = False  # several nodes without a shared secret (explicit opt-out)
     python: str | None = None  # interpreter for workers (default: this one)
     prefix_output: bool = True
 
@@ -70,6 +71,10 @@ class LaunchOptions:
             )
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"--master-port must be in 1..65535, got {self.master_port}")
+        if self.nnodes > 1 and self.auth_token is None and not self.insecure_store:
+            from ._job_store import MISSING_SECRET
+
+            raise ValueError(MISSING_SECRET.format(nnodes=self.nnodes))
         if self.module and self.no_python:
             raise ValueError("-m/--module and --no-python cannot be combined")
         for name in ("redirects", "tee", "local_ranks_filter"):

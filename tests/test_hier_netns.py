@@ -70,9 +70,13 @@ HIER_SUITE = """
 
 
 def _node(launch, ns: str, node: int, script: str) -> subprocess.Popen[str]:
+    token = launch.dir / "token"  # several nodes need a shared secret
+    token.write_text("hier-test-secret\n")
+    token.chmod(0o600)
     inner = [sys.executable, "-m", "launcher", "--nnodes", "2", "--node-rank", str(node),
              "--master-addr", ADDR[0], "--master-port", PORT, "--nproc", "2",
-             "--node-timeout", "3", "--join-timeout", "30", script]  # fmt: skip
+             "--node-timeout", "3", "--join-timeout", "30", "--auth-token-file", str(token),
+             script]  # fmt: skip
     cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
            f'hostname node{node} && exec "$@"', "sh", *inner]  # fmt: skip
     p = subprocess.Popen(

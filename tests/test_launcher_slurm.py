@@ -72,6 +72,7 @@ def test_two_nodes_under_a_fake_srun_step(tmp_path):
             "w.py", "import os\nprint('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])\n"
         )
         procs = []
+        launch.env["DISTRIB_AUTH_TOKEN"] = "slurm-test-secret"  # several nodes need one
         for node in (0, 1):
             launch.env.update(_step_env(job, step, 2, 2, node, "127.0.0.1"))
             procs.append(launch.popen("--nproc", "1", "--node-timeout", "30", script))

@@ -24,11 +24,14 @@ def _nodes(launch, script, *extra, nproc=("2", "2"), port=None, node_timeout="15
     # A generous --node-timeout where losing a node is not the subject: this machine
     # is shared and heavily loaded at times.
     port = str(port or free_port())
+    token = launch.dir / "job-token"  # several nodes need a shared secret
+    token.write_text("multinode-test-secret\n")
+    token.chmod(0o600)
     return [
         launch.popen(
             "--nnodes", "2", "--node-rank", str(n), "--master-addr", "127.0.0.1",
-            "--master-port", port, "--nproc", nproc[n], "--node-timeout", node_timeout, *extra,
-            script,
+            "--master-port", port, "--nproc", nproc[n], "--node-timeout", node_timeout,
+            "--auth-token-file", str(token), *extra, script,
         )
         for n in (0, 1)
     ]  # fmt: skip

@@ -30,12 +30,14 @@ def hosts():
 def launch(tmp_path):
     h = LauncherHarness(tmp_path)
     h.env["DISTRIB_TIMEOUT"] = "20"  # the workers' collectives give up in bounded time
+    (h.dir / "token").write_text("shared-secret\n")  # several nodes need a shared secret
+    (h.dir / "token").chmod(0o600)
     yield h
     h.cleanup()
 
 
 def _node(
-    launch, ns: str, node: int, script: str, *script_args: str, auth: str | None = None,
+    launch, ns: str, node: int, script: str, *script_args: str, auth: str | None = "token",
     node_timeout: str = "15",
 ):  # fmt: skip
     # The launcher runs inside the namespace, with a hostname of its own.

@@ -35,9 +35,12 @@ class FileStore(Store):
         self.path = os.fspath(file_name)
         self.world_size = world_size
         cfg = config()
-        self.timeout = (
-            to_seconds(timeout) if timeout is not None else cfg.timeout or DEFAULT_STORE_TIMEOUT_S
-        )
+        if timeout is not None:
+            self.timeout = to_seconds(timeout)
+        elif cfg.timeout is not None:
+            self.timeout = to_seconds(cfg.timeout, "DISTRIB_TIMEOUT")
+        else:
+            self.timeout = DEFAULT_STORE_TIMEOUT_S
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
         except OSError as exc:

@@ -59,6 +59,17 @@ def host_id() -> str:
     return f"{boot}/{socket.gethostname()}"
 
 
+def _failure_record(blob: Any) -> dict[str, Any] | None:
+    """Decode the group's failure record; ``None`` for anything that is not one."""
+    if not isinstance(blob, bytes) or len(blob) > 1 << 20:
+        return None
+    try:
+        info = msgpack.unpackb(blob, raw=False, strict_map_key=False, max_ext_len=0)
+    except Exception:  # msgpack raises many types on garbage
+        return None
+    return info if isinstance(info, dict) else None
+
+
 class ProcessGroup:
     """A set of ranks that run collectives together (torch's ``ProcessGroup``).
 
@@ -180,6 +191,10 @@ class ProcessGroup:
             if not self._fail_store.check(["failed"]):
                 return
             blob = self._fail_store.get("failed")
+        except DistPeerLostError as exc:
+            # The store's host closed our connection: when rank 0 hosts it, rank 0 died.
+            exc.rank = self.global_rank
+            raise
         except DistError:
             # Store unreachable (its host may be the rank that died): ask less often.
             self._fail_store_ok_after = now + 2.0
@@ -187,15 +202,26 @@ class ProcessGroup:
         raise self._reported(blob)
 
     def _reported(self, blob: bytes) -> DistError:
-        info = msgpack.unpackb(blob, raw=False)
-        cls = _FAILURE_CLASSES.get(info.get("cls"), DistError)
+        info = _failure_record(blob)
+        if info is None:
+            err = DistError(
+                f"rank {self.global_rank} stopped: the group's failure key 'failed' in the store "
+                f"holds {len(blob)} bytes that are not a failure record; something other than "
+                "this job's ranks wrote it",
+                rank=self.global_rank,
+                op="check_failed",
+            )
+            self._reported_error = err  # not re-published
+            return err
+        cls = _FAILURE_CLASSES.get(str(info.get("cls")), DistError)
+        peer, culprit = info.get("peer"), info.get("rank")
         err = cls(
             f"rank {self.global_rank} stopped: rank {info.get('rank')} reported a failure "
             f"of this group: {info.get('msg')}",
             rank=self.global_rank,
-            op=info.get("op"),
-            peer=info.get("peer"),
-            caused_by=info.get("rank"),
+            op=str(info.get("op")),
+            peer=peer if isinstance(peer, (int, str, type(None))) else str(peer),
+            caused_by=culprit if isinstance(culprit, int) else None,
         )
         self._reported_error = err  # not re-published
         return err

@@ -4,7 +4,10 @@
 without ``RANK``/``WORLD_SIZE`` it falls back to Slurm (``SLURM_PROCID``,
 ``SLURM_NTASKS``), Open MPI (``OMPI_COMM_WORLD_RANK``/``SIZE``) and MPICH/PMI
 (``PMI_RANK``/``PMI_SIZE``). ``tcp://host:port`` names the store directly and
-``file://path`` uses a ``FileStore``. Rank 0 hosts the TCP store.
+``file://path`` uses a ``FileStore``. Rank 0 hosts the TCP store, except under
+``distrib-run``: its workers (the launcher's direct children) use the store the
+launcher hosts (``DISTRIB_STORE_ADDR``), with one key prefix per attempt, so the
+store outlives rank 0 and survivors can still read why the job failed.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from urllib.parse import urlparse
 
 import msgpack
 
+from .._config import config
 from .._errors import DistError, DistTimeoutError, DistUsageError
 from ._file_store import FileStore
-from ._store import Store, TCPStore
+from ._store import PrefixStore, Store, TCPStore
 
 __all__ = ["Rendezvous", "check_world", "local_rank_from_env", "rendezvous"]
 
@@ -170,6 +174,10 @@ def rendezvous(
         )
     rank, world_size = _check_rank(rank, world_size)
     bind_host = _bind_host_towards(host, port)
+    if parsed.scheme == "env":
+        agent = _launcher_store(timeout)
+        if agent is not None:
+            return _checked(agent, rank, world_size, bind_host, timeout)
     is_master = rank == 0
     store = TCPStore(
         socket.gethostbyname(host),
@@ -179,6 +187,13 @@ def rendezvous(
         timeout=timeout,
         wait_for_workers=False,
     )
+    if not is_master:
+        store.hosted_by = "rank 0"  # named if the connection drops: rank 0 died
+    return _checked(store, rank, world_size, bind_host, timeout)
+
+
+def _checked(store: Store, rank: int, world_size: int, bind_host: str, timeout: float) -> Rendezvous:
+    """``store``'s rendezvous once every rank agrees on the world (closed if not)."""
     try:
         check_world(store, rank, world_size, timeout)
     except BaseException:
@@ -278,3 +293,29 @@ def _await_verdict(store: Store, rank: int, world_size: int, deadline: float) ->
         if time.monotonic() >= deadline:
             return "rank 0 never judged the world (it may have died)"
         time.sleep(_POLL_S)
+
+
+class _OwnedPrefixStore(PrefixStore):
+    """A prefix view that owns its store: closing it closes the connection."""
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _launcher_store(timeout: float) -> Store | None:
+    """The store ``distrib-run`` hosts, for its own workers only (``None`` otherwise)."""
+    cfg = config()
+    # Only the launcher's direct children: a process the worker starts with its own
+    # RANK/WORLD_SIZE forms another world and must not share the workers' keys.
+    if cfg.store_addr is None or cfg.launcher_pid != os.getppid():
+        return None
+    host, _, port = cfg.store_addr.rpartition(":")
+    try:
+        store = TCPStore(socket.gethostbyname(host.strip("[]")), int(port), timeout=timeout)
+    except (ValueError, OSError):
+        raise DistUsageError(
+            f"init_process_group: DISTRIB_STORE_ADDR={cfg.store_addr!r} is not host:port",
+            op="init_process_group",
+        ) from None
+    store.hosted_by = "the distrib-run launcher"
+    return _OwnedPrefixStore(f"/worker/attempt_{cfg.restart_count or 0}", store)
