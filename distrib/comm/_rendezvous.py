@@ -192,7 +192,9 @@ def rendezvous(
     return _checked(store, rank, world_size, bind_host, timeout)
 
 
-def _checked(store: Store, rank: int, world_size: int, bind_host: str, timeout: float) -> Rendezvous:
+def _checked(
+    store: Store, rank: int, world_size: int, bind_host: str, timeout: float
+) -> Rendezvous:
     """``store``'s rendezvous once every rank agrees on the world (closed if not)."""
     try:
         check_world(store, rank, world_size, timeout)
