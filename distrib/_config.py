@@ -59,6 +59,8 @@ class Config:
     launcher_pid: int | None = None  # DISTRIB_LAUNCHER_PID: set by distrib-run for workers
     local_ranks_filter: str | None = None  # DISTRIB_LOCAL_RANKS_FILTER: reserved for distrib-run
     native: bool | None = None  # DISTRIB_NATIVE: 0 keeps the shm engine's numpy path (no C step)
+    node_id: str | None = None  # DISTRIB_NODE_ID: this rank's node (set by distrib.ray); ranks
+    # share memory only when their machine and node id are both equal
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -77,6 +79,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "launcher_pid": _int,
     "local_ranks_filter": _str,
     "native": _bool,
+    "node_id": _str,
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -40,11 +40,12 @@ def _entry(e: WorkerExit, title: str) -> list[str]:
         lines.append("  traceback:")
         lines += ["    " + ln for ln in e.traceback.rstrip().splitlines()]
     else:
-        why = (
-            f"the process was killed by {signal_name(-e.exitcode)}"
-            if e.exitcode < 0
-            else "no Python exception was recorded (sys.exit / os._exit / a crash in C code)"
-        )
+        if e.lost:
+            why = "the process was lost with its supervisor; its exit status is unknown"
+        elif e.exitcode < 0:
+            why = f"the process was killed by {signal_name(-e.exitcode)}"
+        else:
+            why = "no Python exception was recorded (sys.exit / os._exit / a crash in C code)"
         lines.append(f"  no traceback: {why}")
         if e.last_output:
             lines.append(f"  last output line: {e.last_output}")
@@ -58,6 +59,7 @@ def format_report(
     attempt: int,
     max_restarts: int,
     headline: str,
+    title: str = "distrib-run",
 ) -> str:
     """Render the report for one failed attempt; ``headline`` says why the job ended."""
     root = root_cause(exits)
@@ -65,7 +67,7 @@ def format_report(
     stopped = sorted(e.rank for e in exits if e.stopped_by_launcher)
     out = [
         _RULE,
-        f"distrib-run: job {run_id} FAILED: {headline}",
+        f"{title}: job {run_id} FAILED: {headline}",
         f"  attempt {attempt + 1} (restarts used {attempt} of {max_restarts})",
     ]
     for e in sorted(others, key=lambda x: (x.time, x.rank)):
