@@ -24,6 +24,7 @@ examples:
   distrib-run --nproc 4 train.py --epochs 3
   distrib-run --nproc auto -m mypkg.train
   distrib-run --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 train.py
+  distrib-run --ray --nproc 8 train.py          # on the Ray cluster of RAY_ADDRESS
 """
 
 
@@ -171,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: DISTRIB_AUTH_TOKEN). Workers get it as DISTRIB_AUTH_TOKEN.",
     )
     a(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the NPROC workers (in all) on a Ray cluster at ADDRESS, or RAY_ADDRESS, or "
+        "else on a local Ray instance; Ray places them. Needs pip install 'distrib[ray]'.",
+    )
+    a(
         "--no-prefix",
         dest="prefix",
         action="store_false",
@@ -269,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``distrib-run``; returns the process exit code."""
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if ns.ray is not None:
+        from ._ray import main_ray
+
+        return main_ray(parser, ns)
     notice = _apply_slurm(ns)
     if notice is not None:
         print(f"distrib-run: {notice}", file=sys.stderr)

@@ -129,6 +129,12 @@ class _Attempt:
             limit = min(limit, max(self.deadline - time.monotonic(), 0.0))
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=limit)
         if len(ready) < len(refs):
+            if self.deadline is not None and time.monotonic() >= self.deadline - 0.05:
+                raise DistError(
+                    f"{_TITLE}: job {self.spec.run_id} timed out: {what} did not finish "
+                    f"within timeout={self.spec.timeout:g} s",
+                    op="distrib.ray.run",
+                )
             raise DistError(
                 f"{_TITLE}: {what} did not finish within {limit:.0f} s", op="distrib.ray.run"
             )

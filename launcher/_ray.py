@@ -1,0 +1,146 @@
+"""``distrib-run --ray [ADDRESS]``: the script's ranks as Ray actors instead of local children.
+
+Ray places ``--nproc`` workers (in all, over the cluster) and ``distrib.ray``
+starts, watches, reports and restarts them with ``distrib-run``'s guarantees.
+Ray is imported only here, so plain ``distrib-run`` never needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import uuid
+
+from distrib._errors import DistError
+
+__all__ = ["main_ray"]
+
+# Flags that place workers by hand; under --ray, Ray places them.
+_NODE_FLAGS = (
+    ("nnodes", "--nnodes"),
+    ("master_addr", "--master-addr"),
+    ("master_port", "--master-port"),
+)
+_LOCAL_ONLY = (
+    ("log_dir", "--log-dir"),
+    ("redirects", "--redirects"),
+    ("tee", "--tee"),
+    ("local_ranks_filter", "--local-ranks-filter"),
+)
+
+
+def _looks_like_address(text: str) -> bool:
+    return text in ("auto", "local") or ":" in text
+
+
+def _split_address(ns: argparse.Namespace) -> None:
+    """``--ray train.py``: argparse took the script for ADDRESS; give it back."""
+    if ns.ray and not _looks_like_address(ns.ray):
+        ns.args = [ns.target, *ns.args]
+        ns.target, ns.ray = ns.ray, ""
+
+
+def _check(ns: argparse.Namespace) -> None:
+    for name, flag in _NODE_FLAGS:
+        if getattr(ns, name) is not None:
+            raise ValueError(f"{flag} cannot be combined with --ray: Ray places the workers")
+    if ns.node_rank != 0 or ns.standalone:
+        raise ValueError("--node-rank/--standalone cannot be combined with --ray")
+    for name, flag in _LOCAL_ONLY:
+        if getattr(ns, name) is not None:
+            raise ValueError(f"{flag} is not supported with --ray (output goes to the console)")
+    if ns.max_restarts < 0:
+        raise ValueError(f"--max-restarts must be >= 0, got {ns.max_restarts}")
+    if ns.timeout is not None and not ns.timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {ns.timeout}")
+    if not ns.grace_period > 0:
+        raise ValueError(f"--grace-period must be > 0 seconds, got {ns.grace_period}")
+    if ns.run_id is not None and (not ns.run_id or any(c in ns.run_id for c in "/\\\0")):
+        raise ValueError(f"--run-id must be a non-empty name without slashes, got {ns.run_id!r}")
+
+
+def _workers(text: str) -> tuple[int, float]:
+    """(workers, GPUs each) from --nproc: N, 'auto' (cluster CPUs) or 'gpu' (cluster GPUs)."""
+    import ray
+
+    value = text.strip().lower()
+    if value in ("auto", "gpu"):
+        key = "CPU" if value == "auto" else "GPU"
+        count = int(ray.cluster_resources().get(key, 0))
+        if count < 1:
+            raise ValueError(f"--nproc {value}: the Ray cluster has no {key}")
+        return count, 1.0 if value == "gpu" else 0.0
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"--nproc must be an integer, 'auto' or 'gpu', got {text!r}") from None
+    if count < 1:
+        raise ValueError(f"--nproc must be >= 1, got {count}")
+    return count, 0.0
+
+
+def main_ray(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    """Run ``ns.target`` on Ray; returns distrib-run's exit status."""
+    _split_address(ns)
+    try:
+        _check(ns)
+        from distrib.ray._run import job_env, require_ray
+
+        env, token = job_env(None)
+        if ns.auth_token_file is not None:
+            try:
+                with open(ns.auth_token_file, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except OSError as exc:
+                raise ValueError(f"--auth-token-file {ns.auth_token_file!r}: {exc.strerror}")
+            if not token:
+                raise ValueError(f"--auth-token-file {ns.auth_token_file!r} is empty")
+        require_ray()
+    except (ValueError, ImportError, DistError) as exc:
+        parser.error(str(exc))
+    import ray
+
+    from distrib.ray._job import JobSpec, launch
+
+    address = ns.ray or os.environ.get("RAY_ADDRESS") or None
+    started_here = address is None
+    if address == "local":
+        address, started_here = None, True
+    if started_here:  # a private instance on loopback, gone when we are
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)  # fmt: skip
+    else:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        try:
+            nproc, gpus = _workers(ns.nproc)
+        except ValueError as exc:
+            parser.error(str(exc))
+        mode = "module" if ns.module else "exec" if ns.no_python else "script"
+        target = ns.target
+        if mode == "script" and os.path.exists(target):
+            target = os.path.abspath(target)
+        spec = JobSpec(
+            num_workers=nproc,
+            run_id=ns.run_id or uuid.uuid4().hex[:12],
+            command=[mode, target, *ns.args],
+            cwd=os.getcwd(),
+            gpus_per_worker=gpus,
+            max_restarts=ns.max_restarts,
+            env=env,
+            timeout=ns.timeout,
+            grace_period=ns.grace_period,
+            prefix_output=ns.prefix,
+        )
+        try:
+            launch(spec, token)
+        except DistError as exc:
+            print(str(exc), file=sys.stderr, end="" if str(exc).endswith("\n") else "\n")
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        return 0
+    finally:
+        ray.shutdown()
