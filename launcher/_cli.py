@@ -277,8 +277,10 @@ def options_from_args(ns: argparse.Namespace) -> LaunchOptions:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``distrib-run``; returns the process exit code."""
+    from ._ray import split_ray_address
+
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(split_ray_address(sys.argv[1:] if argv is None else list(argv)))
     if ns.ray is not None:
         from ._ray import main_ray
 

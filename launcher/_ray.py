@@ -15,7 +15,7 @@ import uuid
 
 from distrib._errors import DistError
 
-__all__ = ["main_ray"]
+__all__ = ["main_ray", "split_ray_address"]
 
 # Flags that place workers by hand; under --ray, Ray places them.
 _NODE_FLAGS = (
@@ -35,11 +35,27 @@ def _looks_like_address(text: str) -> bool:
     return text in ("auto", "local") or ":" in text
 
 
-def _split_address(ns: argparse.Namespace) -> None:
-    """``--ray train.py``: argparse took the script for ADDRESS; give it back."""
-    if ns.ray and not _looks_like_address(ns.ray):
-        ns.args = [ns.target, *ns.args]
-        ns.target, ns.ray = ns.ray, ""
+# distrib-run flags that take no value (every other flag before the target takes one)
+_NO_VALUE = {"--standalone", "-m", "--module", "--no-python", "--no_python", "--no-prefix"}
+
+
+def split_ray_address(argv: list[str]) -> list[str]:
+    """``--ray train.py``: the script is not an ADDRESS; make it ``--ray= train.py``.
+
+    Only distrib-run's own flags (before the target) are looked at, never the script's.
+    """
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--ray":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("-") and not _looks_like_address(nxt):
+                return [*argv[:i], "--ray=", *argv[i + 1 :]]
+            return argv
+        if tok == "--" or not tok.startswith("-"):
+            return argv  # the target: what follows belongs to the script
+        i += 1 if ("=" in tok or tok in _NO_VALUE) else 2
+    return argv
 
 
 def _check(ns: argparse.Namespace) -> None:
@@ -83,7 +99,6 @@ def _workers(text: str) -> tuple[int, float]:
 
 def main_ray(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     """Run ``ns.target`` on Ray; returns distrib-run's exit status."""
-    _split_address(ns)
     try:
         _check(ns)
         from distrib.ray._run import job_env, require_ray

@@ -269,12 +269,9 @@ def test_a_rank_killed_by_a_signal_is_reported_by_name(clean):
 def test_max_restarts_restarts_the_whole_group(clean, capsys):
     res = distrib.ray.run(_fail_first_attempt, num_workers=3, max_restarts=1, timeout=120)
     assert res == [(3, "1")] * 3
-    assert "restarting the whole group (restart 1 of 1)" in capsys.readouterr().err
-
-
-def test_without_restarts_left_the_exit_code_is_reported(clean):
-    with pytest.raises(distrib.DistError, match=r"rank 1 .*exit code 3"):
-        distrib.ray.run(_fail_first_attempt, num_workers=2, max_restarts=0, timeout=120)
+    err = capsys.readouterr().err
+    assert re.search(r"attempt 1 failed \(rank 1 on host .*: exit code 3\); restarting the whole "
+                     r"group \(restart 1 of 1\)", err), err  # fmt: skip
 
 
 def test_timeout_stops_a_hung_job(clean):
