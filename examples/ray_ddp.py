@@ -21,11 +21,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import cloudpickle  # noqa: E402
-import ddp_digits  # noqa: E402
+import cloudpickle
+import ddp_digits
 
-import distrib  # noqa: E402
-import distrib.ray  # noqa: E402
+import distrib
+import distrib.ray
 
 # Ship ddp_digits' code with the function, so the cluster's nodes need only distrib.
 cloudpickle.register_pickle_by_value(ddp_digits)

@@ -90,9 +90,7 @@ def _live_actors() -> list[Any]:
 
 
 def _live_groups() -> list[Any]:
-    return [
-        g for g in ray.util.placement_group_table().values() if g.get("state") != "REMOVED"
-    ]
+    return [g for g in ray.util.placement_group_table().values() if g.get("state") != "REMOVED"]
 
 
 @pytest.fixture
@@ -357,7 +355,9 @@ def test_distrib_run_ray_runs_a_script_on_the_cluster(clean, tmp_path):
     for k in range(4):
         assert re.search(rf"^\[{k}\]: sum=6 args=\['a', 'b'\] local=\d$", r.stdout, re.M)
     # RAY_ADDRESS works as well as an explicit address; a failure is reported, exit 1
-    r = _distrib_run(["--ray", "--nproc", "4", str(script), "--fail"], {"RAY_ADDRESS": clean.address})
+    r = _distrib_run(
+        ["--ray", "--nproc", "4", str(script), "--fail"], {"RAY_ADDRESS": clean.address}
+    )
     assert r.returncode == 1
     assert "ROOT CAUSE" in r.stderr and "rank 2" in r.stderr
     assert "RuntimeError: script failed on rank 2" in r.stderr

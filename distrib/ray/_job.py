@@ -256,7 +256,7 @@ class _Attempt:
     def watch(self) -> list[Any]:
         """Relay output until every rank has ended; results in rank order, or raise."""
         ray, spec = self.ray, self.spec
-        console = {1: _Console("stdout"), 2: _Console("stderr")}
+        console: dict[int, Any] = {1: _Console("stdout"), 2: _Console("stderr")}
         pumps = {
             (s.rank, k): StreamPump(
                 f"[{s.rank}]: ".encode() if spec.prefix_output else b"", console[k], None
@@ -301,7 +301,9 @@ class _Attempt:
                         first = min(bad, key=lambda e: (e.time, e.rank))
                         headline = f"rank {first.rank} on host {first.host}: {first.reason()}"
                     elif self.deadline is not None and now > self.deadline and polls:
-                        headline = f"timed out: the attempt ran longer than timeout={spec.timeout:g} s"
+                        headline = (
+                            f"timed out: the attempt ran longer than timeout={spec.timeout:g} s"
+                        )
                     if headline is not None:
                         stop_at = now
                         self._signal(polls.values(), 15)
