@@ -50,11 +50,14 @@ def cluster(long_lived_pids):
         },
     )
     try:
-        c.add_node(num_cpus=2, object_store_memory=100 * 2**20, node_ip_address="127.0.0.1")
+        c.worker = c.add_node(  # type: ignore[attr-defined]
+            num_cpus=2, object_store_memory=100 * 2**20, node_ip_address="127.0.0.1"
+        )
         ray.init(address=c.address, log_to_driver=False)
         mine = {p.pid for p in psutil.Process().children(recursive=True)}
         long_lived_pids.update(mine)
         yield c
+        mine |= {p.pid for p in psutil.Process().children(recursive=True)}
     finally:
         ray.shutdown()
         c.shutdown()
@@ -381,6 +384,50 @@ def test_distrib_run_ray_starts_a_local_instance(tmp_path):
     assert "[1]: sum=1 args=[] local=1" in r.stdout
 
 
+def test_distrib_run_without_ray_never_imports_ray(tmp_path):
+    script = tmp_path / "t.py"
+    script.write_text("print('ok')\n")
+    code = (
+        "import sys; from launcher._cli import main; rc = main(['--nproc', '2', sys.argv[1]]); "
+        "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(script)], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "[1]: ok" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["--ray", "t.py", "a"], ["--ray=", "t.py", "a"]),
+        (["--nproc", "2", "--ray", "t.py"], ["--nproc", "2", "--ray=", "t.py"]),
+        (["--ray", "10.0.0.1:6379", "t.py"], ["--ray", "10.0.0.1:6379", "t.py"]),
+        (["--ray", "ray://head:10001", "t.py"], ["--ray", "ray://head:10001", "t.py"]),
+        (["--ray", "auto", "t.py"], ["--ray", "auto", "t.py"]),
+        (["--ray", "--nproc", "2", "t.py"], ["--ray", "--nproc", "2", "t.py"]),
+        (["-m", "--ray", "pkg.mod"], ["-m", "--ray=", "pkg.mod"]),
+        (["t.py", "--ray", "x"], ["t.py", "--ray", "x"]),  # the script's own flag
+    ],
+)
+def test_ray_flag_tells_an_address_from_the_script(argv, want):
+    from launcher._ray import split_ray_address
+
+    assert split_ray_address(argv) == want
+
+
+def test_ranks_are_contiguous_per_ray_node_in_bundle_order():
+    from distrib.ray._layout import ActorInfo, assign_ranks
+
+    infos = [ActorInfo(n, "127.0.0.1", "h", i) for i, n in enumerate("BABCA")]
+    slots = assign_ranks(infos)
+    assert [s.actor for s in slots] == [0, 2, 1, 4, 3]  # node B first, then A, then C
+    assert [(s.group_rank, s.local_rank, s.local_world_size) for s in slots] == [
+        (0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2), (2, 0, 1)
+    ]  # fmt: skip
+    assert {s.group_world_size for s in slots} == {3}
+
+
 # ---------------------------------------------------------------- the example
 
 
@@ -400,3 +447,46 @@ def test_ray_ddp_example_matches_one_process_accuracy(clean):
                  {"RAY_ADDRESS": clean.address})  # fmt: skip
     alone = acc([sys.executable, os.path.join(ex, "ddp_digits.py"), "--nproc", "1", *common], {})
     assert on_ray == alone and on_ray >= 0.9
+
+
+# ---------------------------------------------------------------- node loss (runs last)
+
+
+def _loop_until_stopped(marker_dir: str) -> None:
+    distrib.init_process_group(timeout=60)
+    open(os.path.join(marker_dir, os.environ["RANK"]), "w").close()
+    x = np.ones(1 << 16, np.float32)
+    for _ in range(100_000):
+        distrib.all_reduce(x)
+        time.sleep(0.01)
+
+
+def test_a_lost_node_stops_the_job_and_names_it(clean, tmp_path):
+    import threading
+
+    box: dict[str, BaseException] = {}
+
+    def job() -> None:
+        try:
+            distrib.ray.run(_loop_until_stopped, num_workers=4, placement="SPREAD",
+                            args=(str(tmp_path),), timeout=120)  # fmt: skip
+        except BaseException as exc:
+            box["exc"] = exc
+
+    t = threading.Thread(target=job)
+    t.start()
+    end = time.monotonic() + 90
+    while len(os.listdir(tmp_path)) < 4 and time.monotonic() < end and t.is_alive():
+        time.sleep(0.1)
+    assert len(os.listdir(tmp_path)) == 4, box
+    t0 = time.monotonic()
+    lost = clean.worker.node_id
+    clean.remove_node(clean.worker)  # the second Ray node goes away with ranks 2 and 3
+    t.join(120)
+    assert not t.is_alive()
+    assert time.monotonic() - t0 < 60
+    exc = box.get("exc")
+    assert isinstance(exc, distrib.DistError), exc
+    text = str(exc)
+    root = text[text.index("ROOT CAUSE") :]
+    assert f"Ray node {lost[:12]}" in root and "its Ray node was lost" in root, text
