@@ -11,7 +11,6 @@ actors are ended and the placement group removed before the attempt returns.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ __all__ = ["JobSpec", "launch"]
 _TITLE = "distrib.ray"
 _POLL_S = 0.25  # an actor's poll returns at once on news, else after this long
 _PLACEMENT_WAIT_S = 300.0  # placement wait when no timeout is given
+_PLACEMENT_NOTICE_S = 10.0  # after this long without a placement, say what we wait for
 _CALL_WAIT_S = 120.0  # actor start-up (a new worker process) and small calls
 _STOP_EXTRA_S = 10.0  # after SIGKILL, how long ranks may take to report before we give up
 _END_WAIT_S = 10.0  # how long to wait for ended actors to be gone
@@ -160,7 +160,16 @@ class _Attempt:
             name=f"distrib-{spec.run_id}-{self.attempt}",
         )
         try:
-            self._wait([self.pg.ready()], _PLACEMENT_WAIT_S, "placement")
+            ready = self.pg.ready()
+            # Say what we wait for when the cluster cannot place the group at once.
+            if not self.ray.wait([ready], timeout=_PLACEMENT_NOTICE_S)[0]:
+                print(
+                    f"{_TITLE}: waiting for Ray to place {spec.num_workers} worker(s) of "
+                    f"{bundle} ({spec.placement}); free now: {self.ray.available_resources()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self._wait([ready], _PLACEMENT_WAIT_S, "placement")
         except DistError:
             raise DistError(
                 f"{_TITLE}: could not place {spec.num_workers} worker(s) of {bundle} with "
@@ -282,6 +291,10 @@ class _Attempt:
                         exits[s.rank] = self._lost(
                             s, _ray_death(exc), last_seen[s.rank], stop_at is not None
                         )
+                        continue
+                    except ray.exceptions.RayError as exc:  # e.g. the call's owner is gone
+                        why = f"its Ray actor could not be reached: {str(exc).splitlines()[0]}"
+                        exits[s.rank] = self._lost(s, why, last_seen[s.rank], stop_at is not None)
                         continue
                     last_seen[s.rank] = time.time()
                     for stream, data in msg["chunks"]:
@@ -405,15 +418,3 @@ def launch(spec: JobSpec, auth_token: str) -> list[Any]:
             ) from None
         finally:
             job.close()
-
-
-def check_finite(name: str, value: Any, *, minimum: float, strict: bool) -> float:
-    """``value`` as a float, finite and ``> minimum`` (``strict``) or ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    bad = not math.isfinite(v) or (v <= minimum if strict else v < minimum)
-    if bad:
-        rel = ">" if strict else ">="
-        raise ValueError(f"{name} must be a finite number {rel} {minimum:g}, got {value!r}")
-    return v

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import secrets
 import uuid
@@ -10,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .._config import config
-from ._job import JobSpec, check_finite, launch
+from ._job import JobSpec, launch
 
 __all__ = ["PLACEMENTS", "job_env", "require_ray", "run"]
 
@@ -62,6 +63,18 @@ def job_env(env: Mapping[str, str] | None) -> tuple[dict[str, str], str]:
             out[k] = os.environ[k]
     token = out.pop("DISTRIB_AUTH_TOKEN", None) or config().auth_token or secrets.token_hex(16)
     return out, token
+
+
+def check_finite(name: str, value: Any, *, minimum: float, strict: bool) -> float:
+    """``value`` as a float, finite and ``> minimum`` (``strict``) or ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    bad = not math.isfinite(v) or (v <= minimum if strict else v < minimum)
+    if bad:
+        rel = ">" if strict else ">="
+        raise ValueError(f"{name} must be a finite number {rel} {minimum:g}, got {value!r}")
+    return v
 
 
 def check_placement(placement: Any) -> str:
