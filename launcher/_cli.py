@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="ADDRESS",
         help="run the NPROC workers (in all) on a Ray cluster at ADDRESS, or RAY_ADDRESS, or "
-        "else on a local Ray instance; Ray places them. Needs pip install 'distrib[ray]'.",
+        "else on a new local Ray instance (auto: the one running here); Ray places them. Needs pip install 'distrib[ray]'.",
     )
     a(
         "--no-prefix",

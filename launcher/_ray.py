@@ -123,9 +123,9 @@ def main_ray(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     started_here = address is None
     if address == "local":
         address, started_here = None, True
-    if started_here:  # a private instance on loopback, gone when we are
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)  # fmt: skip
+    if started_here:  # a new private instance on loopback, gone when we are
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
     else:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     try:

@@ -382,7 +382,7 @@ def _ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=None, _node_ip_address="127.0.0.1", include_dashboard=False)
+        ray.init()  # Ray's own choice: RAY_ADDRESS, a running local cluster, or a new one
 
 
 def launch(spec: JobSpec, auth_token: str) -> list[Any]:

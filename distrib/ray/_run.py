@@ -133,7 +133,7 @@ def run(
     driver prefixed ``[RANK]: ``. A rank that raises or dies stops the others;
     after ``max_restarts`` restarts of the whole group, raises ``DistError`` with
     the report (rank, node, exit code or signal, traceback). ``timeout`` bounds
-    each attempt in seconds. Ray is started locally when not initialized.
+    each attempt in seconds. Without ``ray.init()`` first, ``ray.init()`` is called.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
