@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init(
+        address="local",  # a new private instance, never someone else's
         num_cpus=args.cpus or args.nproc + 1,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
