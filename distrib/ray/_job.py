@@ -336,10 +336,13 @@ class _Attempt:
         for s, ex in zip(self.slots, ordered, strict=True):
             lines = [pumps[(s.rank, k)].last_line for k in (1, 2) if pumps[(s.rank, k)].last_line]
             ex.last_output = lines[-1].decode(errors="replace") if lines else ""
-        if headline is None and any(e.exitcode != 0 or e.lost for e in ordered):
+        root = root_cause(ordered)
+        timed_out = headline is not None and headline.startswith("timed out")
+        if root is not None and not timed_out:  # the earliest failure, not the first we heard of
+            headline = f"rank {root.rank} on host {root.host}: {root.reason()}"
+        elif headline is None and any(e.exitcode != 0 for e in ordered):
             headline = "a rank failed"
         if headline is not None:
-            root = root_cause(ordered)
             report = format_report(
                 ordered,
                 run_id=spec.run_id,
