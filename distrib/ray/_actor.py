@@ -76,6 +76,12 @@ class RankHost:
         env["DISTRIB_ERROR_FILE"] = err_file
         env["DISTRIB_LAUNCHER_PID"] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"
+        try:  # the rank is not a Ray worker; ray.init() in it joins this cluster
+            import ray
+
+            env.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+        except Exception:
+            pass
         self._grace = float(spec["grace"])
         if spec.get("payload") is not None:
             payload = os.path.join(self._tmp, "payload.pkl")
