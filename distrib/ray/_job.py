@@ -162,7 +162,10 @@ class _Attempt:
         try:
             ready = self.pg.ready()
             # Say what we wait for when the cluster cannot place the group at once.
-            if not self.ray.wait([ready], timeout=_PLACEMENT_NOTICE_S)[0]:
+            notice = _PLACEMENT_NOTICE_S
+            if self.deadline is not None:
+                notice = min(notice, max(self.deadline - time.monotonic(), 0.0))
+            if not self.ray.wait([ready], timeout=notice)[0]:
                 print(
                     f"{_TITLE}: waiting for Ray to place {spec.num_workers} worker(s) of "
                     f"{bundle} ({spec.placement}); free now: {self.ray.available_resources()}",
