@@ -65,10 +65,23 @@ def cluster(long_lived_pids):
 
 
 def _our_shm() -> set[str]:
+    """distrib's named segments (``distrib_<pid>_<id>``) made by our ranks.
+
+    Other suites may run on this machine at the same time: a segment of a live
+    process that is not ours is theirs. (The ranks' own collective segments are
+    anonymous memfds: they never appear here, even after kill -9.)
+    """
     try:
-        return {n for n in os.listdir(_SHM) if n.startswith(("distrib", "cuda.shm"))}
+        names = os.listdir(_SHM)
     except FileNotFoundError:
         return set()
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    out = set()
+    for name in names:
+        m = re.match(r"distrib_(\d+)_", name)
+        if m and (int(m.group(1)) in ours or not psutil.pid_exists(int(m.group(1)))):
+            out.add(name)
+    return out
 
 
 def _rank_processes() -> list[psutil.Process]:
