@@ -67,6 +67,8 @@ def _check(ns: argparse.Namespace) -> None:
     for name, flag in _LOCAL_ONLY:
         if getattr(ns, name) is not None:
             raise ValueError(f"{flag} is not supported with --ray (output goes to the console)")
+    if ns.nproc.strip().lower() not in ("auto", "gpu"):
+        _workers(ns.nproc)  # a number: checked before any cluster is contacted
     if ns.max_restarts < 0:
         raise ValueError(f"--max-restarts must be >= 0, got {ns.max_restarts}")
     if ns.timeout is not None and not ns.timeout > 0:
@@ -79,10 +81,10 @@ def _check(ns: argparse.Namespace) -> None:
 
 def _workers(text: str) -> tuple[int, float]:
     """(workers, GPUs each) from --nproc: N, 'auto' (cluster CPUs) or 'gpu' (cluster GPUs)."""
-    import ray
-
     value = text.strip().lower()
     if value in ("auto", "gpu"):
+        import ray
+
         key = "CPU" if value == "auto" else "GPU"
         count = int(ray.cluster_resources().get(key, 0))
         if count < 1:

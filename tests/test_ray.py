@@ -379,9 +379,38 @@ def test_distrib_run_ray_runs_a_script_on_the_cluster(clean, tmp_path):
     assert "RuntimeError: script failed on rank 2" in r.stderr
 
 
-def test_distrib_run_ray_refuses_node_flags(tmp_path):
-    r = _distrib_run(["--ray", "--nnodes", "2", "--nproc", "2", "x.py"], {}, timeout=60)
-    assert r.returncode == 2 and "--nnodes" in r.stderr and "--ray" in r.stderr
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--nnodes", "2"], "--nnodes"),
+        (["--master-port", "29500"], "--master-port"),
+        (["--master-addr", "10.0.0.1"], "--master-addr"),
+        (["--node-rank", "1"], "--node-rank"),
+        (["--standalone"], "--standalone"),
+        (["--log-dir", "/tmp/x"], "--log-dir"),
+        (["--tee", "3"], "--tee"),
+        (["--max-restarts", "-1"], "--max-restarts"),
+        (["--timeout", "0"], "--timeout"),
+        (["--nproc", "zero"], "--nproc"),
+    ],
+)
+def test_distrib_run_ray_refuses_bad_or_local_only_flags(flags, named):
+    # no cluster is contacted: the flags are refused first (Ray at 127.0.0.1:9 does not exist)
+    r = _distrib_run(["--ray", "127.0.0.1:9", *flags, "x.py"], {}, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert named in r.stderr.splitlines()[-1]
+
+
+def test_node_id_splits_the_host_identity(monkeypatch):
+    from distrib.comm._group import host_id
+
+    monkeypatch.delenv("DISTRIB_NODE_ID", raising=False)
+    machine = host_id()
+    monkeypatch.setenv("DISTRIB_NODE_ID", "node-a")
+    a = host_id()
+    monkeypatch.setenv("DISTRIB_NODE_ID", "node-b")
+    b = host_id()
+    assert a != b and a.startswith(machine) and b.startswith(machine)
 
 
 @pytest.mark.slow
