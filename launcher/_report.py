@@ -60,9 +60,13 @@ def format_report(
     max_restarts: int,
     headline: str,
     title: str = "distrib-run",
+    root: WorkerExit | None = None,
 ) -> str:
-    """Render the report for one failed attempt; ``headline`` says why the job ended."""
-    root = root_cause(exits)
+    """Render the report for one failed attempt; ``headline`` says why the job ended.
+
+    ``root`` overrides the root cause (default: the earliest failure).
+    """
+    root = root if root is not None else root_cause(exits)
     others = [e for e in exits if e.failed and e is not root]
     stopped = sorted(e.rank for e in exits if e.stopped_by_launcher)
     out = [

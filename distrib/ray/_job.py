@@ -26,6 +26,7 @@ from ._layout import ActorInfo, RankSlot, assign_ranks
 __all__ = ["JobSpec", "launch"]
 
 _TITLE = "distrib.ray"
+_SECONDARY = ("DistPeerLostError", "DistTimeoutError")  # errors a lost peer causes
 _POLL_S = 0.25  # an actor's poll returns at once on news, else after this long
 _PLACEMENT_WAIT_S = 300.0  # placement wait when no timeout is given
 _PLACEMENT_NOTICE_S = 10.0  # after this long without a placement, say what we wait for
@@ -104,6 +105,18 @@ def _ray_death(exc: BaseException) -> str:
             detail = text[at:].split(". ")[0].strip()
             break
     return f"{head} ({detail})" if detail else head
+
+
+def _root_cause(exits: list[WorkerExit]) -> WorkerExit | None:
+    """The earliest failure that is not only a lost peer.
+
+    A rank leaving (``sys.exit`` runs exit handlers first) can be seen by its
+    peers before its own process has ended, so their lost-peer errors may carry
+    earlier times than the rank that caused them.
+    """
+    failed = [e for e in exits if e.failed]
+    primary = [e for e in failed if not e.message.startswith(_SECONDARY)]
+    return root_cause(primary or failed)
 
 
 class _Attempt:
@@ -339,7 +352,7 @@ class _Attempt:
         for s, ex in zip(self.slots, ordered, strict=True):
             lines = [pumps[(s.rank, k)].last_line for k in (1, 2) if pumps[(s.rank, k)].last_line]
             ex.last_output = lines[-1].decode(errors="replace") if lines else ""
-        root = root_cause(ordered)
+        root = _root_cause(ordered)
         timed_out = headline is not None and headline.startswith("timed out")
         if root is not None and not timed_out:  # the earliest failure, not the first we heard of
             headline = f"rank {root.rank} on host {root.host}: {root.reason()}"
@@ -353,6 +366,7 @@ class _Attempt:
                 max_restarts=spec.max_restarts,
                 headline=headline,
                 title=_TITLE,
+                root=root,
             )
             retriable = root is None or root.phase != "startup"
             raise AttemptFailed(report, root, retriable)
