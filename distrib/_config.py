@@ -62,6 +62,8 @@ class Config:
     local_ranks_filter: str | None = None  # DISTRIB_LOCAL_RANKS_FILTER: reserved for distrib-run
     native: bool | None = None  # DISTRIB_NATIVE: 0 keeps the shm engine's numpy path (no C step)
     dump_fd: int | None = None  # DISTRIB_DUMP_FD: set by distrib-run: a byte there asks for stacks
+    node_id: str | None = None  # DISTRIB_NODE_ID: this rank's node (set by distrib.ray); ranks
+    # share memory only when their machine and node id are both equal
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -81,6 +83,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "store_addr": _str,
     "local_ranks_filter": _str,
     "native": _bool,
+    "node_id": _str,
     "dump_fd": _int,
 }
 

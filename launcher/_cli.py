@@ -25,6 +25,7 @@ examples:
   distrib-run --nproc auto -m mypkg.train
   distrib-run --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 \
       --auth-token-file ~/.distrib-token train.py
+  distrib-run --ray --nproc 8 train.py          # on the Ray cluster of RAY_ADDRESS
 """
 
 
@@ -183,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the job's state). Never needed on one node.",
     )
     a(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the NPROC workers (in all) on a Ray cluster at ADDRESS, or RAY_ADDRESS, or "
+        "else on a new local Ray instance (auto: the one running here); Ray places them. Needs pip install 'distrib[ray]'.",
+    )
+    a(
         "--no-prefix",
         dest="prefix",
         action="store_false",
@@ -286,8 +296,14 @@ def options_from_args(ns: argparse.Namespace) -> LaunchOptions:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``distrib-run``; returns the process exit code."""
+    from ._ray import split_ray_address
+
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(split_ray_address(sys.argv[1:] if argv is None else list(argv)))
+    if ns.ray is not None:
+        from ._ray import main_ray
+
+        return main_ray(parser, ns)
     notice = _apply_slurm(ns)
     if notice is not None:
         print(f"distrib-run: {notice}", file=sys.stderr)

@@ -41,11 +41,12 @@ def _entry(e: WorkerExit, title: str) -> list[str]:
         lines.append("  traceback:")
         lines += ["    " + ln for ln in e.traceback.rstrip().splitlines()]
     else:
-        why = (
-            f"the process was killed by {signal_name(-e.exitcode)}"
-            if e.exitcode < 0
-            else "no Python exception was recorded (sys.exit / os._exit / a crash in C code)"
-        )
+        if e.lost:
+            why = "the process was lost with its supervisor; its exit status is unknown"
+        elif e.exitcode < 0:
+            why = f"the process was killed by {signal_name(-e.exitcode)}"
+        else:
+            why = "no Python exception was recorded (sys.exit / os._exit / a crash in C code)"
         lines.append(f"  no traceback: {why}")
         if e.last_output:
             lines.append(f"  last output line: {e.last_output}")
@@ -60,19 +61,23 @@ def format_report(
     max_restarts: int,
     headline: str,
     hang: Hang | None = None,
+    title: str = "distrib-run",
+    root: WorkerExit | None = None,
 ) -> str:
     """Render the report for one failed attempt; ``headline`` says why the job ended.
 
     With ``hang`` (ranks that never entered a collective), those ranks are the root
     cause and the earliest failure (a rank that timed out waiting) is listed as
-    another failure; every rank's stacks are shown.
+    another failure; every rank's stacks are shown. ``root`` overrides the root
+    cause (default: the earliest failure).
     """
-    root = root_cause(exits) if hang is None else None
+    if root is None and hang is None:
+        root = root_cause(exits)
     others = [e for e in exits if e.failed and e is not root]
     stopped = sorted(e.rank for e in exits if e.stopped_by_launcher)
     out = [
         _RULE,
-        f"distrib-run: job {run_id} FAILED: {headline}",
+        f"{title}: job {run_id} FAILED: {headline}",
         f"  attempt {attempt + 1} (restarts used {attempt} of {max_restarts})",
     ]
     for e in sorted(others, key=lambda x: (x.time, x.rank)):

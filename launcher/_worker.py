@@ -44,13 +44,16 @@ class WorkerExit:
     stopped_by_launcher: bool = False
     last_output: str = ""
     dump: dict[str, Any] | None = None  # its stacks and flight records (distrib._stacks)
+    lost: str = ""  # the process could not be watched to its end (its Ray actor or node died)
 
     @property
     def failed(self) -> bool:
-        return self.exitcode != 0 and not self.stopped_by_launcher
+        return (self.exitcode != 0 or bool(self.lost)) and not self.stopped_by_launcher
 
     def reason(self) -> str:
-        """``exit code 3`` or ``killed by SIGKILL``."""
+        """``exit code 3``, ``killed by SIGKILL``, or why the worker was lost."""
+        if self.lost:
+            return self.lost
         if self.exitcode < 0:
             return f"killed by {signal_name(-self.exitcode)}"
         return f"exit code {self.exitcode}"

@@ -16,6 +16,10 @@ import pytest
 _SHM = "/dev/shm"
 # Helper processes that legitimately outlive one test (started once per session).
 _ALLOWED = ("forkserver", "resource_tracker", "distrib.shm._cleanup", "semaphore_tracker")
+# Processes of a fixture that outlives one test (a module's Ray cluster): the fixture
+# adds their pids through ``long_lived_pids`` and removes them when it ends; they and
+# their descendants (Ray's pooled workers) are not strays of the tests in between.
+_LONG_LIVED: set[int] = set()
 
 
 def _own_driver_file(name: str) -> bool:
@@ -40,6 +44,8 @@ def _stray_children() -> list[psutil.Process]:
             cmd = " ".join(child.cmdline())
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue
+            if _LONG_LIVED and {p.pid for p in (child, *child.parents())} & _LONG_LIVED:
+                continue
         except psutil.Error:
             continue
         if not any(a in cmd for a in _ALLOWED):
@@ -57,6 +63,12 @@ def _wait_gone(deadline_s: float) -> list[psutil.Process]:
 
 
 _start_shm: set[str] = set()
+
+
+@pytest.fixture(scope="session")
+def long_lived_pids() -> set[int]:
+    """Register pids of processes that a module-scoped fixture keeps across tests."""
+    return _LONG_LIVED
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -50,13 +50,19 @@ _DIAGNOSE_GRACE_S = 1.0  # how long a timed-out rank follows others' waits to fi
 
 
 def host_id() -> str:
-    """``boot_id/hostname``: equal on two ranks iff they share one running kernel."""
+    """``boot_id/hostname[/node id]``: equal on two ranks iff they may share memory.
+
+    Ranks share memory when they run on one kernel; ``DISTRIB_NODE_ID`` (set by
+    ``distrib.ray`` to Ray's node id) splits a machine further, so two Ray nodes
+    on one machine talk over the ZeroMQ ring as two hosts would.
+    """
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
     except OSError:
         boot = "noboot"
-    return f"{boot}/{socket.gethostname()}"
+    node = config().node_id
+    return f"{boot}/{socket.gethostname()}" + (f"/{node}" if node else "")
 
 
 def _failure_record(blob: Any) -> dict[str, Any] | None:
