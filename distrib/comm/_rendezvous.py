@@ -4,7 +4,9 @@
 without ``RANK``/``WORLD_SIZE`` it falls back to Slurm (``SLURM_PROCID``,
 ``SLURM_NTASKS``), Open MPI (``OMPI_COMM_WORLD_RANK``/``SIZE``) and MPICH/PMI
 (``PMI_RANK``/``PMI_SIZE``). ``tcp://host:port`` names the store directly and
-``file://path`` uses a ``FileStore``. Rank 0 hosts the TCP store.
+``file://path`` uses a ``FileStore``. Rank 0 hosts the TCP store, except under
+torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``), where every rank is a client
+of the agent's c10d store at ``MASTER_ADDR:MASTER_PORT``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from urllib.parse import urlparse
 from .._errors import DistUsageError
 from ._file_store import FileStore
 from ._store import Store, TCPStore
+from ._torch_store import torchelastic_store
 
 __all__ = ["Rendezvous", "local_rank_from_env", "rendezvous"]
 
@@ -160,6 +163,10 @@ def rendezvous(
         )
     rank, world_size = _check_rank(rank, world_size)
     bind_host = _bind_host_towards(host, port)
+    if parsed.scheme == "env":  # under torchrun its agent serves MASTER_PORT: be its client
+        agent_store = torchelastic_store(env, socket.gethostbyname(host), port, timeout)
+        if agent_store is not None:
+            return Rendezvous(agent_store, rank, world_size, bind_host, True)
     is_master = rank == 0
     store = TCPStore(
         socket.gethostbyname(host),
