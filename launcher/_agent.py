@@ -191,7 +191,7 @@ class Agent:
             LOCAL_WORLD_SIZE=str(opts.nproc),
             GROUP_RANK=str(rnd.node_rank),
             GROUP_WORLD_SIZE=str(rnd.nnodes),
-            ROLE_NAME="default",
+            ROLE_NAME=opts.torchrun.role,
             ROLE_RANK=str(rank),
             ROLE_WORLD_SIZE=str(rnd.world_size),
             MASTER_ADDR=rnd.master_addr,
@@ -210,6 +210,11 @@ class Agent:
         )
         if opts.auth_token is not None:
             env["DISTRIB_AUTH_TOKEN"] = opts.auth_token
+        if opts.torchrun.virtual_local_rank:  # torchrun's: one GPU per worker, as device 0
+            env["LOCAL_RANK"] = "0"
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            devices = visible.split(",") if visible else [str(i) for i in range(opts.nproc)]
+            env["CUDA_VISIBLE_DEVICES"] = devices[local_rank % len(devices)].strip()
         if opts.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = "1"
         return env

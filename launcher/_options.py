@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ._torchrun_flags import TorchrunSettings
+
 __all__ = [
     "LaunchOptions",
     "parse_nproc",
@@ -48,6 +50,7 @@ class LaunchOptions:
     auth_token: str | None = None
     python: str | None = None  # interpreter for workers (default: this one)
     prefix_output: bool = True
+    torchrun: TorchrunSettings = field(default_factory=TorchrunSettings)  # torchrun-only flags
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent setting."""

@@ -18,6 +18,7 @@ PUBLIC_MODULES = [
     "distrib.parallel",
     "distrib.optim",
     "distrib.data",
+    "distrib.checkpoint",
     "launcher",
 ]
 
