@@ -134,6 +134,9 @@ class Agent:
             root = root_cause(exits)
             if not failed and lost is None and root is None:
                 return 0
+            if getattr(self.rdzv, "regrouping", False) and not self._pending_signal:
+                self.say("a node joined; re-forming the group (not counted as a restart)")
+                continue  # torchrun's membership change: same restart count
             if result.outcome == "signal" or (self._pending_signal and result.outcome != "timeout"):
                 signum = result.signum or self._pending_signal
                 name = signal_name(signum)
@@ -142,7 +145,9 @@ class Agent:
             if result.outcome == "timeout":
                 self._report(exits, attempt, f"--timeout {self.opts.timeout:g} s passed")
                 return 1
-            retryable = lost is None and (root is None or root.phase != "startup")
+            # c10d rendezvous: losing nodes is survivable while --nnodes MIN remain
+            survivable = lost is None or getattr(self.rdzv, "survivable", False)
+            retryable = survivable and (root is None or root.phase != "startup")
             if root is not None:
                 headline = f"rank {root.rank} on host {root.host}: {root.reason()}"
                 if root.phase == "startup":

@@ -284,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     from ._agent import Agent
 
     rendezvous = None
-    if opts.nnodes > 1:
+    if opts.torchrun.rdzv_backend == "c10d" and not ns.standalone:
+        from ._elastic import ElasticRendezvous
+
+        rendezvous = ElasticRendezvous(opts)
+    elif opts.nnodes > 1:
         from ._multinode import StoreRendezvous
 
         try:

@@ -356,6 +356,12 @@ def torchrun_settings(
         host, port = _endpoint(ns.rdzv_endpoint, 29400 if backend == "c10d" else 29500)
         s.rdzv_endpoint = f"{host}:{port}"
         ns.master_addr, ns.master_port = host, port
+    if backend == "c10d" and not ns.standalone and not ns.rdzv_endpoint:
+        if ns.master_port is None:
+            raise ValueError(
+                "--rdzv-backend c10d needs --rdzv-endpoint HOST[:PORT] (where the launchers meet)"
+            )
+        s.rdzv_endpoint = f"{ns.master_addr or '127.0.0.1'}:{ns.master_port}"
     if ns.rdzv_id not in (None, "", "none") and not ns.standalone and ns.run_id is None:
         ns.run_id = ns.rdzv_id
     conf = parse_rdzv_conf(ns.rdzv_conf)
