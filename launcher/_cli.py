@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from distrib._config import config
 from distrib._errors import DistError
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distrib-run: {note}", file=sys.stderr)
     from ._agent import Agent
 
-    rendezvous = None
+    rendezvous: Any = None
     if opts.torchrun.rdzv_backend == "c10d" and not ns.standalone:
         from ._elastic import ElasticRendezvous
 

@@ -92,7 +92,9 @@ class ElasticRendezvous:
             return self._store
         from distrib.comm import TCPStore
 
-        kwargs = dict(timeout=_REQUEST_S, wait_for_workers=False, auth_token=self.opts.auth_token)
+        kwargs: dict[str, Any] = dict(
+            timeout=_REQUEST_S, wait_for_workers=False, auth_token=self.opts.auth_token
+        )
         host, port = self.opts.master_addr, self.opts.master_port or 29400
         if self.compat.is_host is not False:
             try:
