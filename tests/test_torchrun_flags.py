@@ -125,7 +125,7 @@ ROWS: dict[str, Row] = {
         ],
         _all("GROUP_WORLD_SIZE", "1"),
         notice="--rdzv-conf foo=1 is not a key distrib-run knows",
-    ),  # fmt: skip
+    ),
     "standalone": Row(lambda h: ["--standalone"], _all("MASTER_ADDR", "127.0.0.1")),
     "max_restarts": Row(lambda h: ["--max-restarts", "2"], _all("DISTRIB_MAX_RESTARTS", "2")),
     "monitor_interval": Row(lambda h: ["--monitor-interval", "0.5"], _ran),
