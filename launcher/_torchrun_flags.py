@@ -305,8 +305,8 @@ def _endpoint(text: str, default_port: int) -> tuple[str, int]:
         number = int(port)
     except ValueError:
         raise ValueError(f"--rdzv-endpoint {text!r}: port must be an integer") from None
-    if not host or not 0 < number < 65536:
-        raise ValueError(f"--rdzv-endpoint {text!r}: expected HOST[:PORT] with PORT in 1..65535")
+    if not host or not 0 <= number < 65536:
+        raise ValueError(f"--rdzv-endpoint {text!r}: expected HOST[:PORT] with PORT in 0..65535")
     return host, number
 
 
@@ -343,8 +343,8 @@ def torchrun_settings(
             "static: --node-rank per node)"
         )
     s.rdzv_backend = backend
-    if not s.role or any(c.isspace() for c in s.role):
-        raise ValueError(f"--role must be a non-empty name without spaces, got {s.role!r}")
+    if "\0" in s.role or "\n" in s.role:  # TorchX passes --role '' (torchrun takes any name)
+        raise ValueError(f"--role must be one line of text, got {s.role!r}")
     if ns.nnodes is not None:
         s.min_nodes, s.max_nodes = parse_nnodes(ns.nnodes)
         ns.nnodes = str(s.max_nodes)
@@ -354,8 +354,15 @@ def torchrun_settings(
         )
     if ns.rdzv_endpoint and not ns.standalone:
         host, port = _endpoint(ns.rdzv_endpoint, 29400 if backend == "c10d" else 29500)
+        if port == 0 and s.max_nodes > 1:  # TorchX's one-node form is localhost:0
+            raise ValueError(
+                f"--rdzv-endpoint {ns.rdzv_endpoint!r}: port 0 (any free port) only works for "
+                "one node; several nodes must know where to meet"
+            )
         s.rdzv_endpoint = f"{host}:{port}"
         ns.master_addr, ns.master_port = host, port
+        if port == 0:  # one node, any free port: nobody else has to find it
+            s.rdzv_backend, ns.master_port = "static", None
     if backend == "c10d" and not ns.standalone and not ns.rdzv_endpoint:
         if ns.master_port is None:
             raise ValueError(

@@ -185,7 +185,7 @@ REFUSED = [
     (["--numa-binding", "everywhere"], "invalid choice: 'everywhere'"),
     (["--signals-to-handle", "SIGNOPE"], "unknown signal 'SIGNOPE'"),
     (["--shutdown-timeout", "0"], "--shutdown-timeout must be > 0"),
-    (["--role", ""], "--role must be a non-empty name"),
+    (["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"], "port 0"),
 ]
 
 
