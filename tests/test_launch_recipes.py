@@ -81,7 +81,7 @@ def test_torchx_dist_ddp_two_nodes_elastic(launch):
             "--role",
             "",
             "train.py",
-        )  # fmt: skip
+        )
         for _ in range(2)
     ]
     assert _results(launch.finish_all(procs, timeout=90)) == [
@@ -122,7 +122,7 @@ def test_kubernetes_pytorchjob_elastic_policy(launch):
     endpoint = f"127.0.0.1:{free_port()}"
     base = dict(launch.env)
     procs = []
-    for replica in (0, 1):
+    for _replica in (0, 1):
         launch.env = {
             **base,
             "PET_NNODES": "1:2",
@@ -167,7 +167,7 @@ def test_slurm_sbatch_srun_line_with_c10d(launch):
                 "--rdzv-id",
                 "4242",
                 "train.py",
-            )  # fmt: skip
+            )
         )
     launch.env = base
     assert _results(launch.finish_all(procs, timeout=90)) == [
