@@ -220,3 +220,32 @@ def test_ddp_digits_reaches_its_accuracy(trun):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     m = re.search(r"test accuracy: ([\d.]+)", r.stdout)
     assert m and float(m.group(1)) >= 0.95, r.stdout[-2000:]
+
+
+def test_agent_store_keys_are_namespaced_per_restart_and_round():
+    server = torch_dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=10),
+    )  # fmt: skip
+    env = {
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RUN_ID": "job7",
+        "TORCHELASTIC_RESTART_COUNT": "1",
+        "WORLD_SIZE": "2",
+    }
+    try:
+        store = torchelastic_store(env, "127.0.0.1", server.port, 5.0)
+        assert store is not None
+        store.set("k", b"static")  # no c10d rounds in the store (static rendezvous)
+        assert server.get("distrib/job7/1/-/2/k") == b"static"
+        store.close()
+        # c10d: torchrun's agents record each round's rank assignment; ours is the last
+        for rnd in (0, 1, 2):
+            server.set(f"torch.rendezvous.job7.{rnd}/torchelastic/assigned_ranks/0", "[0,2,0,2]")
+        store = torchelastic_store(env, "127.0.0.1", server.port, 5.0)
+        assert store is not None
+        store.set("k", b"round2")
+        assert server.get("distrib/job7/1/2/2/k") == b"round2"
+        store.close()
+    finally:
+        del server
