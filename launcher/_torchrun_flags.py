@@ -343,6 +343,14 @@ def torchrun_settings(
             "static: --node-rank per node)"
         )
     s.rdzv_backend = backend
+    nproc = str(ns.nproc).strip().lower()
+    if nproc == "cpu":  # torchrun's spelling of "one worker per CPU"
+        ns.nproc = "auto"
+    elif nproc == "xpu":
+        raise ValueError(
+            "--nproc-per-node xpu: Intel XPU devices are not supported here; use an integer, "
+            "'auto'/'cpu' (one per CPU) or 'gpu' (one per visible CUDA GPU)"
+        )
     if "\0" in s.role or "\n" in s.role:  # TorchX passes --role '' (torchrun takes any name)
         raise ValueError(f"--role must be one line of text, got {s.role!r}")
     if ns.nnodes is not None:

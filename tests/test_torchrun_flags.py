@@ -175,6 +175,7 @@ ROWS: dict[str, Row] = {
 # Values that cannot work are refused with the reason (exit 2), never "unrecognized".
 REFUSED = [
     (["--rdzv-backend", "etcd"], "supports c10d and static"),
+    (["--nproc-per-node", "xpu"], "XPU devices are not supported"),
     (["--rdzv-backend", "c10d"], "needs --rdzv-endpoint"),
     (["--nnodes", "1:2"], "needs --rdzv-backend c10d"),
     (["--nnodes", "3:2"], "1 <= MIN <= MAX"),
@@ -240,6 +241,12 @@ def test_values_that_cannot_work_are_refused_with_the_reason(launch, args, messa
     assert r.returncode == 2, r.stderr
     assert message in r.stderr, r.stderr
     assert "unrecognized" not in r.stderr
+
+
+def test_nproc_per_node_cpu_is_one_worker_per_cpu(launch):
+    r = launch.run("--nproc-per-node", "cpu", "show.py", timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("SEEN ") == len(os.sched_getaffinity(0))
 
 
 def test_run_path_needs_an_absolute_path(launch):
