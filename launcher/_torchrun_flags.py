@@ -343,6 +343,9 @@ def torchrun_settings(
             "static: --node-rank per node)"
         )
     s.rdzv_backend = backend
+    for name in ("local_ranks_filter", "redirects", "tee", "log_dir"):
+        if getattr(ns, name) == "":  # torchrun's empty defaults (e.g. from PET_*) mean unset
+            setattr(ns, name, None)
     nproc = str(ns.nproc).strip().lower()
     if nproc == "cpu":  # torchrun's spelling of "one worker per CPU"
         ns.nproc = "auto"

@@ -315,6 +315,14 @@ def test_two_launchers_from_pet_rdzv_variables(launch):
     assert lines == ["RESULT 0 2 3", "RESULT 1 2 3"]
 
 
+def test_empty_pet_values_mean_unset(launch):
+    for name in ("PET_LOCAL_RANKS_FILTER", "PET_RDZV_ENDPOINT", "PET_RDZV_CONF", "PET_REDIRECTS"):
+        launch.env[name] = ""
+    r = launch.run("show.py", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("SEEN ") == 1
+
+
 def test_command_line_wins_over_pet(launch):
     launch.env["PET_NPROC_PER_NODE"] = "3"
     launch.env["PET_ROLE"] = "from-env"
