@@ -108,6 +108,8 @@ def test_client_speaks_torch_tcpstore_protocol(libuv):
         assert c.get("b") == b"x"
         assert c.add("n", 3) == 3 and server.add("n", 2) == 5 and c.add("n", 0) == 5
         assert c.check(["a", "b"]) and not c.check(["a", "missing"])
+        assert c.check([]) and c.multi_get([]) == []
+        c.wait([])
         assert c.compare_set("cs", b"", b"v1") == b"v1"
         assert c.compare_set("cs", b"other", b"v2") == b"v1"
         assert c.compare_set("cs", b"v1", b"v2") == b"v2"

@@ -227,6 +227,8 @@ class TorchTCPStoreClient(Store):
         if isinstance(keys, str):
             raise TypeError("store.check: keys must be a list of strings, not one string")
         names = [_as_key(k) for k in keys]
+        if not names:  # the server indexes keys[0]: never send it an empty list
+            return True
         return self._call("check", bytes([_Query.CHECK]) + _keys(names), "u8") == _READY
 
     def wait(self, keys: Iterable[str], timeout: Any = None) -> None:
@@ -235,6 +237,8 @@ class TorchTCPStoreClient(Store):
             raise TypeError("store.wait: keys must be a list of strings, not one string")
         names = [_as_key(k) for k in keys]
         seconds = self.timeout if timeout is None else to_seconds(timeout)
+        if not names:
+            return
         with self._lock:
             sock = self._connect("wait")
             try:
