@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -251,3 +252,30 @@ def test_agent_store_keys_are_namespaced_per_restart_and_round():
         store.close()
     finally:
         del server
+
+
+@pytest.mark.netns
+def test_c10d_between_two_namespace_hosts(trun):
+    """Two torchrun launchers on two network-namespace hosts (198.18.0.1/.2), real TCP."""
+    from _netns import ADDR, PORT, two_hosts
+
+    script = trun.script("train.py", ALLREDUCE)
+    with two_hosts("t") as (ns, _links):
+        procs = []
+        for node in (0, 1):
+            inner = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                     "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                     "--rdzv-endpoint", f"{ADDR[0]}:{PORT}", "--rdzv-id", "netns",
+                     "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", ADDR[node],
+                     script]  # fmt: skip
+            cmd = ["ip", "netns", "exec", ns[node], *inner]
+            p = subprocess.Popen(
+                cmd, cwd=trun.dir, env=trun.env, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            trun._popens.append(p)
+            procs.append(p)
+        results = trun.finish_all(procs, timeout=180)
+    for rc, _, err in results:
+        assert rc == 0, err[-3000:]
+    assert _results("".join(out for _, out, _ in results)) == _expected(4)
