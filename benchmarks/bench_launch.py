@@ -3,8 +3,12 @@
 Wall time from starting the launcher until every worker has run a trivial script
 and the launcher has exited, median of several runs. The two launchers alternate
 (distrib-run, torchrun, distrib-run, ...) so background load hits both alike.
-torchrun runs from a separate virtualenv (``--peer-python``, default
-/opt/peers/bin/python when present) with ``--standalone`` (a free port, like ours).
+torchrun runs with ``--standalone`` (a free port, like ours) as
+``python -m torch.distributed.run`` from this interpreter when it has torch,
+else from ``--peer-python`` (default /opt/peers/bin/python when present). The
+third row is distrib-run with TorchX's one-node command line
+(``--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0``). The table starts with a
+line naming the machine (CPU model, core count, load average, Python).
 
     python benchmarks/bench_launch.py [--nproc 4] [--repeat 7]
 """
@@ -32,6 +36,29 @@ def _time_once(cmd: list[str], env: dict[str, str], cwd: str) -> float:
     return elapsed
 
 
+def _has_torch(python: str) -> bool:
+    probe = [python, "-c", "import torch.distributed.run"]
+    return subprocess.run(probe, capture_output=True, timeout=120, check=False).returncode == 0
+
+
+def machine_line() -> str:
+    """CPU model, core count, load average and Python version of this machine."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"machine: {model}, {os.cpu_count()} CPUs, load average {load:.1f}, "
+        f"python {sys.version.split()[0]}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and print a markdown table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,17 +82,22 @@ def main(argv: list[str] | None = None) -> int:
         cmds = {
             "distrib-run": [sys.executable, "-m", "launcher", "--nproc", str(args.nproc), script]
         }
-        if args.peer_python is not None:
-            torchrun = os.path.join(os.path.dirname(args.peer_python), "torchrun")
+        cmds["distrib-run, TorchX one-node form"] = [sys.executable, "-m", "launcher", "--rdzv-backend", "c10d",
+                                    "--rdzv-endpoint", "127.0.0.1:0", "--nproc-per-node",
+                                    str(args.nproc), script]  # fmt: skip
+        torch_python = sys.executable if _has_torch(sys.executable) else args.peer_python
+        if torch_python is not None:
             cmds["torchrun"] = [
-                torchrun,
+                torch_python,
+                "-m",
+                "torch.distributed.run",
                 "--standalone",
                 "--nproc-per-node",
                 str(args.nproc),
                 script,
             ]
         else:
-            print("note: no --peer-python (torch virtualenv) found; torchrun column skipped")
+            print("note: no interpreter with torch found (--peer-python); torchrun row skipped")
         for name, cmd in cmds.items():  # one warm-up each: page cache, .pyc files
             _time_once(cmd, env, tmp)
             runs[name] = []
@@ -73,10 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, cmd in cmds.items():
                 runs[name].append(_time_once(cmd, env, tmp))
     ours = statistics.median(runs["distrib-run"])
-    print(
-        f"\nlaunch + {args.nproc} trivial workers + exit, {args.repeat} runs each "
-        f"(python {sys.version.split()[0]}, {os.cpu_count()} CPUs)\n"
-    )
+    print(f"\nlaunch + {args.nproc} trivial workers + exit, {args.repeat} runs each")
+    print(machine_line() + "\n")
     print("| launcher | median s | min s | max s | vs distrib-run |")
     print("|---|---:|---:|---:|---:|")
     for name, times in runs.items():

@@ -104,7 +104,7 @@ _LAZY: dict[str, str] = {
     name: "distrib.comm" for name in __all__ if name not in globals() and name != "record"
 }
 _LAZY["record"] = "distrib._record"
-_SUBMODULES = ("comm", "shm", "multiprocessing", "parallel", "optim", "data")
+_SUBMODULES = ("comm", "shm", "multiprocessing", "parallel", "optim", "data", "checkpoint")
 
 
 def __getattr__(name: str) -> Any:

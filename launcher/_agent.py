@@ -148,6 +148,9 @@ class Agent:
             hang = self._hang(result, exits, root)
             if not failed and lost is None and root is None:
                 return 0
+            if getattr(self.rdzv, "regrouping", False) and not self._pending_signal:
+                self.say("a node joined; re-forming the group (not counted as a restart)")
+                continue  # torchrun's membership change: same restart count
             if result.outcome == "signal" or (self._pending_signal and result.outcome != "timeout"):
                 signum = result.signum or self._pending_signal
                 name = signal_name(signum)
@@ -159,7 +162,9 @@ class Agent:
                     headline += f"; hang: {hang.headline()}"
                 self._report(exits, attempt, headline, hang)
                 return 1
-            retryable = lost is None and (root is None or root.phase != "startup")
+            # c10d rendezvous: losing nodes is survivable while --nnodes MIN remain
+            survivable = lost is None or getattr(self.rdzv, "survivable", False)
+            retryable = survivable and (root is None or root.phase != "startup")
             if hang is not None:
                 headline = f"hang: {hang.headline()}"
             elif root is not None:
@@ -228,7 +233,7 @@ class Agent:
             LOCAL_WORLD_SIZE=str(opts.nproc),
             GROUP_RANK=str(rnd.node_rank),
             GROUP_WORLD_SIZE=str(rnd.nnodes),
-            ROLE_NAME="default",
+            ROLE_NAME=opts.torchrun.role,
             ROLE_RANK=str(rank),
             ROLE_WORLD_SIZE=str(rnd.world_size),
             MASTER_ADDR=rnd.master_addr,
@@ -248,6 +253,11 @@ class Agent:
         env.update(self._job_store.worker_env())
         if opts.auth_token is not None:
             env["DISTRIB_AUTH_TOKEN"] = opts.auth_token
+        if opts.torchrun.virtual_local_rank:  # torchrun's: one GPU per worker, as device 0
+            env["LOCAL_RANK"] = "0"
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            devices = visible.split(",") if visible else [str(i) for i in range(opts.nproc)]
+            env["CUDA_VISIBLE_DEVICES"] = devices[local_rank % len(devices)].strip()
         if opts.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = "1"
         return env

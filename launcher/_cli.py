@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from distrib._config import config
 from distrib._errors import DistError
 
 from ._options import LaunchOptions, parse_nproc, parse_rank_set, parse_std_streams
 from ._slurm import slurm_step
+from ._torchrun_flags import add_torchrun_flags, apply_pet_defaults, torchrun_settings
 
 __all__ = ["build_parser", "main", "options_from_args"]
 
@@ -111,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write each rank's stdout/stderr to LOG_DIR/RUN_ID/attempt_K/RANK/.",
     )
     a(
+        "-r",
         "--redirects",
         default=None,
         help="keep streams off the console (log files only): 1 stdout, 2 stderr, 3 both; "
         "for all local ranks ('3') or per rank ('0:3,1:1').",
     )
     a(
+        "-t",
         "--tee",
         default=None,
         help="write streams to the console and to log files: same values as --redirects.",
@@ -198,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not prefix worker output lines with '[RANK]: '.",
     )
+    add_torchrun_flags(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "-m", "--module", action="store_true", help="run the target as a module, like 'python -m'."
@@ -233,15 +238,8 @@ def _apply_slurm(ns: argparse.Namespace) -> str | None:
 
 def options_from_args(ns: argparse.Namespace) -> LaunchOptions:
     """Turn parsed arguments into validated ``LaunchOptions`` (``ValueError`` if bad)."""
-    if ns.nnodes is None:
-        ns.nnodes = "1"
-    try:
-        nnodes = int(ns.nnodes)
-    except ValueError:
-        raise ValueError(
-            f"--nnodes must be an integer, got {ns.nnodes!r} (elastic ranges like 1:4 are "
-            "not supported: every node must be present)"
-        ) from None
+    compat = torchrun_settings(ns)  # torchrun's flags; folds --rdzv-* etc. into ns
+    nnodes = int(ns.nnodes) if ns.nnodes is not None else 1
     nproc = parse_nproc(ns.nproc)
     opts = LaunchOptions(
         target=ns.target,
@@ -263,8 +261,10 @@ def options_from_args(ns: argparse.Namespace) -> LaunchOptions:
         prefix_output=ns.prefix,
         insecure_store=ns.insecure_store,
     )
+    opts.torchrun = compat
     if ns.standalone:
         opts.nnodes, opts.node_rank = 1, 0
+        compat.rdzv_backend, compat.min_nodes, compat.max_nodes = "static", 1, 1
         opts.master_addr, opts.master_port = "127.0.0.1", None
     if ns.run_id is not None:
         opts.run_id = ns.run_id
@@ -299,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     from ._ray import split_ray_address
 
     parser = build_parser()
+    try:
+        apply_pet_defaults(parser)  # torchrun's PET_<FLAG> environment defaults
+    except ValueError as exc:
+        parser.error(str(exc))
     ns = parser.parse_args(split_ray_address(sys.argv[1:] if argv is None else list(argv)))
     if ns.ray is not None:
         from ._ray import main_ray
@@ -311,10 +315,16 @@ def main(argv: list[str] | None = None) -> int:
         opts = options_from_args(ns)
     except (ValueError, DistError) as exc:
         parser.error(str(exc))
+    for note in opts.torchrun.notices:
+        print(f"distrib-run: {note}", file=sys.stderr)
     from ._agent import Agent
 
-    rendezvous = None
-    if opts.nnodes > 1:
+    rendezvous: Any = None
+    if opts.torchrun.rdzv_backend == "c10d" and not ns.standalone:
+        from ._elastic import ElasticRendezvous
+
+        rendezvous = ElasticRendezvous(opts)
+    elif opts.nnodes > 1:
         from ._multinode import StoreRendezvous
 
         try:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from distrib._validate import COUNT, GRACE, INTERVAL, NODES, PROCS, TIMEOUT, Bound, check_number
 
+from ._torchrun_flags import TorchrunSettings
+
 __all__ = [
     "LaunchOptions",
     "check_log_dir",
@@ -53,6 +55,7 @@ class LaunchOptions:
     insecure_store: bool = False  # several nodes without a shared secret (explicit opt-out)
     python: str | None = None  # interpreter for workers (default: this one)
     prefix_output: bool = True
+    torchrun: TorchrunSettings = field(default_factory=TorchrunSettings)  # torchrun-only flags
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent setting."""

@@ -19,6 +19,7 @@ PUBLIC_MODULES = [
     "distrib.optim",
     "distrib.data",
     "distrib.torch",  # needs torch, which CI installs
+    "distrib.checkpoint",
     "launcher",
 ]
 

@@ -267,7 +267,7 @@ def test_help_explains_every_flag(launch):
             "--node-rank must be in [0, 1]",
         ),
         (["--nnodes", "2"], "--master-port is required"),
-        (["--nnodes", "1:4"], "elastic ranges"),
+        (["--nnodes", "1:4"], "(elastic) needs --rdzv-backend c10d"),
         (["--nproc", "2", "--redirects", "7"], "bad stream selector '7'"),
         (
             ["--nproc", "2", "--local-ranks-filter", "5"],

@@ -1,18 +1,26 @@
 """Compatibility: a torch.distributed (gloo, env://) script runs unchanged under distrib-run.
 
-torch lives in a separate virtualenv (/opt/peers); the launcher runs with that
-interpreter (distrib-run needs only the standard library on one node), so the
-workers it starts can import torch. Skips cleanly where that virtualenv is absent.
+torch lives in a separate virtualenv (/opt/peers) or in this interpreter; the
+launcher runs with that interpreter (distrib-run needs only the standard library
+on one node), so the workers it starts can import torch. Skips cleanly where
+neither has torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import pytest
 from test_launcher_helpers import LauncherHarness
 
-PEER_PYTHON = "/opt/peers/bin/python"
+# torch in a separate virtualenv when there is one, else in this interpreter (CI installs it)
+PEER_PYTHON = (
+    "/opt/peers/bin/python"
+    if os.path.exists("/opt/peers/bin/python") or importlib.util.find_spec("torch") is None
+    else sys.executable
+)
 
 pytestmark = [
     pytest.mark.timeout(120),

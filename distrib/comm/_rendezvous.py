@@ -8,6 +8,8 @@ without ``RANK``/``WORLD_SIZE`` it falls back to Slurm (``SLURM_PROCID``,
 ``distrib-run``: its workers (the launcher's direct children) use the store the
 launcher hosts (``DISTRIB_STORE_ADDR``), with one key prefix per attempt, so the
 store outlives rank 0 and survivors can still read why the job failed.
+torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``), where every rank is a client
+of the agent's c10d store at ``MASTER_ADDR:MASTER_PORT``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .._config import config
 from .._errors import DistError, DistTimeoutError, DistUsageError
 from ._file_store import FileStore
 from ._store import PrefixStore, Store, TCPStore
+from ._torch_store import torchelastic_store
 
 __all__ = ["Rendezvous", "check_world", "local_rank_from_env", "rendezvous"]
 
@@ -175,7 +178,11 @@ def rendezvous(
     rank, world_size = _check_rank(rank, world_size)
     bind_host = _bind_host_towards(host, port)
     if parsed.scheme == "env":
-        agent = _launcher_store(timeout)
+        # Under torchrun its agent serves MASTER_PORT: be its client. Under distrib-run,
+        # the launcher's store (it outlives rank 0).
+        agent = torchelastic_store(env, socket.gethostbyname(host), port, timeout)
+        if agent is None:
+            agent = _launcher_store(timeout)
         if agent is not None:
             return _checked(agent, rank, world_size, bind_host, timeout)
     is_master = rank == 0
