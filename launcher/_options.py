@@ -75,9 +75,14 @@ class LaunchOptions:
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"--master-port must be in 1..65535, got {self.master_port}")
         if self.nnodes > 1 and self.auth_token is None and not self.insecure_store:
+            from distrib.comm._store_auth import is_loopback, shared_job_token
+
             from ._job_store import MISSING_SECRET
 
-            raise ValueError(MISSING_SECRET.format(nnodes=self.nnodes))
+            if not is_loopback(self.master_addr) or self.master_port is None:
+                raise ValueError(MISSING_SECRET.format(nnodes=self.nnodes))
+            # Every launcher is on this host: a private per-user file carries the secret.
+            self.auth_token = shared_job_token(self.master_addr, self.master_port).decode()
         if self.module and self.no_python:
             raise ValueError("-m/--module and --no-python cannot be combined")
         for name in ("redirects", "tee", "local_ranks_filter"):

@@ -116,7 +116,11 @@ def test_several_nodes_without_a_secret_are_refused_with_the_fix(launch):
     for env_token in (None, ""):
         if env_token is not None:
             launch.env["DISTRIB_AUTH_TOKEN"] = env_token
-        r = launch.run("--nnodes", "2", "--node-rank", "0", "--master-port", port, script)
+        # another host's address (198.18.0.0/15, never contacted: refused before any traffic)
+        r = launch.run(
+            "--nnodes", "2", "--node-rank", "0", "--master-addr", "198.18.0.1",
+            "--master-port", port, script,
+        )  # fmt: skip
         assert r.returncode == 2, r.stderr
         for needed in ("--nnodes 2", "--auth-token-file", "DISTRIB_AUTH_TOKEN", "--insecure-store"):
             assert needed in r.stderr, r.stderr
@@ -140,6 +144,33 @@ def test_several_nodes_with_insecure_store_run(launch):
     results = launch.finish_all(procs, timeout=60)
     for code, _out, err in results:
         assert code == 0, err
+    assert "[0]: sum 2.0" in results[0][1] and "[1]: sum 2.0" in results[1][1]
+
+
+def test_several_launchers_on_loopback_share_a_private_secret(launch):
+    """Launchers meeting at 127.0.0.1 are all on this host: a private per-user file
+    carries one secret to every node, so the store is authenticated with no flag."""
+    script = launch.script(
+        "tok.py",
+        "import hashlib, os\nimport numpy as np\nimport distrib as dist\n"
+        "tok = os.environ['DISTRIB_AUTH_TOKEN']\ndist.init_process_group()\n"
+        "x = np.ones(3)\ndist.all_reduce(x)\n"
+        "print('sum', x[0], 'token', hashlib.sha256(tok.encode()).hexdigest()[:12])\n"
+        "dist.destroy_process_group()\n",
+    )
+    port = str(free_port())
+    procs = [
+        launch.popen(
+            "--nnodes", "2", "--node-rank", str(n), "--master-port", port,
+            "--node-timeout", "15", script,
+        )
+        for n in (0, 1)
+    ]  # fmt: skip
+    results = launch.finish_all(procs, timeout=60)
+    for code, _out, err in results:
+        assert code == 0, err
+    tokens = {line.split("token ")[1] for _c, out, _e in results for line in out.splitlines()}
+    assert len(tokens) == 1, tokens
     assert "[0]: sum 2.0" in results[0][1] and "[1]: sum 2.0" in results[1][1]
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "is_loopback",
     "read_token_file",
     "remove_token_file",
+    "shared_job_token",
     "write_token_file",
 ]
 
@@ -110,6 +111,43 @@ def read_token_file(port: int) -> bytes | None:
     finally:
         os.close(fd)
     return data or None
+
+
+def shared_job_token(host: str, port: int) -> bytes:
+    """One secret for every launcher of this user meeting at loopback ``host:port``.
+
+    The first to come writes it (linked into place, so nobody reads half a file);
+    the others read it. Only this user can read the private directory, and only
+    this host can reach a loopback address, so several launchers on one machine
+    (``--nnodes 2`` on 127.0.0.1) authenticate without a secret being passed.
+    """
+    path = os.path.join(_token_dir(), f"job-{host.strip('[]')}-{port}.token")
+    secret = secrets.token_hex(32).encode()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, secret)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another launcher of this job (or an earlier job of ours) came first
+    finally:
+        os.unlink(tmp)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        data = os.read(fd, 1024).strip()
+    finally:
+        os.close(fd)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not data:
+        raise DistStoreError(
+            f"{path} is not a private, non-empty token file of this user; remove it, or "
+            "pass --auth-token-file / set DISTRIB_AUTH_TOKEN",
+            op="store.auth",
+        )
+    return data
 
 
 def remove_token_file(path: str, secret: bytes) -> None:
