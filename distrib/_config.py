@@ -59,6 +59,7 @@ class Config:
     inline_threshold: int | None = None  # DISTRIB_INLINE_THRESHOLD: bytes pickled inline
     launcher_pid: int | None = None  # DISTRIB_LAUNCHER_PID: set by distrib-run for workers
     store_addr: str | None = None  # DISTRIB_STORE_ADDR: host:port of distrib-run's job store
+    store_prefix: str | None = None  # DISTRIB_STORE_PREFIX: set by distrib-run: workers' keys
     local_ranks_filter: str | None = None  # DISTRIB_LOCAL_RANKS_FILTER: reserved for distrib-run
     native: bool | None = None  # DISTRIB_NATIVE: 0 keeps the shm engine's numpy path (no C step)
     dump_fd: int | None = None  # DISTRIB_DUMP_FD: set by distrib-run: a byte there asks for stacks
@@ -81,6 +82,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "inline_threshold": _int,
     "launcher_pid": _int,
     "store_addr": _str,
+    "store_prefix": _str,
     "local_ranks_filter": _str,
     "native": _bool,
     "node_id": _str,

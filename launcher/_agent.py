@@ -250,7 +250,7 @@ class Agent:
             TORCHELASTIC_ERROR_FILE=error_file,
             PYTHONUNBUFFERED="1",
         )
-        env.update(self._job_store.worker_env())
+        env.update(self._job_store.worker_env(rnd.attempt, rnd.membership))
         if opts.auth_token is not None:
             env["DISTRIB_AUTH_TOKEN"] = opts.auth_token
         if opts.torchrun.virtual_local_rank:  # torchrun's: one GPU per worker, as device 0

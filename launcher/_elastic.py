@@ -223,7 +223,10 @@ class ElasticRendezvous:
         self.opts.run_id = str(head["run_id"])
         offset = sum(int(r["nproc"]) for r in records[:ticket])
         world = sum(int(r["nproc"]) for r in records)
-        return Round(attempt, world, offset, n, ticket, str(head["addr"]), int(head["worker_port"]))
+        return Round(
+            attempt, world, offset, n, ticket, str(head["addr"]), int(head["worker_port"]),
+            membership=self._round,
+        )  # fmt: skip
 
     # -- while workers run ----------------------------------------------------------
 
@@ -292,11 +295,22 @@ class ElasticRendezvous:
             return "a new node joined; re-forming the group to take it in"
         return None
 
+    def _newcomer_waiting(self) -> bool:
+        try:
+            waiting = self._connect().multi_get([self._k("waiting")])[0]
+        except DistError:
+            return False
+        return waiting is not None and int(waiting) > 0 and len(self._peers) < self.max_nodes
+
     def finish(
         self, attempt: int, exits: list[WorkerExit], failed: bool, interrupted: Callable[[], bool]
     ) -> tuple[list[WorkerExit], str | None]:
         """Publish this node's exits, collect the others' (lost ones excepted)."""
         store = self._connect()
+        if failed and not self.regrouping and self._lost is None and self._newcomer_waiting():
+            # Another node saw the newcomer first and stopped its workers; ours failed
+            # because of that (a peer left mid-collective): a re-form, not a failure.
+            self.regrouping = True
         own_failure = failed and not self.regrouping and self._lost is None
         try:
             if interrupted():

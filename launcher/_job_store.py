@@ -57,9 +57,13 @@ class JobStore:
         self._server.start()
         self.address = f"{opts.master_addr}:{self._server.port}"
 
-    def worker_env(self) -> dict[str, str]:
-        """Where the workers' ``init_process_group`` finds the store."""
-        return {"DISTRIB_STORE_ADDR": self.address}
+    def worker_env(self, attempt: int, membership: int) -> dict[str, str]:
+        """Where the workers' ``init_process_group`` finds the store, and their key prefix:
+        one per attempt and elastic round, so a re-formed world starts clean."""
+        return {
+            "DISTRIB_STORE_ADDR": self.address,
+            "DISTRIB_STORE_PREFIX": f"/worker/attempt_{attempt}/round_{membership}",
+        }
 
     def close(self) -> None:
         if self._server is not None:

@@ -28,6 +28,7 @@ class Round:
     node_rank: int
     master_addr: str
     master_port: int
+    membership: int = 0  # elastic jobs: the rendezvous round (it changes without a restart)
 
 
 def free_port(host: str = "") -> int:

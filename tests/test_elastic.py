@@ -11,6 +11,7 @@ needs root, skips with the reason elsewhere).
 from __future__ import annotations
 
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -81,6 +82,8 @@ def cluster(request, tmp_path):
         if request.param == "loopback":
             yield Cluster(h, None, ["127.0.0.1"] * 3)
         else:
+            # Several hosts share a secret (as a Kubernetes Secret in every pod's env would).
+            h.env["DISTRIB_AUTH_TOKEN"] = secrets.token_hex(32)
             with bridged_hosts("e", 3) as (names, addrs):
                 yield Cluster(h, names, addrs)
     finally:

@@ -327,4 +327,5 @@ def _launcher_store(timeout: float) -> Store | None:
             op="init_process_group",
         ) from None
     store.hosted_by = "the distrib-run launcher"
-    return _OwnedPrefixStore(f"/worker/attempt_{cfg.restart_count or 0}", store)
+    prefix = cfg.store_prefix or f"/worker/attempt_{cfg.restart_count or 0}"
+    return _OwnedPrefixStore(prefix, store)

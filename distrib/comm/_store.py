@@ -175,7 +175,12 @@ class TCPStore(Store):
                 self._server.close()
                 raise
             self._server.secret = self._secret
-            self._server.start()
+            try:
+                self._server.start()
+            except BaseException:
+                if self._token_file is not None and self._secret is not None:
+                    _auth.remove_token_file(self._token_file, self._secret)
+                raise
         self.port = port
         self._reset_connection()
         self._closed = False

@@ -86,7 +86,19 @@ class StoreServer:
 
     def start(self) -> None:
         """Listen and serve from the background thread."""
-        self._listener.listen(1024)
+        try:
+            self._listener.listen(1024)
+        except OSError as exc:
+            # Two servers can both bind one port (SO_REUSEADDR) until one listens: the
+            # other learns here, and says so as a bind failure does.
+            host, port = self._listener.getsockname()[:2]
+            self.close()
+            raise DistStoreError(
+                f"TCPStore: cannot listen on {host}:{port}: {exc.strerror}; pick another port "
+                "or pass port=0",
+                op="store.bind",
+                peer=f"{host}:{port}",
+            ) from None
         self._listener.setblocking(False)
         self._wake_r.setblocking(False)
         self._sel.register(self._listener, selectors.EVENT_READ, None)
