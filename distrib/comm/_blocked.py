@@ -32,7 +32,7 @@ import msgpack
 
 from .._errors import DistError, DistMismatchError
 from ._calldesc import CallDesc, describe, pack, unpack
-from ._flight import FlightRecorder, entered_by_key
+from ._flight import FlightRecorder, State, entered_by_key
 
 __all__ = ["BLOCKED_AFTER_S", "BlockWatch", "Blocked", "find_cycle", "group_mismatch_error"]
 
@@ -168,8 +168,8 @@ class BlockWatch:
             return
         self._next_look = now + LOOK_EVERY_S
         entry = flight.entry(seq)
-        if entry is None or not entry.sync:
-            return
+        if entry is None or not entry.sync or entry.state is not State.STARTED:
+            return  # asynchronous, or finished (the wait is a point-to-point call's)
         me = Blocked(
             flight.rank,
             flight.key,
