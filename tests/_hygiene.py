@@ -8,8 +8,8 @@ let alone deletes, an entry it did not make.
   ``/dev/shm``, so named segments stay in tmpfs): whatever is left there at the
   end is ours, reported and removed, and the directory with it.
 - The CUDA driver's files ``/dev/shm/cuda.shm.<n>.<pid hex>.<n>`` are judged by
-  their pid: a watcher looks at new ones while the run lasts and keeps those
-  whose process belongs to the suite's tree (a descendant of this process, or
+  their pid: a watcher (on machines with an NVIDIA driver) looks at new ones
+  while the run lasts and keeps those whose process belongs to the suite's tree (a descendant of this process, or
   one carrying this run's ``PYTEST_DISTRIB_RUN`` id in its environment).
   Such a file still there after its process ended is a leak.
 - Tests that use the default ``/dev/shm`` location check the names they made.
@@ -79,7 +79,8 @@ def _in_our_tree(pid: int) -> bool:
 
 
 def scan() -> None:
-    """Look at new CUDA driver files now (the watcher does this every 0.25 s)."""
+    """Look at new CUDA driver files now (the watcher does this every 0.25 s); a file
+    whose process is already gone when first seen is left alone (not known to be ours)."""
     try:
         names = [n for n in os.listdir(SHM) if n.startswith("cuda.shm.")]
     except OSError:
@@ -107,8 +108,11 @@ def pytest_configure(config: pytest.Config) -> None:
         _state.seen.update(n for n in os.listdir(SHM) if n.startswith("cuda.shm."))
     except OSError:
         pass
-    _state.thread = threading.Thread(target=_watch, name="shm-hygiene", daemon=True)
-    _state.thread.start()
+    # Only the CUDA driver makes these files: no watcher thread (and no thread to fork
+    # with) on machines without an NVIDIA driver; scan() still runs at the end.
+    if os.path.exists("/dev/nvidiactl"):
+        _state.thread = threading.Thread(target=_watch, name="shm-hygiene", daemon=True)
+        _state.thread.start()
 
 
 def _stray_children() -> list[psutil.Process]:
@@ -137,6 +141,7 @@ def _wait_gone(deadline_s: float) -> list[psutil.Process]:
 @pytest.fixture(autouse=True)
 def _no_stray_children():
     yield
+    scan()  # driver files of this test's processes, while some may still be alive
     stray = _wait_gone(10.0)
     if stray:
         desc = [f"pid {p.pid}: {' '.join(p.cmdline())[:200]}" for p in stray]
