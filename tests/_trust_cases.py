@@ -129,6 +129,17 @@ def _group_sub_vs_sub(rank: int, g: Any):
     return (lambda: dist.all_reduce(a, group=g)), [a]
 
 
+def _group_pair_vs_all(rank: int, g: Any):
+    # Rank 0 calls on the group of ranks 0 and 1, the others on the group of all ranks.
+    pair = dist.new_group([0, 1], timeout=15)  # every rank calls new_group
+    if rank in (0, 1):
+        _EXTRA_GROUPS.append(pair)
+    a = _filled(1024, np.float32, rank)
+    if rank == 0:
+        return (lambda: dist.all_reduce(a, group=pair)), [a]
+    return (lambda: dist.broadcast(a, src=0, group=g)), [a]
+
+
 def _group_world_vs_sub(rank: int, g: Any):
     # Rank 1 calls on the default group, the others on a subgroup of the same ranks.
     # (It leaves the default group failed: keep this case last.)
@@ -152,6 +163,7 @@ MISMATCH_CASES: list[tuple[str, Case, str]] = [
     ("p2p-dtype", _p2p_dtype, "pair"),
     ("p2p-shape", _p2p_shape, "pair"),
     ("group-sub-vs-sub", _group_sub_vs_sub, "all"),
+    ("group-pair-vs-all", _group_pair_vs_all, "all"),
     ("group-world-vs-sub", _group_world_vs_sub, "all"),
 ]
 
