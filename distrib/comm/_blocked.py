@@ -150,9 +150,8 @@ class BlockWatch:
     def __init__(self, store: Any, flight: FlightRecorder, group: _Failable) -> None:
         self._store = store  # the job's store without the group's prefix (1 s timeout)
         self._flight = flight
-        self._seq = -1
-        self._since = 0.0
-        self._next_look = 0.0
+        self._seq = -1  # the op polled last
+        self._next_look = 0.0  # when to look next (the first look: BLOCKED_AFTER_S in)
         self.posted = False
         _groups[flight.key] = group
 
@@ -162,7 +161,7 @@ class BlockWatch:
         seq = flight.running
         now = time.monotonic()
         if seq != self._seq:  # a new op started waiting: judge it only once it is slow
-            self._seq, self._since, self._next_look = seq, now, now + BLOCKED_AFTER_S
+            self._seq, self._next_look = seq, now + BLOCKED_AFTER_S
             return
         if now < self._next_look:
             return
