@@ -140,6 +140,16 @@ def _group_pair_vs_all(rank: int, g: Any):
     return (lambda: dist.broadcast(a, src=0, group=g)), [a]
 
 
+def _group_async_wait(rank: int, g: Any):
+    # Rank 1 issues on a second group asynchronously and waits for it at once.
+    other = dist.new_group(list(range(dist.get_world_size())), timeout=15)
+    _EXTRA_GROUPS.append(other)
+    a = _filled(1024, np.float32, rank)
+    if rank == 1:
+        return (lambda: dist.all_reduce(a, group=other, async_op=True).wait()), [a]
+    return (lambda: dist.all_reduce(a, group=g)), [a]
+
+
 def _group_world_vs_sub(rank: int, g: Any):
     # Rank 1 calls on the default group, the others on a subgroup of the same ranks.
     # (It leaves the default group failed: keep this case last.)
@@ -164,7 +174,8 @@ MISMATCH_CASES: list[tuple[str, Case, str]] = [
     ("p2p-shape", _p2p_shape, "pair"),
     ("group-sub-vs-sub", _group_sub_vs_sub, "all"),
     ("group-pair-vs-all", _group_pair_vs_all, "all"),
-    ("group-world-vs-sub", _group_world_vs_sub, "all"),
+    ("group-async-wait", _group_async_wait, "all"),
+    ("group-world-vs-sub", _group_world_vs_sub, "all"),  # last: fails the default group
 ]
 
 

@@ -60,6 +60,23 @@ def host_id() -> str:
     return f"{boot}/{socket.gethostname()}"
 
 
+class _Work(Work):
+    """A ``Work`` whose untimed ``wait`` marks its collective as one the caller is blocked
+    in: a wait cycle through it with another group's collective is then a mismatch
+    (``_blocked``), as for a synchronous call."""
+
+    def __init__(self, op: str, rank: int, flight: FlightRecorder, seq: int) -> None:
+        super().__init__(op, rank)
+        self._flight, self._seq = flight, seq
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is None:
+            entry = self._flight.entry(self._seq)
+            if entry is not None:
+                entry.sync = True
+        return super().wait(timeout)
+
+
 class ProcessGroup:
     """A set of ranks that run collectives together (torch's ``ProcessGroup``).
 
@@ -296,7 +313,7 @@ class ProcessGroup:
             # costs microseconds a small all-reduce cannot spare).
             self._execute(ticket, seq, body)
             return None
-        work = Work(op, self.global_rank)
+        work = _Work(op, self.global_rank, self.flight, seq)
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._progress, name=f"distrib-progress-{self.global_ranks}", daemon=True
