@@ -6,7 +6,7 @@ other will only make after its own returns. No exchange inside either group
 can see it (the two calls never meet), so without this both would sit out
 the whole timeout.
 
-Nothing runs on the hot path. Only once a synchronous collective has waited
+Nothing runs on the hot path. Only once a blocking collective has waited
 ``BLOCKED_AFTER_S`` (the engines' slow path, which already asks the store about
 failures a few times a second) does the rank publish where it is blocked --
 group key, op number, call, and the last op it entered in each of its groups --
@@ -17,9 +17,10 @@ among blocked ranks is a deadlock: the rank raises ``DistMismatchError`` naming
 both calls and marks the other group(s) of the cycle it belongs to as failed, so
 their members stop too. The record is removed when the op ends.
 
-Limits: asynchronous operations are not judged (their caller may still issue
-the other group's call), nor are point-to-point calls; two threads of one rank
-issuing to different groups are assumed not to wait for each other.
+Limits: asynchronous operations are judged only once their caller waits for
+them (``Work.wait()`` without a timeout); point-to-point calls are not judged;
+two threads of one rank issuing to different groups are assumed not to wait for
+each other.
 """
 
 from __future__ import annotations
