@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, HERE)
 
+from _campaign import Row, machine_line, print_table  # noqa: E402
 from _trust_cases import MISMATCH_CASES, run_kill, run_mismatches  # noqa: E402
 
 from distrib.comm._local_ranks import run_local_ranks  # noqa: E402
@@ -32,7 +33,7 @@ NAMES = [c[0] for c in MISMATCH_CASES]
 INVOLVED = {c[0]: c[2] for c in MISMATCH_CASES}
 
 
-def mismatch_campaign(repeats: int) -> list[list[str]]:
+def mismatch_campaign(repeats: int) -> list[Row]:
     rows = []
     for transport in ("shm", "zmq"):
         for world in (2, 3):
@@ -57,13 +58,13 @@ def mismatch_campaign(repeats: int) -> list[list[str]]:
                         hangs += elapsed > 15
                         worst = max(worst, elapsed)
             rows.append(
-                [f"mismatch, {transport}, world {world}", str(repeats), str(tried),
-                 str(raised), str(hangs), str(wrong), str(other), "-", f"{worst:.3f}"]
+                Row(f"every mismatch kind, {transport}, world {world}", repeats, tried, hangs,
+                    wrong=wrong, innocent=other, slowest_s=worst)
             )  # fmt: skip
     return rows
 
 
-def kill_campaign(repeats: int) -> list[list[str]]:
+def kill_campaign(repeats: int) -> list[Row]:
     rows = []
     for transport in ("shm", "zmq"):
         for world in (2, 3, 4):
@@ -89,8 +90,8 @@ def kill_campaign(repeats: int) -> list[list[str]]:
                     innocent += peer != victim or f"rank {victim}" not in message
                     worst = max(worst, latency)
             rows.append(
-                [f"kill -9, {transport}, world {world}", str(repeats), str(survivors),
-                 str(reported), str(hangs), "0", str(innocent), "-", f"{worst:.3f}"]
+                Row(f"kill -9 of a rank, {transport}, world {world}", repeats, survivors, hangs,
+                    wrong=0, innocent=innocent, slowest_s=worst)
             )  # fmt: skip
     return rows
 
@@ -102,17 +103,17 @@ def main() -> None:
     if args.scale < 1:
         parser.error("--scale must be at least 1")
     start = time.monotonic()
-    rows = mismatch_campaign(args.scale) + kill_campaign(args.scale)
-    # Mismatch rows: "raised" = ranks that raised DistMismatchError, "other" = another error.
-    # Kill rows: "raised" = survivors that raised, "other" = innocent ranks blamed.
-    head = ["campaign", "runs", "ranks", "raised", "hangs", "wrong data", "other/innocent",
-            "", "max s"]  # fmt: skip
-    print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or ''} "
-          f"python {platform.python_version()}; {time.monotonic() - start:.0f} s")  # fmt: skip
-    print("| " + " | ".join(h for h in head if h) + " |")
-    print("|" + "---|" * (len(head) - 1))
-    for row in rows:
-        print("| " + " | ".join(c for i, c in enumerate(row) if head[i]) + " |")
+    rows = campaign(args.scale)
+    print(f"{machine_line()}; {time.monotonic() - start:.0f} s")
+    print(f"command: python benchmarks/campaign_collectives.py --scale {args.scale}\n")
+    print_table(rows)
+
+
+def campaign(scale: int) -> list[Row]:
+    """Both tables at ``scale`` times the CI counts. Mismatch rows: "checked" = ranks
+    expected to raise DistMismatchError, "other errors" = ranks that raised another
+    error. Kill rows: "checked" = survivors, "innocent" = survivors blaming another rank."""
+    return mismatch_campaign(scale) + kill_campaign(scale)
 
 
 if __name__ == "__main__":

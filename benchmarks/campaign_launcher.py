@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _campaign import Row, machine_line, print_table  # noqa: E402
 from test_launcher_escape import ENDINGS, ESCAPER  # noqa: E402
 from test_launcher_faults import BAD_NUMBERS, FLAGS, INT_FLAGS  # noqa: E402
 
@@ -99,38 +100,42 @@ def flag_round(flag: str, value: str) -> tuple[bool, bool]:
     return r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr, False
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=10, help="repeats of each CI case (10x CI)")
-    args = ap.parse_args()
+def campaign(rounds: int) -> list[Row]:
+    """Every CI case ``rounds`` times: one row per way of stopping, one for the flags."""
     rows = []
     for how in WAYS:
         escaped = hung = 0
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             e, h = escape_round(how)
             escaped += e
             hung += h
         rows.append(
-            (f"setsid child + daemon, launcher stopped by {how}", args.rounds, escaped, hung)
-        )
+            Row(f"setsid child + daemon, launcher stopped by {how}", rounds, rounds, hung,
+                escaped=escaped)
+        )  # fmt: skip
     flag_cases = [(f, v) for f, a in FLAGS.items() for v in [*BAD_NUMBERS.values(), a, "0"]]
     flag_cases += [(f, v) for f, a in INT_FLAGS.items() for v in ("-1", a, "nan")]
     bad = hung = 0
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for flag, value in flag_cases:
             ok, h = flag_round(flag, value)
             bad += not ok
             hung += h
-    rows.append(
-        ("non-finite / negative / absurd numeric flags", args.rounds * len(flag_cases), bad, hung)
-    )
-    print(f"machine: {platform.node()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}")  # fmt: skip
+    n = rounds * len(flag_cases)
+    rows.append(Row("non-finite / negative / absurd numeric flags", n, n, hung, wrong=bad))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=10, help="repeats of each CI case (10x CI)")
+    args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    rows = campaign(args.rounds)
+    print(machine_line())
     print(f"command: python benchmarks/campaign_launcher.py --rounds {args.rounds}\n")
-    print("| what was tried | runs | escaped processes / wrong answers | hangs |")
-    print("|---|---|---|---|")
-    for what, runs, bad_count, hangs in rows:
-        print(f"| {what} | {runs} | {bad_count} | {hangs} |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,47 @@ def _p2p_shape(rank: int, g: Any):
     return (lambda: None), []
 
 
+_EXTRA_GROUPS: list[Any] = []  # groups a case made besides its own: destroyed after it
+
+
+def _group_sub_vs_sub(rank: int, g: Any):
+    # Rank 1 calls on a second group with the same members: neither call can finish.
+    other = dist.new_group(list(range(dist.get_world_size())), timeout=15)
+    _EXTRA_GROUPS.append(other)
+    a = _filled(1024, np.float32, rank)
+    if rank == 1:
+        return (lambda: dist.broadcast(a, src=0, group=other)), [a]
+    return (lambda: dist.all_reduce(a, group=g)), [a]
+
+
+def _group_pair_vs_all(rank: int, g: Any):
+    # Rank 0 calls on the group of ranks 0 and 1, the others on the group of all ranks.
+    pair = dist.new_group([0, 1], timeout=15)  # every rank calls new_group
+    if rank in (0, 1):
+        _EXTRA_GROUPS.append(pair)
+    a = _filled(1024, np.float32, rank)
+    if rank == 0:
+        return (lambda: dist.all_reduce(a, group=pair)), [a]
+    return (lambda: dist.broadcast(a, src=0, group=g)), [a]
+
+
+def _group_async_wait(rank: int, g: Any):
+    # Rank 1 issues on a second group asynchronously and waits for it at once.
+    other = dist.new_group(list(range(dist.get_world_size())), timeout=15)
+    _EXTRA_GROUPS.append(other)
+    a = _filled(1024, np.float32, rank)
+    if rank == 1:
+        return (lambda: dist.all_reduce(a, group=other, async_op=True).wait()), [a]
+    return (lambda: dist.all_reduce(a, group=g)), [a]
+
+
+def _group_world_vs_sub(rank: int, g: Any):
+    # Rank 1 calls on the default group, the others on a subgroup of the same ranks.
+    # (It leaves the default group failed: keep this case last.)
+    a = _filled(1024, np.float32, rank)
+    return (lambda: dist.all_reduce(a, group=None if rank == 1 else g)), [a]
+
+
 # (id, case, ranks expected to raise: "all" or the ranks involved)
 MISMATCH_CASES: list[tuple[str, Case, str]] = [
     ("kind", _kind, "all"),
@@ -131,6 +172,10 @@ MISMATCH_CASES: list[tuple[str, Case, str]] = [
     ("gather-vs-scatter", _gather_vs_scatter, "all"),
     ("p2p-dtype", _p2p_dtype, "pair"),
     ("p2p-shape", _p2p_shape, "pair"),
+    ("group-sub-vs-sub", _group_sub_vs_sub, "all"),
+    ("group-pair-vs-all", _group_pair_vs_all, "all"),
+    ("group-async-wait", _group_async_wait, "all"),
+    ("group-world-vs-sub", _group_world_vs_sub, "all"),  # last: fails the default group
 ]
 
 
@@ -153,6 +198,8 @@ def run_mismatches(rank: int, n: int, names: list[str]) -> dict[str, tuple[Any, 
         untouched = all(np.array_equal(b, o) for b, o in zip(before, outputs, strict=True))
         out[name] = (*result, elapsed, untouched)
         dist.destroy_process_group(group)
+        while _EXTRA_GROUPS:
+            dist.destroy_process_group(_EXTRA_GROUPS.pop())
     return out
 
 
@@ -182,3 +229,22 @@ def run_kill(rank: int, n: int, seed: int) -> tuple[Any, ...]:
             killed = float(store.get("killed_at"))
             return type(exc).__name__, str(exc), exc.peer, exc.caused_by, now - killed, victim
     return "no error", "", None, None, 0.0, victim
+
+
+def run_groups_out_of_order(rank: int, n: int, pause_s: float) -> list[float]:
+    """Rank body: two groups used in a different order on different ranks, in a way that
+    finishes (rank 0's first call is asynchronous): no rank may see a mismatch, even
+    though rank 1 waits ``pause_s`` in the second group's call first."""
+    sub = dist.new_group(list(range(n)), timeout=15)
+    a = np.full(1024, 1.0 + rank, np.float32)
+    b = np.full(1024, 10.0 + rank, np.float32)
+    if rank == 0:
+        work = dist.all_reduce(a, async_op=True)  # the default group, on its own thread
+        time.sleep(pause_s)
+        dist.all_reduce(b, group=sub)
+        work.wait()
+    else:
+        dist.all_reduce(b, group=sub)
+        dist.all_reduce(a)
+    dist.destroy_process_group(sub)
+    return [float(a[0]), float(b[0])]

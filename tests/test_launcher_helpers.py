@@ -19,45 +19,17 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _hygiene import private_shm_dir
 
 REPO = Path(__file__).resolve().parent.parent
-_SHM = "/dev/shm"
 
 
 def _shm_entries() -> set[str]:
+    """Entries in this run's private DISTRIB_SHM_DIR (tests/_hygiene.py): all ours."""
     try:
-        return {n for n in os.listdir(_SHM) if not n.startswith("sem.")}
+        return set(os.listdir(private_shm_dir()))
     except FileNotFoundError:
         return set()
-
-
-def _shm_held_by_live_processes() -> set[str]:
-    """/dev/shm names some live process has open or mapped (another job's, not a leak).
-
-    Other suites and benchmarks share this machine; a segment still in use by a
-    live process is not one our (finished) processes left behind.
-    """
-    held: set[str] = set()
-    prefix = _SHM + "/"
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith(prefix):
-                    held.add(target[len(prefix) :].split(" ")[0])
-            with open(f"/proc/{pid}/maps") as maps:
-                for line in maps:
-                    i = line.find(prefix)
-                    if i >= 0:
-                        held.add(line[i + len(prefix) :].split(" ")[0].strip())
-        except OSError:
-            continue
-    return held
 
 
 def marked_processes(marker: str) -> list[psutil.Process]:
@@ -87,7 +59,7 @@ class LauncherHarness:
         self.env["LAUNCHER_TEST_MARK"] = self.marker
         self.env.pop("OMP_NUM_THREADS", None)
         for key in list(self.env):
-            if key.startswith("DISTRIB_"):
+            if key.startswith("DISTRIB_") and key != "DISTRIB_SHM_DIR":
                 del self.env[key]
         self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
         self._shm_before = _shm_entries()
@@ -172,7 +144,7 @@ class LauncherHarness:
         return procs
 
     def cleanup(self) -> None:
-        """Fail the test if any marked process or new /dev/shm entry survived it."""
+        """Fail the test if any marked process or new named segment survived it."""
         for p in self._popens:
             if p.poll() is None:
                 p.kill()
@@ -187,11 +159,10 @@ class LauncherHarness:
         leaked = _shm_entries() - self._shm_before
         end = time.monotonic() + 5.0
         while leaked and time.monotonic() < end:
-            # another job's segment on this shared machine is either still in use or
-            # unlinked by its owner within moments (Open MPI's vader segments are)
+            # the cleanup daemon unlinks a dead process's named segments within moments
             time.sleep(0.25)
-            leaked = (leaked & _shm_entries()) - _shm_held_by_live_processes()
+            leaked &= _shm_entries()
         if desc:
             pytest.fail("processes left behind:\n" + "\n".join(desc))
         if leaked:
-            pytest.fail(f"/dev/shm entries left behind: {sorted(leaked)}")
+            pytest.fail(f"named segments left behind in DISTRIB_SHM_DIR: {sorted(leaked)}")

@@ -29,7 +29,8 @@ def strategy():
     shm.set_sharing_strategy(before)
 
 
-def test_file_descriptor_strategy_never_names_anything_in_dev_shm(strategy):
+def test_file_descriptor_strategy_never_names_anything_in_dev_shm(strategy, monkeypatch):
+    monkeypatch.delenv("DISTRIB_SHM_DIR", raising=False)  # the default location
     strategy("file_descriptor")
     arrays = [shm.zeros(1 << 20), shm.zeros(10)]
     assert not _ours_in("/dev/shm")
@@ -43,7 +44,10 @@ def _double_and_report(q, out):
 
 
 @pytest.mark.parametrize("method", ["spawn", "fork"])
-def test_file_system_strategy_uses_dev_shm_and_cleans_up(strategy, method):
+def test_file_system_strategy_uses_dev_shm_and_cleans_up(strategy, method, monkeypatch):
+    # The default location (the suite points DISTRIB_SHM_DIR elsewhere); only the names
+    # this process made are looked at: other programs use /dev/shm too.
+    monkeypatch.delenv("DISTRIB_SHM_DIR", raising=False)
     strategy("file_system")
     ctx = mp.get_context(method)
     q, out = ctx.Queue(), ctx.Queue()

@@ -18,7 +18,7 @@ from typing import Any
 
 from ._calldesc import CallDesc, describe
 
-__all__ = ["FlightRecorder", "State", "snapshot_all"]
+__all__ = ["FlightRecorder", "State", "entered_by_key", "snapshot_all"]
 
 RING = 64  # a power of two: the slot of seq is seq & (RING - 1)
 _MASK = RING - 1
@@ -34,13 +34,14 @@ class State(enum.Enum):
 
 
 class _Entry:
-    __slots__ = ("call", "op", "seq", "state", "t_end", "t_enter")
+    __slots__ = ("call", "op", "seq", "state", "sync", "t_end", "t_enter")
 
     def __init__(self) -> None:
         self.seq = -1
         self.op = ""
         self.call: CallDesc | None = None
         self.state = State.ENTERED
+        self.sync = True  # issued without async_op: the caller's thread waits in it
         self.t_enter = 0.0
         self.t_end = 0.0
 
@@ -52,7 +53,16 @@ _created: dict[tuple[int, ...], int] = {}  # ranks -> groups with those ranks ma
 class FlightRecorder:
     """The ring of one process group's collectives on this rank."""
 
-    __slots__ = ("__weakref__", "key", "last_completed", "last_entered", "rank", "ranks", "ring")
+    __slots__ = (
+        "__weakref__",
+        "key",
+        "last_completed",
+        "last_entered",
+        "rank",
+        "ranks",
+        "ring",
+        "running",
+    )
 
     def __init__(self, global_ranks: list[int], global_rank: int) -> None:
         self.ranks = list(global_ranks)
@@ -65,20 +75,27 @@ class FlightRecorder:
         self.ring = [_Entry() for _ in range(RING)]
         self.last_entered = -1
         self.last_completed = -1
+        self.running = -1  # the collective whose engine runs now (or ran last)
         _recorders.add(self)
 
-    def enter(self, seq: int, op: str, call: CallDesc | None) -> None:
+    def enter(self, seq: int, op: str, call: CallDesc | None, sync: bool = True) -> None:
         """The caller issued collective ``seq`` (point-to-point, ``seq < 0``, is not kept)."""
         if seq < 0:
             return
         e = self.ring[seq & _MASK]
         e.seq, e.op, e.state, e.t_enter = seq, op, State.ENTERED, time.monotonic()
-        e.call = call
+        e.call, e.sync = call, sync
         self.last_entered = seq
 
     def started(self, seq: int) -> None:
         if seq >= 0:
             self.ring[seq & _MASK].state = State.STARTED
+            self.running = seq
+
+    def entry(self, seq: int) -> _Entry | None:
+        """The record of collective ``seq`` while the ring still holds it."""
+        e = self.ring[seq & _MASK]
+        return e if seq >= 0 and e.seq == seq else None
 
     def completed(self, seq: int) -> None:
         if seq >= 0:
@@ -112,6 +129,11 @@ class FlightRecorder:
                 for e in entries
             ],
         }
+
+
+def entered_by_key() -> dict[str, int]:
+    """The last collective this rank entered in each of its live groups, by group key."""
+    return {r.key: r.last_entered for r in list(_recorders)}
 
 
 def snapshot_all() -> list[dict[str, Any]]:

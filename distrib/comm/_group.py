@@ -34,6 +34,7 @@ from .._errors import (
     DistPeerLostError,
     DistTimeoutError,
 )
+from ._blocked import BlockWatch
 from ._calldesc import CallDesc, CallsDiffer, mismatch_error
 from ._engine import Engine, EngineContext, make_cpu_engine_for, make_gpu_engine_for
 from ._flight import FlightRecorder
@@ -74,6 +75,23 @@ def _failure_record(blob: Any) -> dict[str, Any] | None:
     except Exception:  # msgpack raises many types on garbage
         return None
     return info if isinstance(info, dict) else None
+
+
+class _Work(Work):
+    """A ``Work`` whose untimed ``wait`` marks its collective as one the caller is blocked
+    in: a wait cycle through it with another group's collective is then a mismatch
+    (``_blocked``), as for a synchronous call."""
+
+    def __init__(self, op: str, rank: int, flight: FlightRecorder, seq: int) -> None:
+        super().__init__(op, rank)
+        self._flight, self._seq = flight, seq
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is None:
+            entry = self._flight.entry(self._seq)
+            if entry is not None:
+                entry.sync = True
+        return super().wait(timeout)
 
 
 class ProcessGroup:
@@ -133,6 +151,12 @@ class ProcessGroup:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.flight = FlightRecorder(self.global_ranks, self.global_rank)
+        # Collectives of two groups waiting for each other (see _blocked): judged only
+        # from the engines' slow path, through the job's store without our prefix.
+        self._watch: BlockWatch | None = None
+        if self.check_mismatch and size > 1:
+            root = getattr(self._fail_store, "store", self._fail_store)
+            self._watch = BlockWatch(root, self.flight, self)
 
     def __repr__(self) -> str:
         return f"<ProcessGroup rank {self._rank}/{self._size} ranks={self.global_ranks}>"
@@ -189,7 +213,10 @@ class ProcessGroup:
     # -- failure publication -------------------------------------------------
 
     def _check_failed(self) -> None:
-        """Raise the failure another rank published for this group, if any."""
+        """Raise the failure another rank published for this group, if any, or a wait
+        cycle with another group's collective (``_blocked``)."""
+        if self._watch is not None:
+            self._watch.poll()
         now = time.monotonic()
         if now < self._fail_store_ok_after:
             return
@@ -231,6 +258,13 @@ class ProcessGroup:
         )
         self._reported_error = err  # not re-published
         return err
+
+    def fail_from_elsewhere(self, err: DistError) -> None:
+        """Fail this group with ``err``, found while this rank waited in another group
+        (a wait cycle between the two: this group's op can never finish either)."""
+        if self._failure is None:
+            self._failure = err
+            self._publish(err)
 
     def _diagnose_timeout(self, peer: int, seq: int) -> list[int]:
         """Record "waiting for ``peer`` in op ``seq``" and follow the others' records."""
@@ -305,13 +339,13 @@ class ProcessGroup:
             ticket = self._next_ticket
             self._next_ticket += 1
             seq = next(self._seq) if collective else -1
-        self.flight.enter(seq, op, call)
+        self.flight.enter(seq, op, call, not async_op)
         if not async_op:
             # Synchronous: run on the caller's thread, no Work to build (its Event
             # costs microseconds a small all-reduce cannot spare).
             self._execute(ticket, seq, body)
             return None
-        work = Work(op, self.global_rank)
+        work = _Work(op, self.global_rank, self.flight, seq)
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._progress, name=f"distrib-progress-{self.global_ranks}", daemon=True
@@ -356,9 +390,15 @@ class ProcessGroup:
                 self._failure = exc
                 if exc is not self._reported_error:
                     self._publish(exc)
-                self.cpu_engine.abort(str(exc), self._culprit_of(exc), type(exc).__name__)
+                # A mismatch (a wait cycle between groups, a point-to-point mismatch, or
+                # one read from the published failure) is found by every rank involved or
+                # read from the store: like CallsDiffer, aborting would only race them.
+                if not isinstance(exc, DistMismatchError):
+                    self.cpu_engine.abort(str(exc), self._culprit_of(exc), type(exc).__name__)
             raise
         finally:
+            if self._watch is not None and self._watch.posted:
+                self._watch.done()
             with self._cond:
                 self._running_ticket += 1
                 self._cond.notify_all()

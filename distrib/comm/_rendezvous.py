@@ -36,7 +36,7 @@ _VIEW = "distrib/world/view/"  # + rank: that rank's {world_size, host, pid}
 _JOINS = "distrib/world/joins/"  # + rank: how many processes claimed that rank
 _VERDICT = "distrib/world/verdict"  # rank 0's judgement: "" when consistent, else why
 _READ = "distrib/world/verdict_read"  # how many ranks have read a failing verdict
-_READ_GRACE_S = 2.0
+_READ_GRACE_S = 5.0  # a rank may still be starting (loaded machine)
 _POLL_S = 0.02
 
 _LAUNCHERS = (
@@ -242,13 +242,7 @@ def check_world(store: Store, rank: int, world_size: int, timeout: float) -> Non
         verdict = _judge(store, world_size, deadline)
         store.set(_VERDICT, verdict.encode())
         if verdict:  # rank 0 hosts the store: keep it up until the others have read why
-            end = time.monotonic() + _READ_GRACE_S
-            joined = sum(
-                v is not None
-                for v in store.multi_get([f"{_VIEW}{r}" for r in range(1, world_size + 1)])
-            )
-            while store.add(_READ, 0) < joined and time.monotonic() < end:
-                time.sleep(_POLL_S)
+            _linger(store, world_size, "never joined" in verdict)
     else:
         verdict = _await_verdict(store, rank, world_size, deadline + 5.0)
         if verdict:
@@ -259,6 +253,22 @@ def check_world(store: Store, rank: int, world_size: int, timeout: float) -> Non
     if verdict:
         cls = DistTimeoutError if "never joined" in verdict else DistUsageError
         raise cls(f"{op}: {verdict} (seen on rank {rank})", rank=rank, op=op)
+
+
+def _linger(store: Store, world_size: int, missing: bool) -> None:
+    """Rank 0 after a failing verdict: wait (bounded) until every rank read it.
+
+    Every rank of rank 0's world is waited for, also one that has not published its
+    view yet (a slow start on a loaded machine), except when the verdict is that
+    ranks never joined: then only those that did.
+    """
+    end = time.monotonic() + _READ_GRACE_S
+    while time.monotonic() < end:
+        views = store.multi_get([f"{_VIEW}{r}" for r in range(1, world_size + 1)])
+        joined = sum(v is not None for v in views)
+        if store.add(_READ, 0) >= (joined if missing else max(joined, world_size - 1)):
+            return
+        time.sleep(_POLL_S)
 
 
 def _judge(store: Store, world_size: int, deadline: float) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 from .._errors import (
     DistClosedError,
     DistError,
+    DistMismatchError,
     DistPeerLostError,
     DistTimeoutError,
     DistUsageError,
@@ -127,10 +128,11 @@ class ShmPipeline(Engine):
 
     def _run(self, op: str, deadline: float, body: Any, *args: Any) -> None:
         """Run ``body(*args)``; abort everyone on failure (but a disagreement on the
-        call, which every rank detects in the same step, aborts no one)."""
+        call, which every rank detects in the same step or reads from the store, aborts
+        no one)."""
         try:
             body(*args)
-        except (DistClosedError, CallsDiffer):
+        except (DistClosedError, CallsDiffer, DistMismatchError):
             raise
         except DistError as exc:
             # tell the other local ranks at once, naming the rank at fault

@@ -224,6 +224,10 @@ class PhaseSync:
                     if self._is_dead(q):
                         if ((words[idx] - target) & 0xFFFFFFFF) < 0x80000000:
                             return  # it signalled, then exited
+                        if self._check_failed is not None:
+                            # A failure published before the exit (a mismatch the
+                            # peer found, then it stopped) explains it: that one wins.
+                            self._check_failed()
                         self._raise_lost(q, op)
                     if self._check_failed is not None:
                         self._check_failed()

@@ -151,7 +151,11 @@ def create_segment(size: int, kind: str, data: memoryview | None = None) -> Segm
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
             raise _limits.named_oom(size, directory) from exc
         raise
-    seg = Segment(seg_id, kind, size, fd, path)
+    try:
+        seg = Segment(seg_id, kind, size, fd, path)  # closes fd if it cannot map
+    except BaseException:
+        _unlink_quietly(path)  # nothing maps it: the name must not outlive this call
+        raise
     seg.daemon = daemon
     return seg
 
