@@ -93,7 +93,9 @@ def test_a_group_polling_its_failure_key_reports_the_lost_store_host():
                 peer=0,
             )
 
-    group = types.SimpleNamespace(_fail_store=LostStore(), _fail_store_ok_after=0.0, global_rank=1)
+    group = types.SimpleNamespace(
+        _fail_store=LostStore(), _fail_store_ok_after=0.0, global_rank=1, _watch=None
+    )
     with pytest.raises(distrib.DistPeerLostError, match="hosted by rank 0") as info:
         ProcessGroup._check_failed(group)  # type: ignore[arg-type]
     assert info.value.rank == 1 and info.value.peer == 0

@@ -127,10 +127,11 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         """Run the distrib calls in order; a torch ``Work`` that resolves to ``outputs``."""
         fut: torch.futures.Future = torch.futures.Future()
         if not getattr(opts, "asyncOp", True):
-            for call in calls:
-                work = call(False)
-                if work is not None:  # a point-to-point part of a composite call
-                    work.wait()
+            # Issue every part before waiting on any: a send completes once its receiver
+            # accepted it, so each rank's receives must be queued behind its sends.
+            pending = [work for work in (call(False) for call in calls) if work is not None]
+            for work in pending:  # point-to-point parts of a composite call
+                work.wait()
             staged.finish()
             fut.set_result(outputs)
             return _create_work_from_future(fut)
