@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as std_mp
 import os
 import platform
@@ -24,6 +25,7 @@ WAIT_S = 240
 
 
 def _entry(fn, rank, world, port, out):
+    faulthandler.dump_traceback_later(WAIT_S - 20, exit=True)  # a hang shows where it sits
     try:
         import distrib.torch  # noqa: F401  registers "distrib"
 

@@ -8,6 +8,8 @@ pair raises ``DistMismatchError`` on both ends: ``send`` (and ``isend``'s
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from .._errors import DistUsageError
@@ -66,34 +68,64 @@ def _p2p(
 
 
 class _SendWork(Work):
-    """``isend``'s handle: ``wait`` also waits for the receiver's verdict (in issue order,
-    so receives issued before it still run first)."""
+    """``isend``'s handle: it completes with the receiver's verdict. ``wait`` asks for the
+    verdict on the caller's thread; a done callback (the torch backend's future) queues
+    the question behind everything issued so far, so receives issued after the send still
+    run first and a ring of sends and receives cannot wait on itself."""
 
     def __init__(self, inner: Work, pg: ProcessGroup, confirm: Any) -> None:
         super().__init__(inner.op, pg.global_rank)
         self._inner, self._pg, self._confirm = inner, pg, confirm
-        self._confirmed = False
+        self._asked = False  # the verdict was asked for (once, by whichever path is first)
+        self._asked_lock = threading.Lock()
+        inner.add_done_callback(self._on_sent)
+
+    def _ask(self) -> bool:
+        with self._asked_lock:
+            asked, self._asked = self._asked, True
+        return not asked
+
+    def _on_sent(self, inner: Work) -> None:
+        exc = inner.exception()
+        if exc is not None and self._ask():
+            self._finish(exc)
 
     def wait(self, timeout: float | None = None) -> bool:
         self._inner.wait(timeout)
-        if not self._confirmed:
-            self._confirmed = True
+        if self._ask():
             try:
                 self._pg.submit(self.op, self._confirm, False, False)
             except BaseException as exc:
                 self._finish(exc)
                 raise
             self._finish(None, self._inner.result())
-        return super().wait(0)
+        return super().wait(timeout)
+
+    def add_done_callback(self, fn: Callable[[Work], None]) -> None:
+        super().add_done_callback(fn)
+        self._inner.add_done_callback(self._ask_queued)
+
+    def _ask_queued(self, inner: Work) -> None:
+        if inner.exception() is not None or not self._ask():
+            return  # _on_sent finished this handle, or the verdict is already asked for
+        try:
+            verdict = self._pg.submit(self.op, self._confirm, True, False)
+        except BaseException as exc:  # the group failed or closed meanwhile
+            self._finish(exc)
+            return
+        sent = inner.result()
+        verdict.add_done_callback(
+            lambda v: self._finish(v.exception(), None if v.exception() else sent)
+        )
 
     def is_completed(self) -> bool:
-        return self._inner.is_completed() if not self._confirmed else self._done.is_set()
+        return self._done.is_set() or (not self._asked and self._inner.is_completed())
 
     def is_success(self) -> bool:
-        return self._inner.is_success() if not self._confirmed else super().is_success()
+        return super().is_success() or (not self._asked and self._inner.is_success())
 
     def exception(self) -> BaseException | None:
-        return self._inner.exception() if not self._confirmed else self._exc
+        return self._exc if self._done.is_set() else self._inner.exception()
 
 
 def send(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -135,21 +136,8 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
             staged.finish()
             fut.set_result(outputs)
             return _create_work_from_future(fut)
-        works = [call(True) for call in calls]
-
-        def done(work: Any) -> None:
-            exc = work.exception()
-            if exc is not None:
-                fut.set_exception(exc)
-                return
-            try:
-                staged.finish()
-            except Exception as e:  # a failed copy back must still resolve the future
-                fut.set_exception(e)
-                return
-            fut.set_result(outputs)
-
-        works[-1].add_done_callback(done)  # operations of a group finish in issue order
+        works = [work for work in (call(True) for call in calls) if work is not None]
+        _settle_when_all_done(works, fut, staged, outputs)
         return _create_work_from_future(fut)
 
     def _arrays(self, ts: list[Any], arg: str, where: str, staged: Staged, arith: bool) -> list:
@@ -430,6 +418,41 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
 
     def abort(self) -> None:
         self.shutdown()
+
+
+def _settle_when_all_done(
+    works: list[Any], fut: torch.futures.Future, staged: Staged, outputs: list[torch.Tensor]
+) -> None:
+    """Resolve ``fut`` once every part finished (a send's verdict can come after later
+    receives), or with the first part's error."""
+    left = [len(works)]
+    lock = threading.Lock()
+
+    def settle(exc: BaseException | None) -> None:
+        if exc is None:
+            try:
+                staged.finish()
+            except Exception as e:  # a failed copy back must still resolve the future
+                exc = e
+        if exc is None:
+            fut.set_result(outputs)
+        else:
+            fut.set_exception(exc)
+
+    def done(work: Any) -> None:
+        exc = work.exception()
+        with lock:
+            if left[0] <= 0:  # already settled by an earlier error
+                return
+            left[0] = 0 if exc is not None else left[0] - 1
+            now = left[0] == 0
+        if now:
+            settle(exc)
+
+    if not works:
+        settle(None)
+    for work in works:
+        work.add_done_callback(done)
 
 
 def create(opts: Any, pg_options: Any = None) -> DistribProcessGroup:
