@@ -432,3 +432,48 @@ def test_single_copy_large_all_reduce_matches_numpy(tmp_path: Any, n: int) -> No
         if rank == n - 1:
             want = _fold(np.maximum, [_data(q, 300_000, np.int64) for q in range(n)])
             np.testing.assert_array_equal(res["reduce"], want)
+
+
+def test_a_peer_that_signals_while_the_store_host_leaves_completes_the_wait():
+    """Rank 0 hosts the store: once the last step's signals are in, it may finish and
+    exit. A waiter whose failure check meets the closed store just then must see the
+    signal that arrived meanwhile and complete, not report rank 0 lost."""
+    import ctypes
+    import mmap
+
+    from distrib._errors import DistPeerLostError
+    from distrib.comm._shm_sync import PhaseSync, header_bytes
+
+    buf = mmap.mmap(-1, header_bytes(2))
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    pids = [os.getpid(), os.getpid()]
+    peer = PhaseSync(memoryview(buf), addr, 1, 2, [0, 1], pids, spin=0, yield_s=0.0)
+    calls = []
+
+    def store_gone():
+        calls.append(1)
+        peer.signal(1)  # the peer's signal lands while the store is asked ...
+        raise DistPeerLostError("store.check: lost the connection to the store", rank=0)
+
+    waiter = PhaseSync(
+        memoryview(buf), addr, 0, 2, [0, 1], pids, spin=0, yield_s=0.0, check_failed=store_gone
+    )
+    waiter.wait(1, 1, "barrier", time.monotonic() + 10)  # ... so the wait completes
+    assert calls, "the failure check never ran: the test did not reach the race"
+
+    def store_gone_no_signal():
+        raise DistPeerLostError("store.check: lost the connection to the store", rank=0)
+
+    waiter2 = PhaseSync(
+        memoryview(buf),
+        addr,
+        0,
+        2,
+        [0, 1],
+        pids,
+        spin=0,
+        yield_s=0.0,
+        check_failed=store_gone_no_signal,
+    )
+    with pytest.raises(DistPeerLostError):  # no signal: the lost store is the error
+        waiter2.wait(1, 2, "barrier", time.monotonic() + 10)
