@@ -26,10 +26,11 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
+
+from distrib.testing import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -165,15 +166,9 @@ dist.destroy_process_group()
 # ---------------------------------------------------------------- driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(cmds: list[list[str]], timeout: float) -> dict:
     """Start one process per rank with torch-style env vars; return rank 0's JSON."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank, cmd in enumerate(cmds):
         env = dict(os.environ, **THREAD_ENV)

@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DISTRIB_RUN_RANK = """
 import json, sys
 import distrib
-from distrib.comm._bench_worker import time_op
+from distrib.bench._worker import time_op
 distrib.init_process_group()
 res = time_op("all_reduce", [int(s) for s in sys.argv[1].split(",")], "float32")
 if distrib.get_rank() == 0:
@@ -90,7 +90,7 @@ def _trivial_rank() -> int:
 
 def _allreduce_rank(sizes: list[int]) -> Any:
     import distrib
-    from distrib.comm._bench_worker import time_op
+    from distrib.bench._worker import time_op
 
     distrib.init_process_group()
     try:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", type=int, default=30, help="new_group calls")
     args = p.parse_args(argv)
     from distrib.comm import TCPStore
-    from distrib.comm._local_ranks import run_local_ranks
+    from distrib.testing._ranks import run_local_ranks
 
     ctx = mp.get_context("spawn")
     master = TCPStore("127.0.0.1", 0, is_master=True, timeout=30)

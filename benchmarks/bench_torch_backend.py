@@ -20,21 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
+from distrib.testing import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_main(spec: dict) -> None:
@@ -91,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if args._rank is not None:
         rank_main(json.loads(args._rank))
         return 0
-    spec = json.dumps({"sizes_mib": args.sizes_mib, "rounds": args.rounds, "port": _free_port()})
-    port = _free_port()
+    spec = json.dumps({"sizes_mib": args.sizes_mib, "rounds": args.rounds, "port": free_port()})
+    port = free_port()
     procs = []
     for rank in range(args.nproc):
         env = dict(os.environ, **THREAD_ENV, RANK=str(rank), WORLD_SIZE=str(args.nproc))

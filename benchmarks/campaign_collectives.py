@@ -27,7 +27,7 @@ sys.path.insert(0, HERE)
 from _campaign import Row, machine_line, print_table  # noqa: E402
 from _trust_cases import MISMATCH_CASES, run_kill, run_mismatches  # noqa: E402
 
-from distrib.comm._local_ranks import run_local_ranks  # noqa: E402
+from distrib.testing._ranks import run_local_ranks  # noqa: E402
 
 NAMES = [c[0] for c in MISMATCH_CASES]
 INVOLVED = {c[0]: c[2] for c in MISMATCH_CASES}

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from _store_faults import MARKER, ROW_IDS, Tally, run_row, total_messages  # noqa: E402
 
 from distrib.comm import TCPStore  # noqa: E402
-from distrib.comm._store_server import StoreServer  # noqa: E402
+from distrib.store._server import StoreServer  # noqa: E402
 
 SECRET = b"campaign-secret"
 _AUTH_ONLY = ("unauthenticated", "replayed")
@@ -82,7 +82,7 @@ def parked_flood(n: int = 65536) -> dict[str, float]:
 
     from _store_faults import RawClient
 
-    from distrib.comm import _store_wire as wire
+    from distrib.store import _wire as wire
 
     def latency(store: TCPStore) -> float:
         times = []

@@ -66,17 +66,17 @@ gpu)
   ls /dev/shm >"$out/shm-after.txt"
   echo "/dev/shm entries new since the start:"
   comm -13 "$out/shm-before.txt" "$out/shm-after.txt"
-  run 150 gpu-allreduce "$PY" -m distrib.comm._bench --device cuda
+  run 150 gpu-allreduce "$PY" -m distrib.bench._cli --device cuda
   ;;
 allreduce)
   for n in 2 4 8 16; do
-    run $((60 + 8 * n)) "ar$n" "$PY" -m distrib.comm._bench --nproc "$n" --ops all_reduce \
+    run $((60 + 8 * n)) "ar$n" "$PY" -m distrib.bench._cli --nproc "$n" --ops all_reduce \
       --sizes 4K,64K,256K,1M,4M,16M,64M,256M --transport auto --compare --peer-python "$PY"
   done
   ;;
 tune)
   for n in 4 8 16; do
-    run 150 "tune$n" "$PY" -m distrib.comm._shm_tunebench --nproc "$n" --rounds 3
+    run 150 "tune$n" "$PY" benchmarks/tune_shm_thresholds.py --nproc "$n" --rounds 3
   done
   ;;
 train)

@@ -43,7 +43,7 @@ class JobStore:
             self.address = f"{opts.master_addr}:{opts.master_port}"
             return
         from distrib._errors import DistStoreError
-        from distrib.comm._store_server import StoreServer
+        from distrib.store._server import StoreServer
 
         secret = opts.auth_token.encode() if opts.auth_token else None
         try:

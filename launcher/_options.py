@@ -75,7 +75,7 @@ class LaunchOptions:
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"--master-port must be in 1..65535, got {self.master_port}")
         if self.nnodes > 1 and self.auth_token is None and not self.insecure_store:
-            from distrib.comm._store_auth import is_loopback, shared_job_token
+            from distrib.store._auth import is_loopback, shared_job_token
 
             from ._job_store import MISSING_SECRET
 

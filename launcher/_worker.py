@@ -10,9 +10,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from distrib._cuda_files import remove_cuda_ipc_files
 from distrib._record import read_error_file
 from distrib._stacks import dump_path
+from distrib.gpu._driver_files import remove_cuda_ipc_files
 
 from ._procs import group_has_live_member, reap_group
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import msgpack
 
-from distrib.comm import _store_wire as wire
+from distrib.store import _wire as wire
 
 BATCH = 250  # check the server after this many messages
 MARKER = "/tmp/distrib-store-fuzz-unpickled"  # a pickle payload would create this

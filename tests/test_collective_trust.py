@@ -16,7 +16,7 @@ import pytest
 from _trust_cases import MISMATCH_CASES, run_groups_out_of_order, run_kill, run_mismatches
 
 from distrib.comm._blocked import Blocked, find_cycle, group_mismatch_error
-from distrib.comm._local_ranks import run_local_ranks
+from distrib.testing._ranks import run_local_ranks
 
 PROMPT_S = 2.0  # a mismatch is found in the call's first step: far below the group timeout
 # Calls on different groups never meet: found once a wait lasted BLOCKED_AFTER_S (0.5 s),
@@ -67,7 +67,7 @@ def test_every_mismatch_raises_on_every_rank_before_writing(transport, world):
 
 
 def test_mismatch_message_names_both_calls_in_plain_words():
-    from distrib.comm._calldesc import CallDesc, mismatch_error
+    from distrib.transport._calldesc import CallDesc, mismatch_error
 
     a = CallDesc("broadcast", (1024,), "<f4", root=0, group=(0, 1))
     b = a._replace(root=1)

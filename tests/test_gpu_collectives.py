@@ -17,7 +17,7 @@ from _gpu import cupy_or_skip
 
 cupy = cupy_or_skip()
 
-from distrib.comm._store import TCPStore  # noqa: E402
+from distrib.store._client import TCPStore  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(120)]
 SPAWN = mp.get_context("spawn")
@@ -86,9 +86,9 @@ def _check(got, want, what):
 
 
 def _engine(rank, size, port, prefix, timeout=60.0):
-    from distrib.comm._engine import EngineContext
-    from distrib.comm._gpu import make_gpu_engine
-    from distrib.comm._store import PrefixStore, TCPStore
+    from distrib.store._client import PrefixStore, TCPStore
+    from distrib.transport._engine import EngineContext
+    from distrib.transport.gpu._select import make_gpu_engine
 
     store = PrefixStore(prefix, TCPStore("127.0.0.1", port, is_master=False, timeout=timeout))
     ctx = EngineContext(
@@ -105,7 +105,7 @@ def _engine(rank, size, port, prefix, timeout=60.0):
 def _run_all(engine, rank, size):
     import cupy
 
-    from distrib.comm._ops import ReduceOp
+    from distrib._reduce_op import ReduceOp
 
     seq = iter(range(1, 1 << 30))
     dl = time.monotonic() + 100
@@ -269,9 +269,9 @@ extern "C" __global__ void spin(long long cycles) {
 def _watchdog_worker(port, out):
     import cupy
 
-    from distrib.comm._nccl import NcclEngine
-    from distrib.comm._ops import ReduceOp
-    from distrib.comm._store import PrefixStore, TCPStore
+    from distrib._reduce_op import ReduceOp
+    from distrib.store._client import PrefixStore, TCPStore
+    from distrib.transport.gpu._nccl import NcclEngine
 
     try:
         store = PrefixStore("wd", TCPStore("127.0.0.1", port, is_master=False, timeout=30))
@@ -317,7 +317,7 @@ def _failure_worker(rank, size, port, prefix, out, scenario):
 
     import cupy
 
-    from distrib.comm._ops import ReduceOp
+    from distrib._reduce_op import ReduceOp
 
     cupy.cuda.Device(0).use()
     engine, store = _engine(rank, size, port, prefix, timeout=20)

@@ -20,8 +20,8 @@ from _gpu import cupy_or_skip
 cupy = cupy_or_skip()
 
 from distrib._errors import DistUsageError  # noqa: E402
-from distrib.shm._cuda_driver import allocation_range, remove_driver_ipc_files  # noqa: E402
-from distrib.shm._cuda_ipc import ipc_collect, register_reducers  # noqa: E402
+from distrib.gpu._driver import allocation_range, remove_driver_ipc_files  # noqa: E402
+from distrib.gpu._ipc import ipc_collect, register_reducers  # noqa: E402
 
 register_reducers(ForkingPickler)
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(90)]
@@ -78,7 +78,7 @@ extern "C" __global__ void spin_fill(float* x, long long n, long long cycles, fl
 def _register():
     from multiprocessing.reduction import ForkingPickler
 
-    from distrib.shm._cuda_ipc import register_reducers
+    from distrib.gpu._ipc import register_reducers
 
     register_reducers(ForkingPickler)
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from distrib._errors import DistBackendError
-from distrib.comm._gpu import is_cupy_array, plan_gpu_engine
-from distrib.comm._ops import ReduceOp
-from distrib.shm._cuda_kernels import _source
+from distrib._reduce_op import ReduceOp
+from distrib._xp import is_cupy as is_cupy_array
+from distrib.gpu._kernels import _source
+from distrib.transport.gpu._select import plan_gpu_engine
 
 pytestmark = pytest.mark.timeout(30)
 HAVE_CUPY = importlib.util.find_spec("cupy") is not None
@@ -58,7 +59,7 @@ def test_avg_sums_because_the_group_divides():
 def test_without_cupy_the_error_says_how_to_install():
     from multiprocessing.reduction import ForkingPickler
 
-    from distrib.shm._cuda_ipc import register_reducers
+    from distrib.gpu._ipc import register_reducers
 
     with pytest.raises(DistBackendError, match=r"distrib\[gpu\]"):
         register_reducers(ForkingPickler)

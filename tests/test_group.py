@@ -11,8 +11,8 @@ import pytest
 
 import distrib as dist
 import distrib.comm as dcomm
-from distrib.comm._local_ranks import run_local_ranks
-from distrib.comm._rendezvous import rank_and_size_from_env
+from distrib.store._rendezvous import rank_and_size_from_env
+from distrib.testing._ranks import run_local_ranks
 from tests._util import free_port
 
 

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from _ranks import collect_ranks, failure_of
 
-from distrib.comm._cpu_engine import make_cpu_engine
-from distrib.comm._engine import EngineContext
-from distrib.comm._file_store import FileStore
-from distrib.comm._hier import HierEngine
-from distrib.comm._ops import ReduceOp
-from distrib.comm._shm_engine import ShmEngine
-from distrib.comm._store import PrefixStore
+from distrib._reduce_op import ReduceOp
+from distrib.store._client import PrefixStore
+from distrib.store._file_store import FileStore
+from distrib.transport._engine import EngineContext
+from distrib.transport._select import make_cpu_engine
+from distrib.transport.hier._engine import HierEngine
+from distrib.transport.shm._engine import ShmEngine
 
 _CTX = mp.get_context("fork")
 
@@ -48,7 +48,7 @@ def _context(path: str, rank: int, hosts: list[int], timeout: float) -> EngineCo
 
     def make_zmq() -> Any:
         if not cache:
-            from distrib.comm._zmq_engine import ZmqEngine
+            from distrib.transport.zmq._engine import ZmqEngine
 
             cache.append(ZmqEngine(ctx))
         return cache[0]

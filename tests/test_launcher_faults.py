@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from _util import free_port
 from test_launcher_helpers import LauncherHarness
 
 pytestmark = pytest.mark.timeout(120)
@@ -185,17 +186,9 @@ WORLD = """
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(launch, specs, timeout_s="5"):
     script = launch.script("world.py", WORLD)
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank, size in specs:
         env = dict(launch.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

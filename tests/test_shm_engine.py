@@ -21,9 +21,9 @@ import pytest
 from _ranks import collect_ranks, failure_of
 
 from distrib import DistPeerLostError, DistTimeoutError
-from distrib.comm._file_store import FileStore
-from distrib.comm._ops import ReduceOp
-from distrib.comm._shm_rendezvous import connect_local
+from distrib._reduce_op import ReduceOp
+from distrib.store._file_store import FileStore
+from distrib.transport.shm._rendezvous import connect_local
 
 _CTX = mp.get_context("fork")
 SIZES = [1, 2, 3, 4]
@@ -358,7 +358,7 @@ def test_segment_has_no_name_in_dev_shm(tmp_path: Any) -> None:
 
 
 def _mismatch(eng: Any, rank: int, n: int) -> Any:
-    from distrib.comm._calldesc import CallDesc, CallsDiffer, mismatch_error
+    from distrib.transport._calldesc import CallDesc, CallsDiffer, mismatch_error
 
     dl = time.monotonic() + 10
     buf = np.ones(100, np.float32)
@@ -442,7 +442,7 @@ def test_a_peer_that_signals_while_the_store_host_leaves_completes_the_wait():
     import mmap
 
     from distrib._errors import DistPeerLostError
-    from distrib.comm._shm_sync import PhaseSync, header_bytes
+    from distrib.transport.shm._sync import PhaseSync, header_bytes
 
     buf = mmap.mmap(-1, header_bytes(2))
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))

@@ -1,4 +1,4 @@
-"""The C step of the two-rank shared-memory all-reduce (distrib/comm/_shm_native.c).
+"""The C step of the two-rank shared-memory all-reduce (distrib/transport/shm/_native.c).
 
 Ranks are forked processes driving the engine directly (as in test_shm_engine).
 The C step must give numpy's bits, wait like the numpy path (slow peers, dead
@@ -19,8 +19,8 @@ import pytest
 from _ranks import failure_of
 from test_shm_engine import run_ranks
 
-from distrib.comm._ops import ReduceOp
-from distrib.comm._shm_native import load
+from distrib._reduce_op import ReduceOp
+from distrib.transport.shm._native import load
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -130,7 +130,7 @@ def test_native_step_names_a_dead_peer(tmp_path: Any, n: int) -> None:
 
 
 def _mismatch(eng: Any, rank: int, n: int) -> Any:
-    from distrib.comm._calldesc import CallDesc, CallsDiffer, mismatch_error
+    from distrib.transport._calldesc import CallDesc, CallsDiffer, mismatch_error
 
     buf = np.zeros(300_000, np.float32)
     shape = (300_000,) if rank == 0 else (600, 500)
@@ -154,8 +154,8 @@ def test_native_step_detects_mismatched_calls(tmp_path: Any) -> None:
 
 
 def _agree(path: str, rank: int, out: Any) -> None:
-    from distrib.comm._file_store import FileStore
-    from distrib.comm._shm_rendezvous import connect_local
+    from distrib.store._file_store import FileStore
+    from distrib.transport.shm._rendezvous import connect_local
 
     eng = connect_local(
         FileStore(path), "t", rank, 2, [0, 1], time.monotonic() + 20, use_native=rank == 0
@@ -187,7 +187,7 @@ def test_ranks_use_the_c_step_only_if_all_have_it(tmp_path: Any) -> None:
 
 
 def _load_in_subprocess(env: dict[str, str]) -> str:
-    code = "from distrib.comm._shm_native import load; print(load() is not None)"
+    code = "from distrib.transport.shm._native import load; print(load() is not None)"
     done = subprocess.run(
         [sys.executable, "-c", code],
         env={**os.environ, **env},

@@ -13,7 +13,7 @@ from _store_faults import RawClient
 
 import distrib
 from distrib.comm import FileStore, PrefixStore, TCPStore
-from distrib.comm import _store_wire as wire
+from distrib.store import _wire as wire
 
 
 @pytest.fixture

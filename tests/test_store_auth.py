@@ -15,8 +15,8 @@ from test_launcher_helpers import LauncherHarness
 
 import distrib
 from distrib.comm import TCPStore
-from distrib.comm import _store_auth as auth
 from distrib.comm._group import ProcessGroup
+from distrib.store import _auth as auth
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -198,7 +198,7 @@ def test_loopback_store_without_a_token_uses_a_private_file(monkeypatch):
 
 
 def test_client_with_a_secret_refuses_a_store_without_one(monkeypatch):
-    from distrib.comm._store_server import StoreServer
+    from distrib.store._server import StoreServer
 
     server = StoreServer("127.0.0.1", 0, None)
     server.start()

@@ -16,7 +16,7 @@ import pytest
 from _store_faults import MARKER, ROW_IDS, run_row, total_messages
 
 from distrib.comm import TCPStore
-from distrib.comm._store_server import StoreServer
+from distrib.store._server import StoreServer
 
 SECRET = b"fuzz-secret"
 

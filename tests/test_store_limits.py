@@ -15,7 +15,7 @@ from _store_faults import RawClient
 
 import distrib
 from distrib.comm import TCPStore
-from distrib.comm import _store_wire as wire
+from distrib.store import _wire as wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -130,7 +130,7 @@ def test_bad_timeout_on_the_wire_gets_an_error_and_the_thread_lives():
     c = RawClient(master.port)
     c.handshake(b"")  # loopback store: read the secret as a client would
     c.close()
-    from distrib.comm._store_auth import read_token_file
+    from distrib.store._auth import read_token_file
 
     secret = read_token_file(master.port)
     c = RawClient(master.port)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _rank(rank: int, port: int, what: str, out) -> None:
-    from distrib.comm._rendezvous import rendezvous
+    from distrib.store._rendezvous import rendezvous
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
            "WORLD_SIZE": "2"}  # fmt: skip

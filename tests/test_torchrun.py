@@ -2,7 +2,7 @@
 
 torchrun's agent already listens on ``MASTER_PORT`` and tells workers with
 ``TORCHELASTIC_USE_AGENT_STORE=True``; distrib ranks become clients of that c10d
-store (``distrib.comm._torch_store``). torchrun is run as ``python -m
+store (``distrib.store._torch_store``). torchrun is run as ``python -m
 torch.distributed.run`` with this interpreter, so its workers import this
 checkout's distrib. Covers: standalone, static rendezvous over two launchers,
 c10d rendezvous over two launchers, a restart after a failure (keys of the
@@ -24,7 +24,7 @@ from _util import free_port
 from test_launcher_helpers import REPO, LauncherHarness
 
 from distrib._errors import DistStoreError, DistTimeoutError
-from distrib.comm._torch_store import TorchTCPStoreClient, torchelastic_store
+from distrib.store._torch_store import TorchTCPStoreClient, torchelastic_store
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 

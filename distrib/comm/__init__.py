@@ -8,6 +8,9 @@ Stores: ``TCPStore`` (ZeroMQ, msgpack, optional HMAC authentication),
 
 from __future__ import annotations
 
+from .._reduce_op import ReduceOp
+from ..store._client import PrefixStore, Store, TCPStore
+from ..store._file_store import FileStore
 from ._api import (
     Backend,
     GroupMember,
@@ -34,7 +37,6 @@ from ._collectives import (
     reduce_scatter_tensor,
     scatter,
 )
-from ._file_store import FileStore
 from ._group import ProcessGroup
 from ._monitored import monitored_barrier
 from ._objects import (
@@ -43,10 +45,8 @@ from ._objects import (
     gather_object,
     scatter_object_list,
 )
-from ._ops import ReduceOp
 from ._p2p import irecv, isend, recv, send
 from ._p2p_batch import P2POp, batch_isend_irecv
-from ._store import PrefixStore, Store, TCPStore
 from ._subgroups import (
     get_global_rank,
     get_group_rank,

@@ -13,9 +13,9 @@ from typing import Any
 
 from .._config import config
 from .._errors import DistUsageError
+from ..store._client import PrefixStore, Store, to_seconds
+from ..store._rendezvous import rendezvous
 from ._group import ProcessGroup
-from ._rendezvous import rendezvous
-from ._store import PrefixStore, Store, to_seconds
 
 __all__ = [
     "Backend",
@@ -166,7 +166,7 @@ def init_process_group(
         base, owns, bind_host = store, False, "127.0.0.1"
         store_host = getattr(store, "host", None)
         if store_host and not str(store_host).startswith("127."):
-            from ._rendezvous import _bind_host_towards
+            from ..store._rendezvous import _bind_host_towards
 
             bind_host = _bind_host_towards(store_host, getattr(store, "port", 0))
     else:

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, Protocol
 import msgpack
 
 from .._errors import DistError, DistMismatchError
-from ._calldesc import CallDesc, describe, pack, unpack
+from ..transport._calldesc import CallDesc, describe, pack, unpack
 from ._flight import FlightRecorder, State, entered_by_key
 
 __all__ = ["BLOCKED_AFTER_S", "BlockWatch", "Blocked", "find_cycle", "group_mismatch_error"]

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from .._errors import DistUsageError
-from ._calldesc import CallDesc
-from ._gpu import CudaEventWork, is_cupy_array
+from .._reduce_op import ReduceOp
+from .._xp import is_cupy, xp_of
+from ..transport._calldesc import CallDesc
+from ..transport.gpu._select import CudaEventWork
 from ._group import ProcessGroup
-from ._ops import ReduceOp
 
 __all__ = [
     "check_array",
@@ -31,22 +32,12 @@ __all__ = [
     "issue",
     "shape_of",
     "write_back",
-    "xp_of",
 ]
-
-
-def xp_of(array: Any) -> Any:
-    """numpy or cupy, whichever owns ``array``."""
-    if type(array).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
 
 
 def check_array(pg: ProcessGroup, array: Any, arg: str, op: str, writable: bool = False) -> None:
     """Raise a clear error unless ``array`` is a numeric numpy/cupy array."""
-    if not (isinstance(array, np.ndarray) or type(array).__module__.split(".")[0] == "cupy"):
+    if not (isinstance(array, np.ndarray) or is_cupy(array)):
         hint = ""
         if type(array).__module__.split(".")[0] == "torch":
             # torch users' first try: say how to pass the tensor without a copy
@@ -131,7 +122,7 @@ def issue(
         pg.agree(engine, call, seq, deadline)
         return action(engine, seq, deadline)
 
-    if async_op and is_cupy_array(sample):
+    if async_op and is_cupy(sample):
         # GPU work is enqueued on the caller's current cupy stream (torch's NCCL semantics):
         # enqueue it here, in issue order, and hand back a Work backed by a CUDA event, so a
         # user's non-default stream orders the collective correctly.

@@ -15,6 +15,8 @@ from typing import Any, cast
 import numpy as np
 
 from .._errors import DistUsageError
+from .._reduce_op import ReduceOp, check_op_dtype
+from .._xp import xp_of
 from ._api import resolve_group
 from ._call import (
     check_array,
@@ -27,9 +29,7 @@ from ._call import (
     issue,
     shape_of,
     write_back,
-    xp_of,
 )
-from ._ops import ReduceOp, check_op_dtype
 
 __all__ = [
     "all_gather",

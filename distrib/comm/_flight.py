@@ -16,7 +16,7 @@ import time
 import weakref
 from typing import Any
 
-from ._calldesc import CallDesc, describe
+from ..transport._calldesc import CallDesc, describe
 
 __all__ = ["FlightRecorder", "State", "entered_by_key", "snapshot_all"]
 

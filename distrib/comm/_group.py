@@ -34,9 +34,11 @@ from .._errors import (
     DistPeerLostError,
     DistTimeoutError,
 )
+from .._xp import is_cupy
+from ..transport._calldesc import CallDesc, CallsDiffer, mismatch_error
+from ..transport._engine import Engine, EngineContext
+from ..transport._select import make_cpu_engine_for, make_gpu_engine_for
 from ._blocked import BlockWatch
-from ._calldesc import CallDesc, CallsDiffer, mismatch_error
-from ._engine import Engine, EngineContext, make_cpu_engine_for, make_gpu_engine_for
 from ._flight import FlightRecorder
 from ._work import Work
 
@@ -175,7 +177,7 @@ class ProcessGroup:
 
     def _make_zmq_engine(self) -> Engine:
         if self._zmq_engine is None:
-            from ._zmq_engine import ZmqEngine
+            from ..transport.zmq._engine import ZmqEngine
 
             self._zmq_engine = ZmqEngine(self._ctx)
         return self._zmq_engine
@@ -184,7 +186,7 @@ class ProcessGroup:
         """The engine moving ``array``'s type: numpy -> CPU, cupy -> GPU (built lazily)."""
         if type(array) is np.ndarray:
             return self.cpu_engine
-        if type(array).__module__.split(".")[0] == "cupy":
+        if is_cupy(array):
             if self._gpu_engine is None:
                 self._gpu_engine = make_gpu_engine_for(self._ctx)
             return self._gpu_engine

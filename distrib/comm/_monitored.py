@@ -17,9 +17,9 @@ from typing import Any
 import msgpack
 
 from .._errors import DistTimeoutError
+from ..store._client import to_seconds
 from ._api import resolve_group
 from ._group import ProcessGroup
-from ._store import to_seconds
 
 __all__ = ["monitored_barrier"]
 

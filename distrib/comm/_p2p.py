@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .._errors import DistUsageError
+from ..transport._calldesc import CallDesc
 from ._api import resolve_group
 from ._call import check_array, flat_view, group_rank, shape_of, write_back
-from ._calldesc import CallDesc
 from ._group import ProcessGroup
 from ._work import Work
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from .._reduce_op import ReduceOp
 from ._api import DEFAULT_TIMEOUT_S
 from ._collectives import all_gather_into_tensor, reduce_scatter_tensor
-from ._ops import ReduceOp
 
 __all__ = ["all_gather_single", "default_pg_timeout", "reduce_scatter_single"]
 

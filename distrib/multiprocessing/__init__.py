@@ -160,7 +160,7 @@ def ipc_collect() -> int:
     if importlib.util.find_spec("cupy") is None:
         return 0
     try:
-        from ..shm import _cuda_ipc
+        from ..gpu import _ipc as _cuda_ipc
     except ImportError:
         return 0
     collect: Any = getattr(_cuda_ipc, "ipc_collect", None)
@@ -168,12 +168,12 @@ def ipc_collect() -> int:
 
 
 def _register_gpu_reducers() -> None:
-    # cupy arrays travel as CUDA IPC handles (distrib.shm._cuda_ipc); only when
+    # cupy arrays travel as CUDA IPC handles (distrib.gpu._ipc); only when
     # cupy is installed, and find_spec first so machines without it pay nothing.
     if importlib.util.find_spec("cupy") is None:
         return
     try:
-        from ..shm import _cuda_ipc
+        from ..gpu import _ipc as _cuda_ipc
     except ImportError:
         return  # the GPU part is not there (or cupy cannot load): arrays only
     _cuda_ipc.register_reducers(ArrayPickler)

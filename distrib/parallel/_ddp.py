@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import DistMismatchError, DistTimeoutError, DistUsageError
+from .._xp import is_cupy, xp_of
 from ._buckets import Bucket, ParamSpec, assign_buckets, build_buckets
 from ._hooks import CommHook, allreduce_hook
 
@@ -95,8 +96,8 @@ class DistributedDataParallel:
         for name, p in params.items():
             if not isinstance(name, str):
                 raise TypeError(f"DistributedDataParallel: parameter name {name!r} is not a str")
-            arr = p if _is_cupy(p) else np.asarray(p)
-            if not (_is_cupy(arr) or np.shares_memory(arr, p) or arr is p):
+            arr = p if is_cupy(p) else np.asarray(p)
+            if not (is_cupy(arr) or np.shares_memory(arr, p) or arr is p):
                 raise TypeError(
                     f"DistributedDataParallel: parameter {name!r} ({type(p).__name__}) cannot "
                     "be viewed as an array without a copy"
@@ -110,7 +111,7 @@ class DistributedDataParallel:
             specs.append(ParamSpec(name, tuple(arr.shape), np.dtype(arr.dtype)))
         self._specs = specs
         self._check_replicas_agree()
-        xp = _array_module(next(iter(self.params.values())))
+        xp = xp_of(next(iter(self.params.values())))
         groups = assign_buckets(
             specs,
             first_cap_bytes=max(1, int(first_bucket_mb * _MB)),
@@ -174,7 +175,7 @@ class DistributedDataParallel:
 
         if self.world_size == 1:
             return
-        xp = _array_module(next(iter(self.params.values())))
+        xp = xp_of(next(iter(self.params.values())))
         by_dtype: dict[np.dtype, list[str]] = {}
         for s in self._specs:
             by_dtype.setdefault(s.dtype, []).append(s.name)
@@ -367,20 +368,8 @@ class _DoneWork:
         return True
 
 
-def _is_cupy(a: Any) -> bool:
-    return type(a).__module__.startswith("cupy")
-
-
-def _array_module(a: Any) -> Any:
-    if _is_cupy(a):
-        import cupy
-
-        return cupy
-    return np
-
-
 def _same_memory(a: Any, b: Any) -> bool:
-    if _is_cupy(a) or _is_cupy(b):
+    if is_cupy(a) or is_cupy(b):
         return bool(getattr(a, "data", None) is not None and a.data.ptr == b.data.ptr)
     if not isinstance(a, np.ndarray):
         return False
@@ -391,4 +380,4 @@ def _same_memory(a: Any, b: Any) -> bool:
 
 
 def _writeable(a: Any) -> bool:
-    return _is_cupy(a) or (isinstance(a, np.ndarray) and a.flags.writeable)
+    return is_cupy(a) or (isinstance(a, np.ndarray) and a.flags.writeable)

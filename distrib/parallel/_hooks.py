@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .._xp import xp_of
+
 __all__ = ["AllreduceHook", "CommHook", "Fp16CompressHook", "allreduce_hook", "fp16_compress_hook"]
 
 
@@ -67,7 +69,7 @@ class Fp16CompressHook(CommHook):
         if flat.dtype == np.float16 or not np.issubdtype(flat.dtype, np.floating):
             return AllreduceHook.compress(self, flat, world_size, bucket)  # type: ignore[arg-type]
         if bucket.comm_buf is None or bucket.comm_buf.shape != flat.shape:
-            xp = _array_module(flat)
+            xp = xp_of(flat)
             bucket.comm_buf = xp.empty(flat.shape, dtype=np.float16)
         buf = bucket.comm_buf
         if world_size > 1:
@@ -79,14 +81,6 @@ class Fp16CompressHook(CommHook):
     def decompress(self, comm_buf: Any, flat: Any, world_size: int) -> None:
         if comm_buf is not flat:
             flat[...] = comm_buf
-
-
-def _array_module(arr: Any) -> Any:
-    if type(arr).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
 
 
 allreduce_hook = AllreduceHook()

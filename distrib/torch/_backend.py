@@ -32,8 +32,8 @@ from .. import comm as dcomm
 from .._config import config
 from .._errors import DistUsageError
 from ..comm._group import ProcessGroup as _Group
-from ..comm._rendezvous import _bind_host_towards
-from ..comm._store import PrefixStore, TCPStore
+from ..store._client import PrefixStore, TCPStore
+from ..store._rendezvous import _bind_host_towards
 from ._tensors import Staged, as_array, reduce_op
 
 # torch's stubs do not describe the Python ProcessGroup API this module uses.

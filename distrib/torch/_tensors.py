@@ -27,7 +27,7 @@ import torch
 import torch.distributed as _tdist
 
 from .._errors import DistUsageError
-from ..comm._ops import ReduceOp
+from .._reduce_op import ReduceOp
 
 # torch's stubs do not describe the Python ProcessGroup API this module uses.
 tdist: Any = _tdist

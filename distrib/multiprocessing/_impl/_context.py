@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Any
 
-from ..._cuda_files import remove_cuda_ipc_files
+from ...gpu._driver_files import remove_cuda_ipc_files
 from ._connection import Connection, Pipe
 from ._pickler import Preserialized
 from ._queues import JoinableQueue, Queue, SimpleQueue
