@@ -90,7 +90,7 @@ class ElasticRendezvous:
     def _connect(self) -> Any:
         if self._store is not None:
             return self._store
-        from distrib.comm import TCPStore
+        from distrib.store import TCPStore
 
         kwargs: dict[str, Any] = dict(
             timeout=_REQUEST_S, wait_for_workers=False, auth_token=self.opts.auth_token

@@ -64,7 +64,7 @@ class StoreRendezvous:
         # Imported here: single-node jobs never load ZeroMQ. Created lazily (not in
         # __init__) so the agent forks its guardian before the store's threads exist.
         if self._store is None:
-            from distrib.comm import TCPStore
+            from distrib.store import TCPStore
 
             self._store = TCPStore(
                 self.opts.master_addr,

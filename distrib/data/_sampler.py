@@ -49,17 +49,17 @@ class DistributedSampler:
         if dataset_len < 0:
             raise ValueError(f"DistributedSampler: dataset_len={dataset_len} must be >= 0")
         if num_replicas is None or rank is None:
-            import distrib
+            from .. import comm
 
-            if not distrib.is_initialized():
+            if not comm.is_initialized():
                 raise ValueError(
                     "DistributedSampler: pass num_replicas and rank, or call "
                     "distrib.init_process_group() first"
                 )
             if num_replicas is None:
-                num_replicas = distrib.get_world_size()
+                num_replicas = comm.get_world_size()
             if rank is None:
-                rank = distrib.get_rank()
+                rank = comm.get_rank()
         if int(num_replicas) < 1:
             raise ValueError(f"DistributedSampler: num_replicas={num_replicas} must be >= 1")
         if not 0 <= int(rank) < int(num_replicas):

@@ -63,7 +63,7 @@ class DistributedDataParallel:
         comm_hook: CommHook = allreduce_hook,
         timeout: float | None = None,
     ) -> None:
-        import distrib
+        from .. import comm
 
         if not isinstance(params, Mapping) or not params:
             raise TypeError(
@@ -80,15 +80,15 @@ class DistributedDataParallel:
             raise TypeError(
                 f"DistributedDataParallel: comm_hook must be a CommHook, got {comm_hook!r}"
             )
-        if group is None and not distrib.is_initialized():
+        if group is None and not comm.is_initialized():
             raise DistUsageError(
                 "DistributedDataParallel: no process group; call "
                 "distrib.init_process_group() first (or run under distrib-run)",
                 op="DistributedDataParallel",
             )
         self.group = group
-        self.rank = distrib.get_rank(group)
-        self.world_size = distrib.get_world_size(group)
+        self.rank = comm.get_rank(group)
+        self.world_size = comm.get_world_size(group)
         self.timeout = timeout
         self.comm_hook = comm_hook
         self.params: dict[str, Any] = {}
@@ -132,13 +132,13 @@ class DistributedDataParallel:
 
     # -- construction helpers ------------------------------------------------
     def _check_replicas_agree(self) -> None:
-        import distrib
+        from .. import comm
 
         if self.world_size == 1:
             return
         mine = [[s.name, list(s.shape), s.dtype.str] for s in self._specs]
         everyone: list[Any] = [None] * self.world_size
-        distrib.all_gather_object(everyone, mine, group=self.group)
+        comm.all_gather_object(everyone, mine, group=self.group)
         ref = everyone[0]
         for r, sig in enumerate(everyone):
             if sig == ref:
@@ -171,7 +171,7 @@ class DistributedDataParallel:
 
     def broadcast_parameters(self, src: int = 0) -> None:
         """Copy rank ``src``'s parameter values into every replica (one broadcast per dtype)."""
-        import distrib
+        from .. import comm
 
         if self.world_size == 1:
             return
@@ -183,7 +183,7 @@ class DistributedDataParallel:
             flat = xp.concatenate([self.params[n].reshape(-1) for n in names]).astype(
                 dtype, copy=False
             )
-            distrib.broadcast(flat, src=src, group=self.group)
+            comm.broadcast(flat, src=src, group=self.group)
             pos = 0
             for n in names:
                 p = self.params[n]
@@ -239,7 +239,7 @@ class DistributedDataParallel:
             self._launch_ready_buckets()
 
     def _launch_ready_buckets(self) -> None:
-        import distrib
+        from .. import comm
 
         # Issue in bucket order only: every rank then issues the same sequence.
         while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].full:
@@ -247,8 +247,8 @@ class DistributedDataParallel:
             buf = self.comm_hook.compress(bucket.flat, self.world_size, bucket)
             if self.world_size > 1:
                 avg = self.comm_hook.reduce_op(buf) == "avg"
-                op = distrib.ReduceOp.AVG if avg else distrib.ReduceOp.SUM
-                bucket.work = distrib.all_reduce(buf, op=op, group=self.group, async_op=True)
+                op = comm.ReduceOp.AVG if avg else comm.ReduceOp.SUM
+                bucket.work = comm.all_reduce(buf, op=op, group=self.group, async_op=True)
             else:
                 bucket.work = _DoneWork()
             bucket.sent = buf

@@ -28,7 +28,15 @@ from .._config import config
 from .._errors import ShmError, ShmFdLimitError
 from . import _limits
 
-__all__ = ["FD", "FS", "Segment", "cached_segment", "create_segment", "open_segment"]
+__all__ = [
+    "FD",
+    "FS",
+    "Segment",
+    "attach_process_segment",
+    "cached_segment",
+    "create_segment",
+    "open_segment",
+]
 
 FD = "file_descriptor"
 FS = "file_system"
@@ -95,8 +103,14 @@ def _fd_limit_error(what: str) -> ShmFdLimitError:
     )
 
 
-def create_segment(size: int, kind: str, data: memoryview | None = None) -> Segment:
+def create_segment(
+    size: int, kind: str, data: memoryview | None = None, *, reserve: bool = True
+) -> Segment:
     """Create and map a new segment of ``size`` bytes with its pages reserved.
+
+    ``reserve=False`` (anonymous segments only) sizes the segment without
+    allocating its pages: for scratch space that may stay mostly untouched,
+    such as the collective engine's per-rank slots.
 
     With ``data`` (``size`` bytes), the segment is filled by ``pwrite`` instead
     of ``fallocate`` + copy: tmpfs does not zero pages that a write fills, so
@@ -118,7 +132,10 @@ def create_segment(size: int, kind: str, data: memoryview | None = None) -> Segm
                 raise _fd_limit_error("creating a shared-memory segment") from exc
             raise ShmError(f"memfd_create failed: {exc}", op="shm.alloc") from exc
         try:
-            _reserve(fd, size, data)
+            if reserve:
+                _reserve(fd, size, data)
+            else:
+                os.ftruncate(fd, size)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
@@ -189,6 +206,26 @@ def open_segment(seg_id: str, kind: str, size: int, fd: int | None, path: str | 
     if fd is None:
         raise ShmError(f"segment {seg_id} arrived without a descriptor", op="shm.attach")
     return Segment(seg_id, kind, size, fd, path)
+
+
+def attach_process_segment(pid: int, fd: int, size: int) -> Segment:
+    """Map the anonymous segment that process ``pid`` (same user) holds as descriptor ``fd``.
+
+    For processes that meet through a store rather than a queue: the creator
+    publishes ``(pid, fd)`` and peers open ``/proc/<pid>/fd/<fd>``.
+    """
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        own = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise _fd_limit_error(f"opening {path}") from exc
+        raise ShmError(f"cannot open shared-memory segment {path}: {exc}", op="shm.attach") from exc
+    actual = os.fstat(own).st_size
+    if actual != size:
+        os.close(own)
+        raise ShmError(f"segment {path} has {actual} bytes, expected {size}", op="shm.attach")
+    return Segment(f"proc-{pid}-{fd}-{secrets.token_hex(4)}", FD, size, own, None)
 
 
 def _unlink_quietly(path: str) -> None:

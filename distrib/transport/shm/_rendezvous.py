@@ -138,8 +138,6 @@ def connect_local(
             seg.close()
         raise
     del token_buf
-    if seg is not None:
-        seg.release_fd()  # every rank has answered: each that could map it has
     if not all(a[0] for a in answers):
         if seg is not None:
             seg.close()
