@@ -15,7 +15,8 @@ from .._config import config
 from .._errors import DistUsageError
 from ..store._client import PrefixStore, Store, to_seconds
 from ..store._rendezvous import rendezvous
-from ._group import ProcessGroup
+from ._call import resolve_group
+from ._group import NON_GROUP_MEMBER, ProcessGroup
 
 __all__ = [
     "Backend",
@@ -58,7 +59,7 @@ class GroupMember(metaclass=_WorldMeta):
     """``GroupMember.WORLD`` is the default group; ``GroupMember.NON_GROUP_MEMBER`` is what
     ``new_group`` returns to non-members (torch's ``GroupMember``)."""
 
-    NON_GROUP_MEMBER = object()
+    NON_GROUP_MEMBER = NON_GROUP_MEMBER
 
 
 class group(metaclass=_WorldMeta):  # torch's name
@@ -190,22 +191,12 @@ def init_process_group(
             base.close()
         raise
     _world = _World(group, base, owns, bind_host, transport, os.getpid())
+    ProcessGroup.default = group
 
 
 def is_initialized() -> bool:
     """True when this process has joined the default group."""
     return _current() is not None
-
-
-def resolve_group(group: Any, op: str) -> ProcessGroup | None:
-    """The group a call targets; ``None`` when this rank is not a member (a no-op)."""
-    if group is None:
-        return _require(op).group
-    if group is GroupMember.NON_GROUP_MEMBER:
-        return None
-    if not isinstance(group, ProcessGroup):
-        raise TypeError(f"{op}: group must be a ProcessGroup or None, got {type(group).__name__}")
-    return group
 
 
 def get_rank(group: Any = None) -> int:
@@ -276,6 +267,7 @@ def destroy_process_group(group: Any = None) -> None:
             return
     if world is None:
         _world = None
+        ProcessGroup.default = None
         return
     for sub in world.subgroups:
         sub.close()
@@ -283,3 +275,4 @@ def destroy_process_group(group: Any = None) -> None:
     if world.owns_store:
         world.store.close()
     _world = None
+    ProcessGroup.default = None

@@ -1,25 +1,31 @@
 """How one collective call is checked, described and issued.
 
-Argument validation that names the rank and the argument, flattening to the
-engines' contiguous 1-D buffers, the call descriptor behind mismatch
-detection, and ``issue``, which hands the call to its group in issue order.
-Shared by the collectives (``_collectives``) and point-to-point (``_p2p``).
+The group a call targets (``resolve_group``), argument validation that names
+the rank and the argument, the call descriptor behind mismatch detection, and
+``issue``, which hands the call to its group. Shared by the collectives
+(``_collectives``), point-to-point (``_p2p``) and the object collectives.
+
+The road of a call is ``_collectives`` -> here -> ``_group`` -> back to the
+collective's action -> the engine: keep it that short (``benchmarks/
+trace_all_reduce.py`` checks it). Checks that repeat call after call are cached
+(``functools.lru_cache`` answers a repeat without running Python code).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .._errors import DistUsageError
-from .._reduce_op import ReduceOp
+from .._reduce_op import ReduceOp, check_op_dtype
 from .._xp import is_cupy, xp_of
 from ..transport._calldesc import CallDesc
 from ..transport.gpu._select import CudaEventWork
-from ._group import ProcessGroup
+from ._group import NON_GROUP_MEMBER, ProcessGroup
 
 __all__ = [
     "check_array",
@@ -27,12 +33,43 @@ __all__ = [
     "check_list",
     "descriptor",
     "finish_avg",
-    "flat_view",
     "group_rank",
     "issue",
+    "op_for",
+    "resolve_group",
     "shape_of",
     "write_back",
 ]
+
+
+def resolve_group(group: Any, op: str) -> ProcessGroup | None:
+    """The group a call targets; ``None`` when this rank is not a member (a no-op)."""
+    if group is None:
+        pg = ProcessGroup.default
+        if pg is None or pg.owner_pid != os.getpid():  # never initialized, or inherited by fork
+            raise DistUsageError(
+                f"{op}: the default process group is not initialized; call "
+                "distrib.init_process_group() first",
+                op=op,
+            )
+        return pg
+    if group is NON_GROUP_MEMBER:
+        return None
+    if not isinstance(group, ProcessGroup):
+        raise TypeError(f"{op}: group must be a ProcessGroup or None, got {type(group).__name__}")
+    return group
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_op(op: ReduceOp, dtype: Any, rank: int, opname: str) -> ReduceOp:
+    return check_op_dtype(op, dtype, rank=rank, opname=opname)
+
+
+def op_for(pg: ProcessGroup, op: Any, dtype: Any, opname: str) -> ReduceOp:
+    """``op`` as a ``ReduceOp`` valid for ``dtype``, or a clear error naming the rank."""
+    if type(op) is ReduceOp:  # the common case, cached (errors are raised, never cached)
+        return _checked_op(op, dtype, pg.global_rank, opname)
+    return check_op_dtype(op, dtype, rank=pg.global_rank, opname=opname)
 
 
 def check_array(pg: ProcessGroup, array: Any, arg: str, op: str, writable: bool = False) -> None:
@@ -75,15 +112,9 @@ def group_rank(pg: ProcessGroup, global_rank: Any, arg: str, op: str) -> int:
         ) from None
 
 
-def flat_view(array: Any) -> Any:
-    """A C-contiguous 1-D buffer with ``array``'s data (a view when possible)."""
-    if array.flags.c_contiguous:
-        return array.reshape(-1)
-    return xp_of(array).ascontiguousarray(array).reshape(-1)
-
-
 def write_back(array: Any, flat: Any) -> None:
-    """Copy ``flat`` (from ``flat_view(array)``) into ``array`` unless it is a view of it."""
+    """Copy ``flat`` (``array.ravel()``: a view when ``array`` is C-contiguous, else a
+    copy) back into ``array`` unless it is a view of it."""
     if not array.flags.c_contiguous:
         xp_of(array).copyto(array, flat.reshape(array.shape))
 
@@ -117,18 +148,13 @@ def issue(
     """Issue ``action(engine, seq, deadline)`` on ``pg`` once the ranks agree on ``call``."""
     engine = pg.engine_for(sample)
     call = _in_group(call, pg.group_key)
-
-    def body(deadline: float, seq: int) -> Any:
-        pg.agree(engine, call, seq, deadline)
-        return action(engine, seq, deadline)
-
     if async_op and is_cupy(sample):
         # GPU work is enqueued on the caller's current cupy stream (torch's NCCL semantics):
         # enqueue it here, in issue order, and hand back a Work backed by a CUDA event, so a
         # user's non-default stream orders the collective correctly.
-        pg.submit(op, body, False, call=call)
+        pg.issue_call(op, engine, call, action, False)
         return CudaEventWork(None, op, pg.global_rank, pg.timeout)
-    return pg.submit(op, body, async_op, call=call)
+    return pg.issue_call(op, engine, call, action, async_op)
 
 
 def shape_of(a: Any) -> tuple[int, ...]:

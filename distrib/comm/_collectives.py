@@ -15,18 +15,18 @@ from typing import Any, cast
 import numpy as np
 
 from .._errors import DistUsageError
-from .._reduce_op import ReduceOp, check_op_dtype
+from .._reduce_op import ReduceOp
 from .._xp import xp_of
-from ._api import resolve_group
 from ._call import (
     check_array,
     check_joined,
     check_list,
     descriptor,
     finish_avg,
-    flat_view,
     group_rank,
     issue,
+    op_for,
+    resolve_group,
     shape_of,
     write_back,
 )
@@ -58,11 +58,11 @@ def all_reduce(
     if pg is None:
         return None
     check_array(pg, tensor, "tensor", "all_reduce", writable=True)
-    rop = check_op_dtype(op, tensor.dtype, rank=pg.global_rank, opname="all_reduce")
+    rop = op_for(pg, op, tensor.dtype, "all_reduce")
     desc = descriptor("all_reduce", shape=shape_of(tensor), dtype=tensor.dtype.str, reduce=rop.name)
 
     def action(engine: Any, seq: int, deadline: float) -> list[Any]:
-        flat = flat_view(tensor)
+        flat = tensor.ravel()
         engine.all_reduce(flat, rop, seq, deadline)
         finish_avg(flat, rop, pg.size())
         write_back(tensor, flat)
@@ -80,14 +80,14 @@ def reduce(
         return None
     check_array(pg, tensor, "tensor", "reduce", writable=True)
     root = group_rank(pg, dst, "dst", "reduce")
-    rop = check_op_dtype(op, tensor.dtype, rank=pg.global_rank, opname="reduce")
+    rop = op_for(pg, op, tensor.dtype, "reduce")
     desc = descriptor(
         "reduce", shape=shape_of(tensor), dtype=tensor.dtype.str, reduce=rop.name, root=dst
     )
 
     def action(engine: Any, seq: int, deadline: float) -> list[Any]:
         if pg.rank() == root:
-            flat = flat_view(tensor)
+            flat = tensor.ravel()
         else:  # the engine may use non-root buffers as scratch: keep the caller's intact
             flat = xp_of(tensor).array(tensor, copy=True).reshape(-1)
         engine.reduce(flat, rop, root, seq, deadline)
@@ -109,7 +109,7 @@ def broadcast(tensor: Any, src: int, group: Any = None, async_op: bool = False) 
     desc = descriptor("broadcast", shape=shape_of(tensor), dtype=tensor.dtype.str, root=src)
 
     def action(engine: Any, seq: int, deadline: float) -> list[Any]:
-        flat = flat_view(tensor)
+        flat = tensor.ravel()
         engine.broadcast(flat, root, seq, deadline)
         if pg.rank() != root:
             write_back(tensor, flat)
@@ -159,7 +159,7 @@ def all_gather_into_tensor(
 
     def action(engine: Any, seq: int, deadline: float) -> list[Any]:
         m = input_tensor.size
-        flat = flat_view(output_tensor)
+        flat = output_tensor.ravel()
         flat[pg.rank() * m : (pg.rank() + 1) * m] = input_tensor.reshape(-1)
         engine.all_gather(flat, seq, deadline)
         write_back(output_tensor, flat)
@@ -192,7 +192,7 @@ def gather(
     def action(engine: Any, seq: int, deadline: float) -> list[Any]:
         xp, n, m = xp_of(tensor), pg.size(), tensor.size
         out = xp.empty(n * m, tensor.dtype) if pg.rank() == root else None
-        engine.gather(flat_view(tensor), out, root, seq, deadline)
+        engine.gather(tensor.ravel(), out, root, seq, deadline)
         if out is None:
             return []
         targets = cast(list, gather_list)
@@ -227,7 +227,7 @@ def scatter(
         buf = None
         if pg.rank() == root:
             buf = xp.concatenate([xp.asarray(a).reshape(-1) for a in cast(list, scatter_list)])
-        flat = flat_view(tensor)
+        flat = tensor.ravel()
         engine.scatter(buf, flat, root, seq, deadline)
         write_back(tensor, flat)
         return [tensor]
@@ -248,7 +248,7 @@ def reduce_scatter(
         return None
     check_array(pg, output, "output", "reduce_scatter", writable=True)
     check_list(pg, input_list, output, "input_list", "reduce_scatter", False)
-    rop = check_op_dtype(op, output.dtype, rank=pg.global_rank, opname="reduce_scatter")
+    rop = op_for(pg, op, output.dtype, "reduce_scatter")
     desc = descriptor(
         "reduce_scatter", shape=shape_of(output), dtype=output.dtype.str, reduce=rop.name
     )
@@ -256,7 +256,7 @@ def reduce_scatter(
     def action(engine: Any, seq: int, deadline: float) -> list[Any]:
         xp = xp_of(output)
         buf = xp.concatenate([xp.asarray(a).reshape(-1) for a in input_list])
-        flat = flat_view(output)
+        flat = output.ravel()
         engine.reduce_scatter(buf, flat, rop, seq, deadline)
         finish_avg(flat, rop, pg.size())
         write_back(output, flat)
@@ -276,12 +276,12 @@ def reduce_scatter_tensor(
     check_array(pg, output, "output", name, writable=True)
     check_array(pg, input, "input", name)
     check_joined(pg, input, output, "input", name)
-    rop = check_op_dtype(op, output.dtype, rank=pg.global_rank, opname=name)
+    rop = op_for(pg, op, output.dtype, name)
     desc = descriptor(name, shape=shape_of(input), dtype=input.dtype.str, reduce=rop.name)
 
     def action(engine: Any, seq: int, deadline: float) -> list[Any]:
-        flat = flat_view(output)
-        engine.reduce_scatter(flat_view(input), flat, rop, seq, deadline)
+        flat = output.ravel()
+        engine.reduce_scatter(input.ravel(), flat, rop, seq, deadline)
         finish_avg(flat, rop, pg.size())
         write_back(output, flat)
         return [output]
@@ -361,8 +361,8 @@ def all_to_all_single(
     desc = descriptor(name, shape=shape_of(input), dtype=input.dtype.str)
 
     def action(engine: Any, seq: int, deadline: float) -> list[Any]:
-        flat = flat_view(output)
-        engine.all_to_all(flat_view(input), flat, seq, deadline)
+        flat = output.ravel()
+        engine.all_to_all(input.ravel(), flat, seq, deadline)
         write_back(output, flat)
         return [output]
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from ..transport._calldesc import CallDesc, describe
 
-__all__ = ["FlightRecorder", "State", "entered_by_key", "snapshot_all"]
+__all__ = ["MASK", "RING", "FlightRecorder", "State", "entered_by_key", "snapshot_all"]
 
 RING = 64  # a power of two: the slot of seq is seq & (RING - 1)
-_MASK = RING - 1
+MASK = RING - 1
 
 
 class State(enum.Enum):
@@ -51,7 +51,12 @@ _created: dict[tuple[int, ...], int] = {}  # ranks -> groups with those ranks ma
 
 
 class FlightRecorder:
-    """The ring of one process group's collectives on this rank."""
+    """The ring of one process group's collectives on this rank.
+
+    The process group writes the slots itself as a call is entered, started and
+    completed (``_group._enqueue`` and ``_execute``): a few attribute writes on the
+    hot path, no call.
+    """
 
     __slots__ = (
         "__weakref__",
@@ -78,34 +83,14 @@ class FlightRecorder:
         self.running = -1  # the collective whose engine runs now (or ran last)
         _recorders.add(self)
 
-    def enter(self, seq: int, op: str, call: CallDesc | None, sync: bool = True) -> None:
-        """The caller issued collective ``seq`` (point-to-point, ``seq < 0``, is not kept)."""
-        if seq < 0:
-            return
-        e = self.ring[seq & _MASK]
-        e.seq, e.op, e.state, e.t_enter = seq, op, State.ENTERED, time.monotonic()
-        e.call, e.sync = call, sync
-        self.last_entered = seq
-
-    def started(self, seq: int) -> None:
-        if seq >= 0:
-            self.ring[seq & _MASK].state = State.STARTED
-            self.running = seq
-
     def entry(self, seq: int) -> _Entry | None:
         """The record of collective ``seq`` while the ring still holds it."""
-        e = self.ring[seq & _MASK]
+        e = self.ring[seq & MASK]
         return e if seq >= 0 and e.seq == seq else None
-
-    def completed(self, seq: int) -> None:
-        if seq >= 0:
-            e = self.ring[seq & _MASK]
-            e.state, e.t_end = State.COMPLETED, time.monotonic()
-            self.last_completed = seq
 
     def failed(self, seq: int) -> None:
         if seq >= 0:
-            e = self.ring[seq & _MASK]
+            e = self.ring[seq & MASK]
             e.state, e.t_end = State.FAILED, time.monotonic()
 
     def snapshot(self) -> dict[str, Any]:

@@ -15,12 +15,13 @@ with the same cause instead of waiting out their timeout.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 import numpy as np
@@ -39,10 +40,14 @@ from ..transport._calldesc import CallDesc, CallsDiffer, mismatch_error
 from ..transport._engine import Engine, EngineContext
 from ..transport._select import make_cpu_engine_for, make_gpu_engine_for
 from ._blocked import BlockWatch
-from ._flight import FlightRecorder
+from ._flight import MASK, FlightRecorder, State
 from ._work import Work
 
-__all__ = ["ProcessGroup", "host_id"]
+__all__ = ["NON_GROUP_MEMBER", "ProcessGroup", "host_id"]
+
+# What ``new_group`` returns to ranks outside the group (torch's
+# ``GroupMember.NON_GROUP_MEMBER``): calls on it are no-ops.
+NON_GROUP_MEMBER: Any = object()
 
 _FAILURE_CLASSES: dict[str, type[DistError]] = {
     c.__name__: c
@@ -96,11 +101,24 @@ class _Work(Work):
         return super().wait(timeout)
 
 
+class _Job(NamedTuple):
+    """One queued operation: ``action(engine, seq, deadline)``, agreed on first when
+    ``call`` is set (collectives; point-to-point has no call to agree on)."""
+
+    engine: Engine | None
+    call: CallDesc | None
+    action: Callable[[Any, int, float], Any]
+
+
 class ProcessGroup:
     """A set of ranks that run collectives together (torch's ``ProcessGroup``).
 
     Created by ``init_process_group`` / ``new_group``; not constructed directly.
     """
+
+    # The default group of this process (``init_process_group``); ``owner_pid``
+    # tells a forked child that the group it inherited is not its own.
+    default: ClassVar[ProcessGroup | None] = None
 
     def __init__(
         self,
@@ -114,8 +132,10 @@ class ProcessGroup:
         transport: str,
     ) -> None:
         self.store = store
+        self.owner_pid = os.getpid()
         self._rank, self._size = rank, size
         self.global_ranks = list(global_ranks)
+        self.global_rank: int = self.global_ranks[rank]  # an attribute: read on every call
         self.group_key = tuple(self.global_ranks)  # names the group in call descriptors
         self.timeout = timeout
         self.backend = backend
@@ -168,10 +188,6 @@ class ProcessGroup:
 
     def size(self) -> int:
         return self._size
-
-    @property
-    def global_rank(self) -> int:
-        return self.global_ranks[self._rank]
 
     # -- engines -------------------------------------------------------------
 
@@ -318,6 +334,18 @@ class ProcessGroup:
 
     # -- execution -----------------------------------------------------------
 
+    def issue_call(
+        self,
+        op: str,
+        engine: Engine,
+        call: CallDesc,
+        action: Callable[[Any, int, float], Any],
+        async_op: bool,
+    ) -> Any:
+        """Run collective ``action(engine, seq, deadline)`` once every rank agreed on ``call``,
+        after every earlier operation; return a ``Work`` when async."""
+        return self._enqueue(op, _Job(engine, call, action), async_op, True)
+
     def submit(
         self,
         op: str,
@@ -326,9 +354,17 @@ class ProcessGroup:
         collective: bool = True,
         call: CallDesc | None = None,
     ) -> Any:
-        """Run ``body(deadline, seq)`` after every earlier operation; return a ``Work`` when
-        async (``call`` is what the flight recorder keeps). Collectives get the next ``seq`` (taken with the ticket, so the two orders
-        agree even when several threads issue operations)."""
+        """Run ``body(deadline, seq)`` after every earlier operation, without agreement
+        (point-to-point and other non-collective steps); a ``Work`` when async."""
+        job = _Job(None, call, lambda _engine, seq, deadline: body(deadline, seq))
+        return self._enqueue(op, job, async_op, collective, agree=False)
+
+    def _enqueue(
+        self, op: str, job: _Job, async_op: bool, collective: bool, agree: bool = True
+    ) -> Any:
+        """Take a ticket (and, for collectives, the next ``seq``: both under one lock, so
+        the two orders agree when several threads issue), record the call, then run it
+        here (synchronous) or on the progress thread (async)."""
         if self._closed:
             raise DistClosedError(
                 f"{op}: the process group of rank {self.global_rank} was destroyed",
@@ -341,11 +377,18 @@ class ProcessGroup:
             ticket = self._next_ticket
             self._next_ticket += 1
             seq = next(self._seq) if collective else -1
-        self.flight.enter(seq, op, call, not async_op)
+        if seq >= 0:  # the flight recorder's slot, written here: this is the hot path
+            flight = self.flight
+            e = flight.ring[seq & MASK]
+            e.seq, e.op, e.state, e.t_enter = seq, op, State.ENTERED, time.monotonic()
+            e.call, e.sync = job.call, not async_op
+            flight.last_entered = seq
+        if not agree:
+            job = job._replace(call=None)
         if not async_op:
             # Synchronous: run on the caller's thread, no Work to build (its Event
             # costs microseconds a small all-reduce cannot spare).
-            self._execute(ticket, seq, body)
+            self._execute(ticket, seq, job)
             return None
         work = _Work(op, self.global_rank, self.flight, seq)
         if self._thread is None:
@@ -353,19 +396,19 @@ class ProcessGroup:
                 target=self._progress, name=f"distrib-progress-{self.global_ranks}", daemon=True
             )
             self._thread.start()
-        self._queue.put((ticket, seq, body, work))
+        self._queue.put((ticket, seq, job, work))
         return work
 
-    def _run(self, ticket: int, seq: int, body: Callable[[float, int], Any], work: Work) -> None:
+    def _run(self, ticket: int, seq: int, job: _Job, work: Work) -> None:
         try:
-            result = self._execute(ticket, seq, body)
+            result = self._execute(ticket, seq, job)
         except BaseException as exc:
             work._finish(exc)
         else:
             work._finish(None, result)
 
-    def _execute(self, ticket: int, seq: int, body: Callable[[float, int], Any]) -> Any:
-        """Wait for ``ticket``'s turn, run ``body``, record a failure for the whole group."""
+    def _execute(self, ticket: int, seq: int, job: _Job) -> Any:
+        """Wait for ``ticket``'s turn, agree on the call, run it; a failure fails the group."""
         if self._running_ticket != ticket:  # an earlier (async) operation is still queued
             with self._cond:
                 while self._running_ticket != ticket:
@@ -373,9 +416,18 @@ class ProcessGroup:
         try:
             if self._failure is not None:
                 raise self._failure
-            self.flight.started(seq)
-            result = body(time.monotonic() + self.timeout, seq)
-            self.flight.completed(seq)
+            flight = self.flight
+            if seq >= 0:
+                flight.ring[seq & MASK].state = State.STARTED
+                flight.running = seq
+            deadline = time.monotonic() + self.timeout
+            if job.call is not None:
+                self.agree(job.engine, job.call, seq, deadline)  # type: ignore[arg-type]
+            result = job.action(job.engine, seq, deadline)
+            if seq >= 0:
+                e = flight.ring[seq & MASK]
+                e.state, e.t_end = State.COMPLETED, time.monotonic()
+                flight.last_completed = seq
             return result
         except CallsDiffer as differ:
             # Every rank saw the same calls and raises by itself: aborting the engine

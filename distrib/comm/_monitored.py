@@ -18,7 +18,7 @@ import msgpack
 
 from .._errors import DistTimeoutError
 from ..store._client import to_seconds
-from ._api import resolve_group
+from ._call import resolve_group
 from ._group import ProcessGroup
 
 __all__ = ["monitored_barrier"]

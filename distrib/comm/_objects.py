@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from ._api import resolve_group
+from ._call import resolve_group
 from ._collectives import all_gather_into_tensor, broadcast, gather, scatter
 from ._group import ProcessGroup
 

@@ -14,8 +14,7 @@ from typing import Any
 
 from .._errors import DistUsageError
 from ..transport._calldesc import CallDesc
-from ._api import resolve_group
-from ._call import check_array, flat_view, group_rank, shape_of, write_back
+from ._call import check_array, group_rank, resolve_group, shape_of, write_back
 from ._group import ProcessGroup
 from ._work import Work
 
@@ -50,7 +49,7 @@ def _p2p(
     which = _Confirm()
 
     def body(deadline: float, seq: int) -> list[Any]:
-        flat = flat_view(tensor)
+        flat = tensor.ravel()
         engine.call = call
         if sending:
             engine.send(flat, peer_g, tag, deadline)

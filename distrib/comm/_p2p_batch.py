@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._api import resolve_group
+from ._call import resolve_group
 from ._p2p import irecv, isend
 from ._subgroups import get_global_rank
 from ._work import Work

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from .._errors import DistUsageError
-from ._api import GroupMember, _require, new_group, resolve_group
+from ._api import GroupMember, _require, new_group
+from ._call import resolve_group
 from ._group import ProcessGroup
 
 __all__ = [
