@@ -24,8 +24,8 @@ from .._errors import DistUsageError
 from .._reduce_op import ReduceOp, check_op_dtype
 from .._xp import is_cupy, xp_of
 from ..transport._calldesc import CallDesc
-from ..transport.gpu._select import CudaEventWork
 from ._group import NON_GROUP_MEMBER, ProcessGroup
+from ._work import CudaEventWork
 
 __all__ = [
     "check_array",

@@ -1,4 +1,10 @@
-"""``Work``: the handle an ``async_op=True`` collective returns (torch's ``Work``)."""
+"""``Work``: the handle an ``async_op=True`` operation returns (torch's ``Work``).
+
+One type for every completion: a queued CPU operation (``Work``, finished by
+the group's progress thread), one that needs nothing (``Work.completed``) and
+GPU work enqueued on a CUDA stream (``CudaEventWork``, finished by the device).
+``wait()`` returns True or raises: a timeout is ``DistTimeoutError``, never False.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,9 @@ from typing import Any
 
 from .._errors import DistTimeoutError, DistUsageError
 from .._validate import WAIT, check_timeout
+from ..gpu._driver import import_cupy
 
-__all__ = ["Work"]
+__all__ = ["CudaEventWork", "Work"]
 
 
 class Work:
@@ -24,6 +31,13 @@ class Work:
         self._result: list[Any] = []
         self._callbacks: list[Callable[[Work], None]] | None = []
         self._callbacks_lock = threading.Lock()
+
+    @classmethod
+    def completed(cls, op: str, result: list[Any] | None = None) -> Work:
+        """A handle that is already finished (nothing to communicate, e.g. one rank)."""
+        work = cls(op)
+        work._finish(None, result)
+        return work
 
     def __repr__(self) -> str:
         state = "failed" if self._exc else "completed" if self._done.is_set() else "pending"
@@ -81,3 +95,61 @@ class Work:
             callbacks, self._callbacks = self._callbacks, None
         for fn in callbacks or ():
             fn(self)
+
+
+class CudaEventWork(Work):
+    """Completion of GPU work enqueued by a collective, backed by one CUDA event.
+
+    ``wait()`` follows torch: it makes the caller's *current stream* wait for
+    the collective (no host block) and returns True; ``synchronize()`` blocks
+    the host until the work finished, bounded by ``timeout``.
+    """
+
+    def __init__(
+        self, stream: Any, opname: str, rank: int, timeout: float, result: Any = None
+    ) -> None:
+        super().__init__(opname, rank)
+        cupy = import_cupy(opname)
+        self._cupy = cupy
+        self.event = cupy.cuda.Event(block=False, disable_timing=True)
+        # None: the caller's current stream, where the collective was just enqueued.
+        self.event.record(cupy.cuda.get_current_stream() if stream is None else stream)
+        self.opname = opname
+        self.rank = rank
+        self.timeout = timeout
+        self._result = result
+
+    def is_completed(self) -> bool:
+        return bool(self.event.done)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._cupy.cuda.get_current_stream().wait_event(self.event)
+        return True
+
+    def synchronize(self, timeout: float | None = None) -> None:
+        limit = self.timeout if timeout is None else check_timeout(timeout, "synchronize timeout")
+        deadline = time.monotonic() + limit
+        while not self.event.done:
+            if time.monotonic() > deadline:
+                raise DistTimeoutError(
+                    f"rank {self.rank}: GPU {self.opname} did not finish within {limit:.1f}s",
+                    rank=self.rank,
+                    op=self.opname,
+                )
+            time.sleep(0.0002)
+
+    def result(self) -> Any:
+        return self._result
+
+    def add_done_callback(self, fn: Callable[[Work], None]) -> None:
+        """Call ``fn(work)`` once the device finished (this blocks the host until then)."""
+        self.synchronize()
+        fn(self)
+
+    def exception(self) -> BaseException | None:
+        """Always ``None``: a failed enqueue raises at the call, a failed kernel at the
+        next call (the watchdog aborts the communicator)."""
+        return None
+
+    def is_success(self) -> bool:
+        return self.is_completed()

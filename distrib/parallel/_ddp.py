@@ -250,7 +250,7 @@ class DistributedDataParallel:
                 op = comm.ReduceOp.AVG if avg else comm.ReduceOp.SUM
                 bucket.work = comm.all_reduce(buf, op=op, group=self.group, async_op=True)
             else:
-                bucket.work = _DoneWork()
+                bucket.work = comm.Work.completed("all_reduce")
             bucket.sent = buf
             self._next_launch += 1
 
@@ -287,15 +287,18 @@ class DistributedDataParallel:
         try:
             for bucket in self.buckets:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ok = bucket.work.wait(timeout=left)
-                if ok is False:
+                try:
+                    bucket.work.wait(timeout=left)
+                except DistTimeoutError:
+                    if bucket.work.is_completed():
+                        raise  # the all-reduce itself failed: its own error explains it
                     raise DistTimeoutError(
                         f"synchronize (rank {self.rank} of {self.world_size}): bucket "
                         f"{bucket.index} ({bucket.nbytes} bytes) not reduced within "
                         f"{timeout} s",
                         rank=self.rank,
                         op="synchronize",
-                    )
+                    ) from None
                 self.comm_hook.decompress(bucket.sent, bucket.flat, self.world_size)
         finally:
             self.comm_wait_seconds += time.perf_counter() - t0
@@ -356,16 +359,6 @@ class DistributedDataParallel:
             f"DistributedDataParallel(rank={self.rank}, world_size={self.world_size}, "
             f"{len(self.params)} params, buckets MiB=[{sizes}], hook={self.comm_hook.name})"
         )
-
-
-class _DoneWork:
-    """A completed Work for world size 1 (nothing to communicate)."""
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return True
-
-    def is_completed(self) -> bool:
-        return True
 
 
 def _same_memory(a: Any, b: Any) -> bool:

@@ -10,7 +10,7 @@ cupy device) in the group's store; then
 - a mix (say 4 ranks on 2 GPUs) -> ``DistBackendError`` saying how to fix it.
 
 GPU engines enqueue on the caller's current cupy stream and return; the group
-turns that into a ``Work`` with ``CudaEventWork`` (a CUDA event recorded after
+turns that into a ``Work`` with ``comm._work.CudaEventWork`` (a CUDA event recorded after
 the enqueued work).
 """
 
@@ -21,12 +21,11 @@ from typing import Any
 
 import msgpack
 
-from ..._errors import DistBackendError, DistTimeoutError
-from ..._validate import check_timeout
+from ..._errors import DistBackendError
 from ...gpu._driver import check_not_forked, device_identity, import_cupy, mark_cuda_used
 from .._engine import Engine
 
-__all__ = ["CudaEventWork", "make_gpu_engine", "plan_gpu_engine"]
+__all__ = ["make_gpu_engine", "plan_gpu_engine"]
 
 
 def plan_gpu_engine(identities: list[str]) -> str:
@@ -88,53 +87,3 @@ def make_gpu_engine(ctx: Any) -> Engine:
     from ._nccl import NcclEngine
 
     return NcclEngine(store, rank, size, device, ctx.timeout)
-
-
-class CudaEventWork:
-    """Completion of GPU work enqueued by a collective, backed by one CUDA event.
-
-    ``wait()`` follows torch: it makes the caller's *current stream* wait for
-    the collective (no host block) and returns True; ``synchronize()`` blocks
-    the host until the work finished, bounded by ``timeout``.
-    """
-
-    def __init__(self, stream: Any, opname: str, rank: int, timeout: float, result: Any = None):
-        cupy = import_cupy(opname)
-        self._cupy = cupy
-        self.event = cupy.cuda.Event(block=False, disable_timing=True)
-        # None: the caller's current stream, where the collective was just enqueued.
-        self.event.record(cupy.cuda.get_current_stream() if stream is None else stream)
-        self.opname = opname
-        self.rank = rank
-        self.timeout = timeout
-        self._result = result
-
-    def is_completed(self) -> bool:
-        return bool(self.event.done)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self._cupy.cuda.get_current_stream().wait_event(self.event)
-        return True
-
-    def synchronize(self, timeout: float | None = None) -> None:
-        limit = self.timeout if timeout is None else check_timeout(timeout, "synchronize timeout")
-        deadline = time.monotonic() + limit
-        while not self.event.done:
-            if time.monotonic() > deadline:
-                raise DistTimeoutError(
-                    f"rank {self.rank}: GPU {self.opname} did not finish within {limit:.1f}s",
-                    rank=self.rank,
-                    op=self.opname,
-                )
-            time.sleep(0.0002)
-
-    def result(self) -> Any:
-        return self._result
-
-    def exception(self) -> BaseException | None:
-        """Always ``None``: a failed enqueue raises at the call, a failed kernel at the
-        next call (the watchdog aborts the communicator)."""
-        return None
-
-    def is_success(self) -> bool:
-        return self.is_completed()
