@@ -49,6 +49,7 @@ from ._driver import (
 )
 
 __all__ = [
+    "CupyArrayHandle",
     "Export",
     "export_allocation",
     "ipc_collect",
@@ -171,6 +172,29 @@ class Export(NamedTuple):
     origin_base: int
 
 
+class CupyArrayHandle(NamedTuple):
+    """What another process on this machine needs to open a cupy array sent to it.
+
+    ``data`` is ``None`` for an empty array. The sender keeps the memory alive
+    until the receiver is done with it: ``event`` (an IPC event recorded after
+    the sender's pending work) orders the receiver's stream, and the 4-byte slot
+    at ``slot_offset`` in the sender's ``slab`` stays 1 while the receiver holds
+    the array (the sender collects slots that went back to 0).
+    """
+
+    host: str
+    pid: int  # the sender
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: str
+    bus: str  # PCI bus id of the device (device numbers differ between processes)
+    device: int  # the sender's device number, for messages
+    data: Export | None
+    event: bytes = b""
+    slab: Export | None = None
+    slot_offset: int = 0
+
+
 def export_allocation(arr: Any) -> Export:
     """Describe the ``cudaMalloc`` allocation that holds a cupy array, for another process."""
     cupy = import_cupy("export_allocation")
@@ -196,23 +220,23 @@ def export_allocation(arr: Any) -> Export:
     return Export(bytes(handle), size, ptr - base, os.getpid(), base)
 
 
-def _reduce_cupy_array(arr: Any) -> tuple[Any, tuple[dict[str, Any]]]:
+def _reduce_cupy_array(arr: Any) -> tuple[Any, tuple[CupyArrayHandle]]:
     cupy = import_cupy("pickling a cupy array")
     check_not_forked("pickling a cupy array")
     mark_cuda_used()
     device = arr.device.id
-    meta: dict[str, Any] = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "shape": tuple(arr.shape),
-        "strides": tuple(arr.strides),
-        "dtype": arr.dtype.str,
-        "bus": cupy.cuda.runtime.deviceGetPCIBusId(device),
-        "device": device,
-    }
+    empty = CupyArrayHandle(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        shape=tuple(arr.shape),
+        strides=tuple(arr.strides),
+        dtype=arr.dtype.str,
+        bus=cupy.cuda.runtime.deviceGetPCIBusId(device),
+        device=device,
+        data=None,
+    )
     if arr.size == 0 or arr.data.ptr == 0:
-        meta["handle"] = None
-        return _rebuild_cupy_array, (meta,)
+        return _rebuild_cupy_array, (empty,)
     where = export_allocation(arr)
     prod = _get_producer()
     with prod.lock, cupy.cuda.Device(device):
@@ -230,19 +254,13 @@ def _reduce_cupy_array(arr: Any) -> tuple[Any, tuple[dict[str, Any]]]:
         own = where.origin_pid == os.getpid()
         prod.held[(device, index, slot)] = (arr.data.mem, event, event_handle, own)
         prod.events[event_handle] = event
-        meta.update(
-            handle=where.handle,
-            alloc_size=where.size,
-            offset=where.offset,
-            origin_pid=where.origin_pid,
-            origin_base=where.origin_base,
+        handle = empty._replace(
+            data=where,
             event=event_handle,
-            slab_handle=slab.where.handle,
-            slab_size=slab.where.size,
-            slab_base=slab.where.origin_base,
+            slab=slab.where,
             slot_offset=slab.where.offset + 4 * slot,
         )
-    return _rebuild_cupy_array, (meta,)
+    return _rebuild_cupy_array, (handle,)
 
 
 def register_reducers(pickler: Any) -> None:
@@ -405,65 +423,66 @@ def _release_lease(data: _Mapping, slab: _Mapping, slot_ptr: int) -> None:
     release_mapping(slab)
 
 
-def _local_device(meta: dict[str, Any]) -> int:
+def _local_device(meta: CupyArrayHandle) -> int:
     cupy = import_cupy("receiving a cupy array")
     host = socket.gethostname()
-    if meta["host"] != host:
+    if meta.host != host:
         raise DistBackendError(
-            f"received a cupy array sent from host {meta['host']} (pid {meta['pid']}) on host "
+            f"received a cupy array sent from host {meta.host} (pid {meta.pid}) on host "
             f"{host}: CUDA IPC works only between processes on one machine",
             op="cuda_ipc.open",
         )
     try:
-        return int(cupy.cuda.runtime.deviceGetByPCIBusId(meta["bus"]))
+        return int(cupy.cuda.runtime.deviceGetByPCIBusId(meta.bus))
     except Exception:
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as exc:
             count = f"none ({exc})"
         raise DistBackendError(
-            f"received a cupy array on GPU {meta['bus']} (device {meta['device']} of pid "
-            f"{meta['pid']}), but this process (pid {os.getpid()}) cannot see that GPU "
+            f"received a cupy array on GPU {meta.bus} (device {meta.device} of pid "
+            f"{meta.pid}), but this process (pid {os.getpid()}) cannot see that GPU "
             f"(visible devices: {count}; CUDA_VISIBLE_DEVICES="
             f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})",
             op="cuda_ipc.open",
         ) from None
 
 
-def _rebuild_cupy_array(meta: dict[str, Any]) -> Any:
+def _rebuild_cupy_array(meta: CupyArrayHandle) -> Any:
     check_not_forked("receiving a cupy array")
     cupy = import_cupy("receiving a cupy array")
     device = _local_device(meta)
     mark_cuda_used()
-    dtype = cupy.dtype(meta["dtype"])
-    if meta["handle"] is None:
+    dtype = cupy.dtype(meta.dtype)
+    if meta.data is None or meta.slab is None:
         with cupy.cuda.Device(device):
-            return cupy.empty(meta["shape"], dtype=dtype)
+            return cupy.empty(meta.shape, dtype=dtype)
+    where, slab_where = meta.data, meta.slab
     with cupy.cuda.Device(device):
         bind_device(cupy, device)
         data = open_allocation(
-            meta["handle"], meta["alloc_size"], device, meta["origin_pid"], meta["origin_base"]
+            where.handle, where.size, device, where.origin_pid, where.origin_base
         )
         try:
             slab = open_allocation(
-                meta["slab_handle"], meta["slab_size"], device, meta["pid"], meta["slab_base"]
+                slab_where.handle, slab_where.size, device, meta.pid, slab_where.origin_base
             )
         except BaseException:
             release_mapping(data)
             raise
-        lease = _Lease(data, slab, slab.ptr + meta["slot_offset"])
+        lease = _Lease(data, slab, slab.ptr + meta.slot_offset)
         stream = cupy.cuda.get_current_stream()
-        if meta["pid"] == os.getpid():  # sent to ourselves: wait on the event object itself
+        if meta.pid == os.getpid():  # sent to ourselves: wait on the event object itself
             prod = _producer
-            own = prod.events.get(meta["event"]) if prod is not None else None
+            own = prod.events.get(meta.event) if prod is not None else None
             if own is not None:
                 stream.wait_event(own)
         else:
-            event = cupy.cuda.runtime.ipcOpenEventHandle(meta["event"])
+            event = cupy.cuda.runtime.ipcOpenEventHandle(meta.event)
             try:
                 cupy.cuda.runtime.streamWaitEvent(stream.ptr, event, 0)
             finally:
                 cupy.cuda.runtime.eventDestroy(event)
         mem = cupy.cuda.UnownedMemory(data.ptr, data.size, lease, device)
-        memptr = cupy.cuda.MemoryPointer(mem, meta["offset"])
-        return cupy.ndarray(meta["shape"], dtype=dtype, memptr=memptr, strides=meta["strides"])
+        memptr = cupy.cuda.MemoryPointer(mem, where.offset)
+        return cupy.ndarray(meta.shape, dtype=dtype, memptr=memptr, strides=meta.strides)

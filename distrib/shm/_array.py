@@ -14,7 +14,7 @@ segment id) and builds an ndarray over the same memory.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from ._segment import Segment, cached_segment, create_segment, open_segment
 from ._strategy import get_sharing_strategy
 
 __all__ = [
+    "ArrayHandle",
     "Block",
     "block_of",
     "empty",
@@ -173,14 +174,30 @@ def share(arr: Any) -> np.ndarray:
     return out
 
 
-def handle_of(arr: np.ndarray, block: Block) -> tuple:
+class ArrayHandle(NamedTuple):
+    """What another process needs to map a shared array: where its memory is, and the view."""
+
+    daemon: str  # address of the cleanup daemon that holds the segment's ticket
+    seg_id: str
+    kind: str  # sharing strategy: FD (descriptor passed by the daemon) or FS (named file)
+    size: int  # segment bytes
+    path: str | None  # FS segments: the file to open
+    offset: int  # the block's offset in the segment
+    nbytes: int  # the block's length
+    data_offset: int  # the array's first byte, relative to the block
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: np.dtype
+
+
+def handle_of(arr: np.ndarray, block: Block) -> ArrayHandle:
     """The handle that lets another process map ``arr`` (counts one ticket)."""
     seg = block.segment
     address = _client.ref(seg)
     block.handed_out = True
     _blocks.setdefault((seg.seg_id, block.offset), block)
     data_offset = arr.__array_interface__["data"][0] - seg.address - block.offset
-    return (
+    return ArrayHandle(
         address,
         seg.seg_id,
         seg.kind,
@@ -195,32 +212,22 @@ def handle_of(arr: np.ndarray, block: Block) -> tuple:
     )
 
 
-def rebuild_array(
-    address: str,
-    seg_id: str,
-    kind: str,
-    size: int,
-    path: str | None,
-    offset: int,
-    nbytes: int,
-    data_offset: int,
-    shape: tuple,
-    strides: tuple,
-    dtype: np.dtype,
-) -> np.ndarray:
+def rebuild_array(handle: ArrayHandle) -> np.ndarray:
     """Map the memory a handle names (consuming its ticket) and view it as the array."""
+    h = handle
+    seg_id, offset = h.seg_id, h.offset
     block = _blocks.get((seg_id, offset))
     seg = block.segment if block is not None else cached_segment(seg_id)
     if seg is not None:
-        _client.unref(address, seg_id)
+        _client.unref(h.daemon, seg_id)
     else:
-        fd = _client.take(address, seg_id)
-        seg = open_segment(seg_id, kind, size, fd, path)
-        seg.daemon = address
+        fd = _client.take(h.daemon, seg_id)
+        seg = open_segment(seg_id, h.kind, h.size, fd, h.path)
+        seg.daemon = h.daemon
     if block is None:
-        block = Block(seg, offset, nbytes)
+        block = Block(seg, offset, h.nbytes)
         block.handed_out = True  # it came from elsewhere: never ours to recycle
         _blocks[(seg_id, offset)] = block
     return np.ndarray(
-        shape, dtype=dtype, buffer=np.asarray(block), offset=data_offset, strides=strides
+        h.shape, dtype=h.dtype, buffer=np.asarray(block), offset=h.data_offset, strides=h.strides
     )

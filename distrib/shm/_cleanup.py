@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -56,6 +57,14 @@ class _Seg:
         self.holders: set[int] = set()
 
 
+class _Pending(NamedTuple):
+    """The part of a client's message that names segments whose refs are still in flight."""
+
+    conn: int
+    msg: list[Any]
+    deadline: float
+
+
 class Daemon:
     """Single-threaded event loop over the listener and client connections."""
 
@@ -66,7 +75,7 @@ class Daemon:
         self.sel.register(listener, selectors.EVENT_READ)
         self.conns: dict[int, socket.socket] = {}
         self.segs: dict[str, _Seg] = {}
-        self.pending: list[tuple[int, list, float]] = []  # (conn id, message, deadline)
+        self.pending: list[_Pending] = []
         self.ever_connected = False
         self.idle_since = time.monotonic()
 
@@ -87,38 +96,35 @@ class Daemon:
         for seg_id in [s for s, seg in self.segs.items() if cid in seg.holders]:
             self.segs[seg_id].holders.discard(cid)
             self._maybe_free(seg_id)
-        self.pending = [p for p in self.pending if p[0] != cid]
+        self.pending = [p for p in self.pending if p.conn != cid]
         if not self.conns:
             self.idle_since = time.monotonic()
 
     # -- messages ----------------------------------------------------------
-    def _handle(self, cid: int, msg: list, fds: list[int]) -> bool:
-        """Apply one message; False if it must wait for a ref still in flight."""
+    def _handle(self, cid: int, msg: list[Any], fds: list[int]) -> list[Any] | None:
+        """Apply one message; return the part that must wait for a ref still in flight."""
         op = msg[0]
         if op == "refs":
             for seg_id, kind, size, path, n, has_fd in msg[1]:
                 fd = fds.pop(0) if has_fd and fds else None
                 self._add_ref(cid, seg_id, kind, size, path, n, fd)
-            return True
+            return None
         if op == "track":
             self._add_ref(cid, msg[1], "file_system", 0, msg[2], 0, None)
-            return True
+            return None
         if op == "unrefs":
             waiting = [[s, n] for s, n in msg[1] if not self._consume(cid, s, n)]
-            if waiting:
-                msg[1] = waiting
-                return False
-            return True
+            return ["unrefs", waiting] if waiting else None
         seg_id = msg[1]
         if op == "release":
             seg = self.segs.get(seg_id)
             if seg is not None:
                 seg.holders.discard(cid)
                 self._maybe_free(seg_id)
-            return True
+            return None
         if op == "take":
             if not self._consume(cid, seg_id, 1):
-                return False
+                return msg
             seg = self.segs[seg_id]
             reply = msgpack.packb(["ok", seg.kind, seg.size, seg.path])
             try:
@@ -128,7 +134,7 @@ class Daemon:
                     self.conns[cid].sendall(reply)
             except OSError:
                 self._drop_conn(cid)
-        return True
+        return None
 
     def _add_ref(
         self, cid: int, seg_id: str, kind: str, size: int, path: str | None, n: int, fd: int | None
@@ -155,7 +161,7 @@ class Daemon:
         seg.tickets -= n
         return True
 
-    def _reply_error(self, cid: int, msg: list) -> None:
+    def _reply_error(self, cid: int, msg: list[Any]) -> None:
         if msg[0] != "take" or cid not in self.conns:
             return
         text = (
@@ -187,21 +193,23 @@ class Daemon:
                 os.close(fd)
             self._drop_conn(cid)  # not our protocol: hang up
             return
-        if not self._handle(cid, msg, fds):
-            self.pending.append((cid, msg, time.monotonic() + _PENDING_S))
+        waiting = self._handle(cid, msg, fds)
+        if waiting is not None:
+            self.pending.append(_Pending(cid, waiting, time.monotonic() + _PENDING_S))
         for fd in fds:  # not claimed by any entry (malformed message)
             os.close(fd)
 
     def _retry_pending(self) -> None:
         now = time.monotonic()
         still = []
-        for cid, msg, deadline in self.pending:
-            if self._handle(cid, msg, []):
+        for entry in self.pending:
+            waiting = self._handle(entry.conn, entry.msg, [])
+            if waiting is None:
                 continue
-            if now > deadline:
-                self._reply_error(cid, msg)
+            if now > entry.deadline:
+                self._reply_error(entry.conn, waiting)
             else:
-                still.append((cid, msg, deadline))
+                still.append(entry._replace(msg=waiting))
         self.pending = still
 
     # -- loop --------------------------------------------------------------

@@ -50,7 +50,7 @@ def reduce_ndarray(arr: np.ndarray) -> tuple:
         block = block_of(arr)
         if block is None:
             raise RuntimeError("distrib.shm.share returned an unshared array")  # not reached
-    return rebuild_array, handle_of(arr, block)
+    return rebuild_array, (handle_of(arr, block),)
 
 
 class _ThresholdCache:

@@ -32,23 +32,7 @@ from ._engine import ShmEngine
 from ._native import load as load_native
 from ._segment import SegmentLayout, SharedSegment
 
-__all__ = ["connect_local", "host_key", "part_bytes_for"]
-
-
-def host_key() -> str:
-    """Identity of the memory domain this process lives in (boot + namespaces)."""
-    parts = []
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            parts.append(f.read().strip())
-    except OSError:
-        parts.append(os.uname().nodename)
-    for ns in ("pid", "net", "ipc"):
-        try:
-            parts.append(os.readlink(f"/proc/self/ns/{ns}"))
-        except OSError:
-            parts.append("?")
-    return "|".join(parts)
+__all__ = ["connect_local", "part_bytes_for"]
 
 
 def part_bytes_for(local_size: int) -> int:
