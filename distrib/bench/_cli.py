@@ -17,6 +17,7 @@ dispatches to ``distrib.bench._gpu.main(args)``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -26,7 +27,17 @@ from ._worker import OPS, bus_factor
 
 __all__ = ["COLUMNS", "main", "parse_size"]
 
-DEFAULT_PEER_PYTHON = "/opt/peers/bin/python"
+
+def default_peer_python() -> str | None:
+    """The interpreter that runs the peers: ``$DISTRIB_PEER_PYTHON``, else this one when
+    it can import torch or mpi4py, else ``None`` (no peer columns)."""
+    chosen = os.environ.get("DISTRIB_PEER_PYTHON")
+    if chosen:
+        return chosen
+    has_peer = any(importlib.util.find_spec(m) is not None for m in ("torch", "mpi4py"))
+    return sys.executable if has_peer else None
+
+
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -126,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peer-python",
         default=None,
-        help=f"interpreter with torch/mpi4py (default {DEFAULT_PEER_PYTHON} if present)",
+        help="interpreter with torch and/or mpi4py (default: $DISTRIB_PEER_PYTHON, else this "
+        "interpreter when it has either)",
     )
     p.add_argument(
         "--check-overhead",
@@ -203,12 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown ops {unknown}; choose from {', '.join(OPS)}")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    if args.peer_python is None and os.path.exists(DEFAULT_PEER_PYTHON):
-        args.peer_python = DEFAULT_PEER_PYTHON
+    if args.peer_python is None:
+        args.peer_python = default_peer_python()
     if args.compare and args.peer_python is None:
         print(
-            f"# note: no peer interpreter ({DEFAULT_PEER_PYTHON} absent, no --peer-python): "
-            "skipping the gloo and mpi4py columns"
+            "# note: no interpreter with torch or mpi4py (set --peer-python or "
+            "DISTRIB_PEER_PYTHON): skipping the gloo and mpi4py columns"
         )
     if args.crossover:
         return _crossover(args, sizes)

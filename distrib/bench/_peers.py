@@ -1,7 +1,7 @@
 """Run the same benchmark with torch.distributed (gloo) and mpi4py, in another interpreter.
 
-The peers live in a separate virtualenv (``--peer-python``, default
-``/opt/peers/bin/python``), so each is driven through a small script written
+The peers may live in another interpreter (``--peer-python``, default
+``$DISTRIB_PEER_PYTHON`` or this one when it has torch or mpi4py), so each is driven through a small script written
 to a temporary file: the torch script is started once per rank (RANK /
 WORLD_SIZE / a tcp:// init method on 127.0.0.1), the mpi4py one under
 ``mpirun``. Rank 0 prints one JSON line: ``[[op, [[size, seconds], ...]], ...]``.
