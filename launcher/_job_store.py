@@ -15,18 +15,9 @@ from __future__ import annotations
 
 import secrets
 
-from ._options import LaunchOptions
+from ._options import MISSING_SECRET, LaunchOptions
 
-__all__ = ["MISSING_SECRET", "JobStore"]
-
-MISSING_SECRET = (
-    "--nnodes {nnodes} needs a shared secret so that only this job's launchers and workers "
-    "can use its store: put one in a file readable only by you (python -c 'import secrets; "
-    "print(secrets.token_hex(32))' > ~/.distrib-token; chmod 600 ~/.distrib-token) and pass "
-    "--auth-token-file ~/.distrib-token on every node, or set DISTRIB_AUTH_TOKEN on every "
-    "node; or pass --insecure-store to run without authentication (anyone who can reach "
-    "--master-addr:--master-port could then read and forge the job's state)"
-)
+__all__ = ["JobStore"]
 
 
 class JobStore:

@@ -15,12 +15,23 @@ from distrib._validate import COUNT, GRACE, INTERVAL, NODES, PROCS, TIMEOUT, Bou
 from ._torchrun_flags import TorchrunSettings
 
 __all__ = [
+    "MISSING_SECRET",
     "LaunchOptions",
     "check_log_dir",
     "parse_nproc",
     "parse_rank_set",
     "parse_std_streams",
 ]
+
+# Refusal of a multi-node job without a shared secret (the CLI and JobStore both check).
+MISSING_SECRET = (
+    "--nnodes {nnodes} needs a shared secret so that only this job's launchers and workers "
+    "can use its store: put one in a file readable only by you (python -c 'import secrets; "
+    "print(secrets.token_hex(32))' > ~/.distrib-token; chmod 600 ~/.distrib-token) and pass "
+    "--auth-token-file ~/.distrib-token on every node, or set DISTRIB_AUTH_TOKEN on every "
+    "node; or pass --insecure-store to run without authentication (anyone who can reach "
+    "--master-addr:--master-port could then read and forge the job's state)"
+)
 
 # Bits of a --redirects / --tee value, torchrun's numbering: 1 stdout, 2 stderr, 3 both.
 STDOUT = 1
@@ -76,8 +87,6 @@ class LaunchOptions:
             raise ValueError(f"--master-port must be in 1..65535, got {self.master_port}")
         if self.nnodes > 1 and self.auth_token is None and not self.insecure_store:
             from distrib.store._auth import is_loopback, shared_job_token
-
-            from ._job_store import MISSING_SECRET
 
             if not is_loopback(self.master_addr) or self.master_port is None:
                 raise ValueError(MISSING_SECRET.format(nnodes=self.nnodes))
