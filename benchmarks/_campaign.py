@@ -48,7 +48,7 @@ def machine_line() -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    """Print ``rows`` as one markdown table, then the totals against the floors."""
+    """Print ``rows`` as one markdown table, then the totals against the targets."""
     print(_HEAD)
     print("|" + "---|" * 9)
     for r in rows:

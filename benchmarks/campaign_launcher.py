@@ -4,9 +4,9 @@
 
 Escape campaign: a worker starts a ``setsid`` child and a double-forked daemon,
 then distrib-run is stopped by SIGTERM, SIGINT, SIGKILL, a worker failure or a
-clean exit; counts the processes that survive (floor: 0). Flag campaign: every
+clean exit; counts the processes that survive (target: 0). Flag campaign: every
 numeric flag against NaN, infinities, negatives, zero and absurd values; counts
-runs that did not exit 2 naming the flag, and runs that hung (floor: 0 each).
+runs that did not exit 2 naming the flag, and runs that hung (target: 0 each).
 Prints one table and the machine it ran on.
 """
 

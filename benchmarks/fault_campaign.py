@@ -16,7 +16,7 @@ table.
 
 Floors: 0 hangs, 0 wrong-data completions (or bad input accepted), 0 innocent
 ranks blamed, 0 escaped processes, 0 store deaths, every survivor's error within
-2 s of a peer's death. The exit status is 1 when a floor is broken.
+2 s of a peer's death. The exit status is 1 when a target is broken.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _run(name: str, scale: int) -> tuple[list[Row], str]:
 
 
 def broken_floors(rows: list[Row]) -> list[str]:
-    """The floors ``rows`` break (empty when every one holds)."""
+    """The targets ``rows`` break (empty when every one holds)."""
     broken = []
     for r in rows:
         for what, count in (
