@@ -60,7 +60,7 @@ def _run(name: str, scale: int) -> tuple[list[Row], str]:
     return [], text
 
 
-def broken_floors(rows: list[Row]) -> list[str]:
+def missed_targets(rows: list[Row]) -> list[str]:
     """The targets ``rows`` break (empty when every one holds)."""
     broken = []
     for r in rows:
@@ -99,7 +99,7 @@ def main() -> int:
     print_table(rows)
     for text in notes:
         print("\n" + text)
-    broken = broken_floors(rows)
+    broken = missed_targets(rows)
     if broken:
         print("\nFLOORS BROKEN:\n  " + "\n  ".join(broken))
     return 1 if broken else 0
