@@ -17,7 +17,7 @@ from _gpu import cupy_or_skip
 
 cupy = cupy_or_skip()
 
-from distrib.store._client import TCPStore  # noqa: E402
+from distrib.store import TCPStore  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(120)]
 SPAWN = mp.get_context("spawn")
@@ -86,7 +86,7 @@ def _check(got, want, what):
 
 
 def _engine(rank, size, port, prefix, timeout=60.0):
-    from distrib.store._client import PrefixStore, TCPStore
+    from distrib.store import PrefixStore, TCPStore
     from distrib.transport._engine import EngineContext
     from distrib.transport.gpu._select import make_gpu_engine
 
@@ -270,7 +270,7 @@ def _watchdog_worker(port, out):
     import cupy
 
     from distrib._reduce_op import ReduceOp
-    from distrib.store._client import PrefixStore, TCPStore
+    from distrib.store import PrefixStore, TCPStore
     from distrib.transport.gpu._nccl import NcclEngine
 
     try:

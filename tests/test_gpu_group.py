@@ -14,7 +14,7 @@ from _gpu import cupy_or_skip
 
 cupy = cupy_or_skip()
 
-from distrib.store._client import TCPStore  # noqa: E402
+from distrib.store import TCPStore  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(90)]
 SPAWN = mp.get_context("spawn")

@@ -22,7 +22,7 @@ import pytest
 from _ranks import collect_ranks, failure_of
 
 from distrib._reduce_op import ReduceOp
-from distrib.store._client import PrefixStore
+from distrib.store import PrefixStore
 from distrib.store._file_store import FileStore
 from distrib.transport._engine import EngineContext
 from distrib.transport._select import make_cpu_engine

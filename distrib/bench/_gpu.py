@@ -65,7 +65,7 @@ def _worker(rank: int, size: int, port: int, sizes: list[int], out: Any) -> None
     import cupy
 
     from distrib._reduce_op import ReduceOp
-    from distrib.store._client import PrefixStore, TCPStore
+    from distrib.store import PrefixStore, TCPStore
     from distrib.transport.gpu._ipc_engine import CudaIpcEngine
 
     store = PrefixStore(f"bench{size}", TCPStore("127.0.0.1", port, is_master=False, timeout=120))
@@ -105,7 +105,7 @@ def run(sizes: list[int], ranks: list[int], reps: int = 20) -> list[dict[str, An
     """Measure and return one row per (ranks, size)."""
     import cupy
 
-    from distrib.store._client import TCPStore
+    from distrib.store import TCPStore
 
     rates = _copy_rate(sizes, reps)
     cupy.get_default_memory_pool().free_all_blocks()

@@ -9,7 +9,7 @@ Stores: ``TCPStore`` (ZeroMQ, msgpack, optional HMAC authentication),
 from __future__ import annotations
 
 from .._reduce_op import ReduceOp
-from ..store._client import PrefixStore, Store, TCPStore
+from ..store import PrefixStore, Store, TCPStore
 from ..store._file_store import FileStore
 from ._api import (
     Backend,

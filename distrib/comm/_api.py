@@ -13,7 +13,7 @@ from typing import Any
 
 from .._config import config
 from .._errors import DistUsageError
-from ..store._client import PrefixStore, Store, to_seconds
+from ..store import PrefixStore, Store, to_seconds
 from ..store._rendezvous import rendezvous
 from ._call import resolve_group
 from ._group import NON_GROUP_MEMBER, ProcessGroup

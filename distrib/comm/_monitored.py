@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from .._errors import DistTimeoutError
-from ..store._client import to_seconds
+from ..store import to_seconds
 from ._call import resolve_group
 from ._group import ProcessGroup
 

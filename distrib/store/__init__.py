@@ -9,7 +9,8 @@ launcher depends on it alone.
 
 from __future__ import annotations
 
-from ._client import PrefixStore, Store, TCPStore, to_seconds
+from ._base import PrefixStore, Store, to_seconds
+from ._client import TCPStore
 from ._file_store import FileStore
 from ._ports import PortReservation, reserve_port
 

@@ -19,7 +19,7 @@ import msgpack
 
 from .._config import config
 from .._errors import DistStoreError, DistTimeoutError
-from ._client import DEFAULT_STORE_TIMEOUT_S, Store, _as_bytes, _as_key, to_seconds
+from ._base import DEFAULT_STORE_TIMEOUT_S, Store, _as_bytes, _as_key, to_seconds
 
 __all__ = ["FileStore"]
 

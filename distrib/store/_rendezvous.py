@@ -26,7 +26,8 @@ import msgpack
 
 from .._config import config
 from .._errors import DistError, DistTimeoutError, DistUsageError
-from ._client import PrefixStore, Store, TCPStore
+from ._base import PrefixStore, Store
+from ._client import TCPStore
 from ._file_store import FileStore
 from ._torch_store import torchelastic_store
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .._errors import DistError, DistStoreError, DistTimeoutError
-from ._client import PrefixStore, Store, _as_bytes, _as_key, to_seconds
+from ._base import PrefixStore, Store, _as_bytes, _as_key, to_seconds
 
 __all__ = ["TorchTCPStoreClient", "torchelastic_store"]
 

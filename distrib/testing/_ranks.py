@@ -57,7 +57,7 @@ def _entry(
 ) -> None:
     os.environ.update(env)
     from ..comm import _api
-    from ..store._client import TCPStore
+    from ..store import TCPStore
 
     start = time.monotonic()
     try:
@@ -88,7 +88,7 @@ def run_local_ranks(
     env: Mapping[str, str] | None = None,
 ) -> list[RankResult]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; one result each."""
-    from ..store._client import TCPStore
+    from ..store import TCPStore
 
     ctx = mp.get_context("spawn")
     master = TCPStore("127.0.0.1", 0, is_master=True, timeout=timeout, wait_for_workers=False)

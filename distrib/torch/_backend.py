@@ -32,7 +32,7 @@ from .. import comm as dcomm
 from .._config import config
 from .._errors import DistUsageError
 from ..comm._group import ProcessGroup as _Group
-from ..store._client import PrefixStore, TCPStore
+from ..store import PrefixStore, TCPStore
 from ..store._rendezvous import _bind_host_towards
 from ._tensors import Staged, as_array, reduce_op
 

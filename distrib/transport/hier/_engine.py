@@ -30,7 +30,7 @@ __all__ = ["HierEngine", "leader_context"]
 
 def leader_context(ctx: EngineContext, leaders: list[int]) -> EngineContext:
     """An ``EngineContext`` for the sub-group of host leaders (group ranks ``leaders``)."""
-    from ...store._client import PrefixStore
+    from ...store import PrefixStore
 
     return EngineContext(
         store=PrefixStore("hier/leaders", ctx.store),
