@@ -1,19 +1,40 @@
 """Shared-memory collectives among the ranks of one machine.
 
-``ShmEngine`` is every collective of the ``Engine`` interface over one node's
-shared segment: the step protocol, checks and failure handling come from
-``ShmPipeline`` (``_shm_pipeline``), the reductions from ``ShmReductions``
-(``_shm_reduce``), and the data movement (broadcast, gathers, scatter,
-all-to-all) is here. Point-to-point goes to a separate engine (ZeroMQ).
+``ShmEngine`` is the ``Engine`` of a group (or of one host's part of it, under
+the hierarchical engine) whose ranks share a machine. It owns:
+
+- one ``SlotPipeline`` (``_pipeline``): the node's segment, the phase
+  counters, the step counter, call agreement, barrier and abort. The segment
+  is mapped by ``_rendezvous.connect_local``, which builds this engine; it
+  stays mapped until ``close``.
+- optionally a point-to-point engine (ZeroMQ, ``set_p2p``): send/recv are not
+  collective, so they do not fit the lock-step pipeline.
+
+Each collective method checks the trivial one-rank case, views the buffers
+as needed and hands them to an algorithm, a function ``f(pipe, ...)`` in
+``_reduce`` (all-reduce, reduce, reduce-scatter) or ``_move`` (broadcast,
+gathers, scatter, all-to-all), through ``SlotPipeline.run``, which aborts
+every local rank if the algorithm fails. The small all-reduce path is
+``all_reduce`` -> ``run`` -> ``_reduce.reduce`` -> one-shot step: keep it that
+short.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ._reduce import ShmReductions
+from ..._errors import DistUsageError
+from ..._reduce_op import ReduceOp
+from .._calldesc import CallDesc
+from .._engine import Engine
+from . import _move, _reduce
+from ._cma import RemoteReader
+from ._native import NativeStep
+from ._pipeline import SlotPipeline
+from ._segment import SharedSegment
 
 __all__ = ["ShmEngine"]
 
@@ -22,55 +43,106 @@ def _bytes(buf: Any) -> np.ndarray:
     return buf.view(np.uint8)
 
 
-class ShmEngine(ShmReductions):
+class ShmEngine(Engine):
     """Collectives among ranks that share one segment (one machine).
 
-    Constructed as ``ShmPipeline`` (segment, ranks, pids, point-to-point
-    engine, checks); ``_shm_rendezvous.connect_local`` builds it.
+    All-reduce and reduce compare the call descriptors inside their first
+    step (``fused_agreement``); the other collectives are preceded by
+    ``agree``, one barrier step that compares digests.
+
+    Args:
+        segment: this process's mapping of the node's segment (the engine owns it).
+        rank, size: local rank and number of local ranks.
+        global_ranks: group rank of each local rank (for error messages).
+        pids: process id of each local rank (liveness).
+        p2p: engine for ``send``/``recv``; ``None`` refuses them until ``set_p2p``.
+        check_failed: raises a failure another rank published (polled while waiting).
+        cma: every local rank can ``process_vm_readv`` every other (probed at
+            rendezvous): large all-reduces then read peers' buffers directly.
+        native: the C step's function from ``_native.load`` (agreed by every
+            local rank at rendezvous), or ``None`` for the numpy path.
     """
+
+    fused_agreement = frozenset({"all_reduce", "reduce"})
+
+    def __init__(
+        self,
+        segment: SharedSegment,
+        rank: int,
+        size: int,
+        global_ranks: list[int],
+        pids: list[int],
+        p2p: Engine | None = None,
+        check_failed: Callable[[], None] | None = None,
+        cma: bool = False,
+        native: Any = None,
+    ) -> None:
+        self.rank = rank
+        self.size = size
+        self._pipe = SlotPipeline(
+            segment, rank, size, global_ranks, pids, check_failed, cma=cma, native=native
+        )
+        self._p2p = p2p
+
+    # -- what tests and benchmarks switch: forwarded to the pipeline -----------
+    @property
+    def _native(self) -> NativeStep | None:
+        """The C step (``None``: the numpy path); set to ``None`` to compare paths."""
+        return self._pipe.native
+
+    @_native.setter
+    def _native(self, step: NativeStep | None) -> None:
+        self._pipe.native = step
+
+    @property
+    def _reader(self) -> RemoteReader | None:
+        """The cross-process reader (``None``: no single-copy all-reduce)."""
+        return self._pipe.reader
+
+    @property
+    def _pull(self) -> Callable[[int, int, np.ndarray, str], None]:
+        """``SlotPipeline.pull``; a test replaces it to die mid-read."""
+        return self._pipe.pull
+
+    @_pull.setter
+    def _pull(self, fn: Callable[[int, int, np.ndarray, str], None]) -> None:
+        self._pipe.pull = fn  # type: ignore[method-assign, assignment]
+
+    # -- reductions --------------------------------------------------------------
+    def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+        if self.size > 1:
+            self._pipe.run(
+                "all_reduce",
+                deadline,
+                _reduce.reduce,
+                buf,
+                op,
+                None,
+                self.call,
+                deadline,
+                "all_reduce",
+            )
+
+    def reduce(self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float) -> None:
+        if self.size > 1:
+            self._pipe.run(
+                "reduce", deadline, _reduce.reduce, buf, op, root, self.call, deadline, "reduce"
+            )
+
+    def reduce_scatter(self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+        if self.size == 1:
+            np.copyto(out, buf)
+            return
+        self._pipe.run("reduce_scatter", deadline, _reduce.reduce_scatter, buf, out, op, deadline)
 
     # -- data movement -------------------------------------------------------
     def broadcast(self, buf: Any, root: int, seq: int, deadline: float) -> None:
         if self.size > 1:
-            self._run("broadcast", deadline, self._broadcast, _bytes(buf), root, deadline)
-
-    def _broadcast(self, data: np.ndarray, root: int, deadline: float) -> None:
-        r, sync, name = self.rank, self._sync, "broadcast"
-        src = self._seg.slots(np.dtype(np.uint8))[root]
-        step = self._half_bytes
-        for start in range(0, data.size, step):
-            chunk = data[start : start + step]
-            k = self._begin(name, deadline)
-            h = k & 1
-            if r == root:
-                np.copyto(src[h][: chunk.size], chunk)
-            else:
-                sync.wait(root, 2 * k + 1, name, deadline)
-                np.copyto(chunk, src[h][: chunk.size])
-            sync.signal(2 * k + 2)
-            self._step = k + 1
+            self._pipe.run("broadcast", deadline, _move.broadcast, _bytes(buf), root, deadline)
 
     def all_gather(self, out: Any, seq: int, deadline: float) -> None:
         if self.size > 1:
-            self._run("all_gather", deadline, self._all_gather, _bytes(out), deadline)
-
-    def _all_gather(self, data: np.ndarray, deadline: float) -> None:
-        n, r, sync, name = self.size, self.rank, self._sync, "all_gather"
-        slots = self._seg.slots(np.dtype(np.uint8))
-        m = data.size // n
-        step = self._half_bytes
-        for start in range(0, m, step):
-            c = min(step, m - start)
-            k = self._begin(name, deadline)
-            h = k & 1
-            np.copyto(slots[r][h][:c], data[r * m + start : r * m + start + c])
-            sync.signal(2 * k + 1)
-            for q in range(n):
-                if q != r:
-                    sync.wait(q, 2 * k + 1, name, deadline)
-                    np.copyto(data[q * m + start : q * m + start + c], slots[q][h][:c])
-            sync.signal(2 * k + 2)
-            self._step = k + 1
+            self._pipe.run("all_gather", deadline, _move.all_gather, _bytes(out), deadline)
 
     def gather(self, buf: Any, out: Any | None, root: int, seq: int, deadline: float) -> None:
         if self.size == 1:
@@ -78,28 +150,7 @@ class ShmEngine(ShmReductions):
                 np.copyto(out, buf)
             return
         dst = None if out is None or self.rank != root else _bytes(out)
-        self._run("gather", deadline, self._gather, _bytes(buf), dst, root, deadline)
-
-    def _gather(self, data: np.ndarray, out: np.ndarray | None, root: int, deadline: float) -> None:
-        n, r, sync, name = self.size, self.rank, self._sync, "gather"
-        slots = self._seg.slots(np.dtype(np.uint8))
-        m = data.size
-        step = self._half_bytes
-        for start in range(0, m, step):
-            c = min(step, m - start)
-            k = self._begin(name, deadline)
-            h = k & 1
-            if r != root:
-                np.copyto(slots[r][h][:c], data[start : start + c])
-            else:
-                assert out is not None
-                np.copyto(out[r * m + start : r * m + start + c], data[start : start + c])
-                for q in range(n):
-                    if q != r:
-                        sync.wait(q, 2 * k + 1, name, deadline)
-                        np.copyto(out[q * m + start : q * m + start + c], slots[q][h][:c])
-            sync.signal(2 * k + 2)
-            self._step = k + 1
+        self._pipe.run("gather", deadline, _move.gather, _bytes(buf), dst, root, deadline)
 
     def scatter(self, buf: Any | None, out: Any, root: int, seq: int, deadline: float) -> None:
         if self.size == 1:
@@ -107,61 +158,66 @@ class ShmEngine(ShmReductions):
                 np.copyto(out, buf)
             return
         src = _bytes(buf) if self.rank == root else None
-        self._run("scatter", deadline, self._scatter, src, _bytes(out), root, deadline)
-
-    def _scatter(
-        self, data: np.ndarray | None, out: np.ndarray, root: int, deadline: float
-    ) -> None:
-        n, r, sync, name = self.size, self.rank, self._sync, "scatter"
-        slots = self._seg.slots(np.dtype(np.uint8))
-        m = out.size
-        part = self._part_bytes
-        for start in range(0, m, part):
-            c = min(part, m - start)
-            k = self._begin(name, deadline)
-            h = k & 1
-            if r == root:
-                assert data is not None
-                for q in range(n):
-                    src = data[q * m + start : q * m + start + c]
-                    if q == r:
-                        np.copyto(out[start : start + c], src)
-                    else:
-                        np.copyto(slots[r][h][q * part : q * part + c], src)
-            else:
-                sync.wait(root, 2 * k + 1, name, deadline)
-                np.copyto(out[start : start + c], slots[root][h][r * part : r * part + c])
-            sync.signal(2 * k + 2)
-            self._step = k + 1
+        self._pipe.run("scatter", deadline, _move.scatter, src, _bytes(out), root, deadline)
 
     def all_to_all(self, buf: Any, out: Any, seq: int, deadline: float) -> None:
         if self.size == 1:
             np.copyto(out, buf)
             return
-        self._run("all_to_all", deadline, self._all_to_all, _bytes(buf), _bytes(out), deadline)
+        self._pipe.run("all_to_all", deadline, _move.all_to_all, _bytes(buf), _bytes(out), deadline)
 
-    def _all_to_all(self, data: np.ndarray, out: np.ndarray, deadline: float) -> None:
-        n, r, sync, name = self.size, self.rank, self._sync, "all_to_all"
-        slots = self._seg.slots(np.dtype(np.uint8))
-        m = data.size // n
-        part = self._part_bytes
-        for start in range(0, m, part):
-            c = min(part, m - start)
-            k = self._begin(name, deadline)
-            h = k & 1
-            mine = slots[r][h]
-            for q in range(n):
-                src = data[q * m + start : q * m + start + c]
-                if q == r:
-                    np.copyto(out[r * m + start : r * m + start + c], src)
-                else:
-                    np.copyto(mine[q * part : q * part + c], src)
-            sync.signal(2 * k + 1)
-            for q in range(n):
-                if q != r:
-                    sync.wait(q, 2 * k + 1, name, deadline)
-                    np.copyto(
-                        out[q * m + start : q * m + start + c], slots[q][h][r * part : r * part + c]
-                    )
-            sync.signal(2 * k + 2)
-            self._step = k + 1
+    # -- agreement and barrier ---------------------------------------------------
+    def agree(self, call: CallDesc, seq: int, deadline: float) -> None:
+        if self.size > 1:
+            self._pipe.run(call.op, deadline, SlotPipeline.agree, call, deadline)
+
+    def barrier(self, seq: int, deadline: float) -> None:
+        if self.size > 1:
+            self._pipe.run("barrier", deadline, SlotPipeline.barrier, deadline)
+
+    # -- point to point --------------------------------------------------------
+    def send(self, buf: Any, dst: int, tag: int, deadline: float) -> None:
+        engine = self._p2p_engine("send")
+        engine.call = self.call
+        engine.send(buf, dst, tag, deadline)
+
+    def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
+        engine = self._p2p_engine("recv")
+        engine.call = self.call
+        engine.recv(buf, src, tag, deadline)
+
+    def last_send(self, dst: int, tag: int) -> int:
+        return self._p2p.last_send(dst, tag) if self._p2p is not None else 0
+
+    def confirm_send(
+        self, dst: int, tag: int, n: int, call: CallDesc | None, deadline: float
+    ) -> None:
+        self._p2p_engine("send").confirm_send(dst, tag, n, call, deadline)
+
+    def set_p2p(self, engine: Engine) -> None:
+        """Use ``engine`` for ``send``/``recv`` (and close it with this one)."""
+        self._p2p = engine
+
+    def _p2p_engine(self, op: str) -> Engine:
+        if self._p2p is None:
+            me = self._pipe.me
+            raise DistUsageError(
+                f"{op}: this shared-memory engine (rank {me}) has no point-to-point "
+                "transport; use the ZeroMQ engine (DISTRIB_TRANSPORT=zmq)",
+                rank=me,
+                op=op,
+            )
+        return self._p2p
+
+    # -- lifecycle -------------------------------------------------------------
+    def abort(self, reason: str, culprit: int | None = None, cls_name: str = "") -> None:
+        self._pipe.abort(reason, culprit)
+        if self._p2p is not None:
+            self._p2p.abort(reason, culprit, cls_name)
+
+    def close(self) -> None:
+        if self._pipe.closed:
+            return
+        self._pipe.close()
+        if self._p2p is not None:
+            self._p2p.close()

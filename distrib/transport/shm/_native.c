@@ -1,7 +1,7 @@
 /* One pipeline step of the shared-memory all-reduce among the local ranks, in C.
  *
- * Same protocol and memory layout as the numpy staged path in _shm_engine.py
- * (phase counters of _shm_sync.py, slot halves of _shm_segment.py, part q of
+ * Same protocol and memory layout as the numpy staged path in _reduce.py
+ * (phase counters of _sync.py, slot halves of _segment.py, part q of
  * a chunk = elements [q*count/n, (q+1)*count/n)), minus the Python between
  * phases and one memory pass: the reduction writes its result to the rank's
  * slot and to its buffer at once.
@@ -18,7 +18,7 @@
  *      other part of the result out of its owner's slot; return 0.
  * A signal stores the counter with a full fence, then wakes the futex of my
  * counter if some rank's "waiting on" word names me (the lost-wake-up
- * protocol of _shm_sync.py).
+ * protocol of _sync.py).
  */
 #include <limits.h>
 #include <linux/futex.h>

@@ -1,9 +1,9 @@
-"""The step protocol under every shared-memory collective of one machine.
+"""The step pipeline under every shared-memory collective of one machine.
 
 Every collective is a pipeline of *steps*. In step ``k`` each rank uses half
-``k % 2`` of its own slot in the node's segment (``_shm_segment``): it writes
+``k % 2`` of its own slot in the node's segment (``_segment``): it writes
 what the others need, signals phase ``2k+1``, reads what it needs straight out
-of the others' slots, and signals phase ``2k+2`` (``_shm_sync``). A step moves
+of the others' slots, and signals phase ``2k+2`` (``_sync``). A step moves
 at most ``size * part_bytes`` bytes, so each rank's share stays cache-sized,
 and two halves let step ``k+1`` fill while step ``k`` drains. Before writing a
 half again (step ``k+2``) a rank waits until everyone signalled ``2k+3``, i.e.
@@ -11,10 +11,28 @@ finished step ``k`` entirely (the next op may split the half differently).
 Every rank signals ``2k+2`` in every step of every collective, so the counters
 stay in lock-step across operations.
 
-``ShmPipeline`` holds that bookkeeping, the call agreement, the barrier,
-failure handling (any failure aborts the engine for every local rank, so the
-others raise at once instead of waiting for their own timeout) and lifecycle;
-``_shm_reduce`` and ``_shm_engine`` build the collectives on it.
+So every algorithm runs each of its steps in this order::
+
+    k = pipe.begin(op, deadline)   # closed/aborted? fail; k >= 2: wait for 2k-1
+    h = k & 1                      # the half of each slot this step uses
+    ... write my half; pipe.sync.signal(2k+1)
+    ... wait for a peer's 2k+1, read its half
+    pipe.sync.signal(2k+2); pipe.step = k + 1
+
+``SlotPipeline`` is that shared state of one group's local ranks: the segment
+mapping, ``PhaseSync``, the step counter, part sizes, the optional C step and
+cross-process reader, and the steps every collective shares (call agreement,
+barrier). It is not an engine: ``ShmEngine`` (``_engine``) has one and hands
+each call to an algorithm, a plain function ``f(pipe, ...)`` in ``_reduce``
+(reductions) or ``_move`` (data movement), through ``SlotPipeline.run``. That
+wrapper turns any failure into an abort of every local rank, so the others
+raise at once instead of waiting for their own timeout.
+
+Lifetime of the segment: ``_rendezvous.connect_local`` maps it (creating it on
+the node's first rank) and hands it to ``ShmEngine``, which hands it here; the
+pipeline owns it from then on and unmaps it in ``close`` (the memory itself
+lives until the last local rank unmaps it or exits). After ``close`` every
+``begin`` raises ``DistClosedError``.
 """
 
 from __future__ import annotations
@@ -30,45 +48,36 @@ from ..._errors import (
     DistMismatchError,
     DistPeerLostError,
     DistTimeoutError,
-    DistUsageError,
 )
 from .._calldesc import MAX_PACKED, CallDesc, CallsDiffer, digest, pack, unpack
-from .._engine import Engine
 from ._cma import RemoteReader
 from ._native import NativeStep
 from ._segment import SharedSegment
 from ._sync import PhaseSync
 
-__all__ = ["ShmPipeline"]
+__all__ = ["SlotPipeline"]
 
 
-def _bounds(count: int, parts: int) -> list[int]:
-    """Offsets splitting ``count`` items into ``parts`` near-equal parts."""
-    return [q * count // parts for q in range(parts + 1)]
-
-
-class ShmPipeline(Engine):
-    """Step bookkeeping, checks, barrier and lifecycle of the shared-memory engine.
+class SlotPipeline:
+    """Step bookkeeping, call agreement, barrier and lifecycle of one group's local ranks.
 
     Call agreement: each rank publishes the digest of its call descriptor in
-    its header line; reductions compare them inside their first step (free,
-    ``fused_agreement``), other collectives run one extra barrier step
+    its header line; reductions compare them inside their first step
+    (``check_calls``), other collectives run one extra barrier step
     (``agree``). When digests differ every rank sees it in the same step, and
     all run one more step that exchanges the packed descriptors through their
     slots, so each names both sides' calls without waiting on anyone.
 
     Args:
-        segment: this process's mapping of the node's segment.
+        segment: this process's mapping of the node's segment (owned from now on).
         rank, size: local rank and number of local ranks.
         global_ranks: group rank of each local rank (for error messages).
-        pids: process id of each local rank (liveness).
-        p2p: engine for ``send``/``recv`` (point-to-point is not collective,
-            so it does not fit the lock-step pipeline); ``None`` refuses them.
+        pids: process id of each local rank (liveness, cross-process reads).
         check_failed: raises a failure another rank published (polled while waiting).
         cma: every local rank can ``process_vm_readv`` every other (probed at
             rendezvous): large all-reduces then read peers' buffers directly.
-        native: the C step's function from ``_shm_native.load`` (agreed by
-            every local rank at rendezvous), or ``None`` for the numpy path.
+        native: the C step's function from ``_native.load`` (agreed by every
+            local rank at rendezvous), or ``None`` for the numpy path.
     """
 
     def __init__(
@@ -78,60 +87,59 @@ class ShmPipeline(Engine):
         size: int,
         global_ranks: list[int],
         pids: list[int],
-        p2p: Engine | None = None,
         check_failed: Callable[[], None] | None = None,
         cma: bool = False,
         native: Any = None,
     ) -> None:
         self.rank = rank
-        self._native: NativeStep | None = None
-        self._pids = pids
-        self._reader = RemoteReader() if cma else None
-        self.fused_agreement = frozenset({"all_reduce", "reduce"})
         self.size = size
-        self._seg = segment
-        self._global = global_ranks
-        self._sync = PhaseSync(
+        self.global_ranks = global_ranks
+        self.me = global_ranks[rank]  # this rank's group rank, for messages
+        self.pids = pids
+        self.seg = segment
+        self.sync = PhaseSync(
             segment.header, segment.addr, rank, size, global_ranks, pids, check_failed=check_failed
         )
-        self._sync.publish_pid()
+        self.sync.publish_pid()
+        self.reader = RemoteReader() if cma else None
+        self.native: NativeStep | None = None
         if native is not None and 2 <= size <= NativeStep.MAX_RANKS:
             lay = segment.layout
             halves = [
                 [segment.addr + lay.slot_offset(q) + h * lay.half_bytes for q in range(size)]
                 for h in (0, 1)
             ]
-            counters, waiting = self._sync.native_words()
-            self._native = NativeStep(native, halves, counters, waiting, rank)
-        self._part_bytes = segment.layout.part_bytes
-        self._half_bytes = segment.layout.half_bytes
-        self._step = 0  # pipeline steps completed; identical on every local rank
-        self._p2p = p2p
-        self._closed = False
+            counters, waiting = self.sync.native_words()
+            self.native = NativeStep(native, halves, counters, waiting, rank)
+        self.part_bytes = segment.layout.part_bytes
+        self.half_bytes = segment.layout.half_bytes
+        self.step = 0  # pipeline steps completed; identical on every local rank
+        self.closed = False
 
     # -- step bookkeeping --------------------------------------------------
-    def _begin(self, op: str, deadline: float) -> int:
-        if self._closed:
+    def begin(self, op: str, deadline: float) -> int:
+        """Start the next step and return its number ``k`` (it uses half ``k & 1``)."""
+        if self.closed:
             raise DistClosedError(
-                f"{op}: the shared-memory engine of rank {self._global[self.rank]} is closed",
-                rank=self._global[self.rank],
+                f"{op}: the shared-memory engine of rank {self.me} is closed",
+                rank=self.me,
                 op=op,
             )
-        self._sync.check(op)  # aborted (here or by another local rank): fail now
-        k = self._step
+        self.sync.check(op)  # aborted (here or by another local rank): fail now
+        k = self.step
         if k >= 2:
             # The half we are about to overwrite was read during step k-2, and
             # this op may lay it out differently; wait until every rank has
             # started step k-1 (signalled 2k-1), i.e. finished step k-2.
-            self._sync.wait_all(2 * k - 1, op, deadline)
+            self.sync.wait_all(2 * k - 1, op, deadline)
         return k
 
-    def _run(self, op: str, deadline: float, body: Any, *args: Any) -> None:
-        """Run ``body(*args)``; abort everyone on failure (but a disagreement on the
-        call, which every rank detects in the same step or reads from the store, aborts
-        no one)."""
+    def run(self, op: str, deadline: float, body: Callable[..., None], *args: Any) -> None:
+        """Run the algorithm ``body(self, *args)``; abort everyone on failure (but a
+        disagreement on the call, which every rank detects in the same step or reads
+        from the store, aborts no one)."""
         try:
-            body(*args)
+            body(self, *args)
         except (DistClosedError, CallsDiffer, DistMismatchError):
             raise
         except DistError as exc:
@@ -139,31 +147,36 @@ class ShmPipeline(Engine):
             culprit = None
             if isinstance(exc, (DistPeerLostError, DistTimeoutError)):
                 culprit = exc.peer
-            self._sync.abort(f"rank {self._global[self.rank]} failed in {op}: {exc}", culprit)
+            self.sync.abort(f"rank {self.me} failed in {op}: {exc}", culprit)
             raise
         except BaseException as exc:
-            self._sync.abort(f"rank {self._global[self.rank]} failed in {op}: {exc!r}")
+            self.sync.abort(f"rank {self.me} failed in {op}: {exc!r}")
             raise
 
-    def _part(self, dtype: np.dtype) -> int:
-        return max(1, self._part_bytes // dtype.itemsize)
+    def part(self, dtype: np.dtype) -> int:
+        """Elements of ``dtype`` in one rank's part of a half."""
+        return max(1, self.part_bytes // dtype.itemsize)
 
-    # -- call agreement ------------------------------------------------------
-    def agree(self, call: CallDesc, seq: int, deadline: float) -> None:
-        if self.size > 1:
-            self._run(call.op, deadline, self._agree_step, call, deadline)
+    # -- shared steps ----------------------------------------------------------
+    def barrier(self, deadline: float, name: str = "barrier") -> None:
+        """One step in which nobody writes: returns once every rank has begun it."""
+        k = self.begin(name, deadline)
+        self.sync.signal(2 * k + 1)
+        self.sync.wait_all(2 * k + 1, name, deadline)
+        self.sync.signal(2 * k + 2)
+        self.step = k + 1
 
-    def _agree_step(self, call: CallDesc, deadline: float) -> None:
+    def agree(self, call: CallDesc, deadline: float) -> None:
         """One barrier step that publishes and compares every rank's call digest."""
-        k = self._begin(call.op, deadline)
+        k = self.begin(call.op, deadline)
         h = k & 1
-        self._sync.publish_digest(h, digest(call))
-        self._sync.signal(2 * k + 1)
-        self._fused_check(call, k, h, deadline)
-        self._sync.signal(2 * k + 2)
-        self._step = k + 1
+        self.sync.publish_digest(h, digest(call))
+        self.sync.signal(2 * k + 1)
+        self.check_calls(call, k, h, deadline)
+        self.sync.signal(2 * k + 2)
+        self.step = k + 1
 
-    def _fused_check(self, call: CallDesc, k: int, h: int, deadline: float) -> None:
+    def check_calls(self, call: CallDesc, k: int, h: int, deadline: float) -> None:
         """In step ``k`` (this rank published ``digest(call)`` in half ``h`` and signalled
         ``2k+1``): wait for every peer's digest and compare; on any difference finish
         the step, exchange the descriptors in the next one and raise ``CallsDiffer``."""
@@ -171,19 +184,19 @@ class ShmPipeline(Engine):
         differ = False
         for q in range(self.size):
             if q != self.rank:
-                self._sync.wait(q, 2 * k + 1, call.op, deadline)
-                differ = differ or self._sync.digest(q, h) != mine
+                self.sync.wait(q, 2 * k + 1, call.op, deadline)
+                differ = differ or self.sync.digest(q, h) != mine
         if not differ:
             return
         # Every rank has a peer whose digest differs from its own, so every rank is here.
-        self._sync.signal(2 * k + 2)
-        self._step = k + 1
+        self.sync.signal(2 * k + 2)
+        self.step = k + 1
         self._exchange_calls(call, deadline)
 
     def _exchange_calls(self, call: CallDesc, deadline: float) -> None:
-        k = self._begin(call.op, deadline)
+        k = self.begin(call.op, deadline)
         h = k & 1
-        slots = self._seg.slots(np.dtype(np.uint8))
+        slots = self.seg.slots(np.dtype(np.uint8))
         mine = slots[self.rank][h]
         room = min(mine.size - 2, MAX_PACKED)
         raw = pack(call)
@@ -192,75 +205,49 @@ class ShmPipeline(Engine):
             raw = raw if len(raw) <= room else b""
         mine[:2] = np.frombuffer(len(raw).to_bytes(2, "little"), np.uint8)
         mine[2 : 2 + len(raw)] = np.frombuffer(raw, np.uint8)
-        self._sync.signal(2 * k + 1)
+        self.sync.signal(2 * k + 1)
         calls: list[CallDesc | None] = []
         for q in range(self.size):
             if q == self.rank:
                 calls.append(call)
                 continue
-            self._sync.wait(q, 2 * k + 1, call.op, deadline)
+            self.sync.wait(q, 2 * k + 1, call.op, deadline)
             theirs = slots[q][h]
             length = min(int.from_bytes(theirs[:2].tobytes(), "little"), room)
             calls.append(unpack(theirs[2 : 2 + length].tobytes()))
-        self._sync.signal(2 * k + 2)
-        self._step = k + 1
+        self.sync.signal(2 * k + 2)
+        self.step = k + 1
         raise CallsDiffer(calls, call.op)
 
-    def barrier(self, seq: int, deadline: float) -> None:
-        if self.size > 1:
-            self._run("barrier", deadline, self._barrier, deadline)
-
-    def _barrier(self, deadline: float, name: str = "barrier") -> None:
-        k = self._begin(name, deadline)
-        self._sync.signal(2 * k + 1)
-        self._sync.wait_all(2 * k + 1, name, deadline)
-        self._sync.signal(2 * k + 2)
-        self._step = k + 1
-
-    # -- point to point --------------------------------------------------------
-    def send(self, buf: Any, dst: int, tag: int, deadline: float) -> None:
-        engine = self._p2p_engine("send")
-        engine.call = self.call
-        engine.send(buf, dst, tag, deadline)
-
-    def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
-        engine = self._p2p_engine("recv")
-        engine.call = self.call
-        engine.recv(buf, src, tag, deadline)
-
-    def last_send(self, dst: int, tag: int) -> int:
-        return self._p2p.last_send(dst, tag) if self._p2p is not None else 0
-
-    def confirm_send(
-        self, dst: int, tag: int, n: int, call: CallDesc | None, deadline: float
-    ) -> None:
-        self._p2p_engine("send").confirm_send(dst, tag, n, call, deadline)
-
-    def set_p2p(self, engine: Engine) -> None:
-        """Use ``engine`` for ``send``/``recv`` (and close it with this one)."""
-        self._p2p = engine
-
-    def _p2p_engine(self, op: str) -> Engine:
-        if self._p2p is None:
-            raise DistUsageError(
-                f"{op}: this shared-memory engine (rank {self._global[self.rank]}) has no "
-                "point-to-point transport; use the ZeroMQ engine (DISTRIB_TRANSPORT=zmq)",
-                rank=self._global[self.rank],
-                op=op,
-            )
-        return self._p2p
+    # -- cross-process reads ---------------------------------------------------
+    def pull(self, q: int, addr: int, dst: np.ndarray, name: str) -> None:
+        """Copy ``dst.nbytes`` at ``addr`` in local rank ``q``'s memory into ``dst``
+        (only with ``cma``). An instance may replace it (tests simulate a crash)."""
+        assert self.reader is not None
+        try:
+            self.reader.read(self.pids[q], addr, dst.ctypes.data, dst.nbytes)
+        except DistError as exc:
+            # If another rank already failed and aborted, q may just have returned
+            # (and exited): report the original problem, not q.
+            self.sync.check(name, q)
+            peer = self.global_ranks[q]
+            raise DistPeerLostError(
+                f"{name}: rank {self.me} could not read rank {peer}'s buffer (pid "
+                f"{self.pids[q]}), which has probably exited: {exc}",
+                rank=self.me,
+                op=name,
+                peer=peer,
+            ) from exc
 
     # -- lifecycle -------------------------------------------------------------
-    def abort(self, reason: str, culprit: int | None = None, cls_name: str = "") -> None:
-        self._sync.abort(reason, culprit)
-        if self._p2p is not None:
-            self._p2p.abort(reason, culprit, cls_name)
+    def abort(self, reason: str, culprit: int | None = None) -> None:
+        """Make this rank's and every local peer's blocked and future steps fail."""
+        self.sync.abort(reason, culprit)
 
     def close(self) -> None:
-        if self._closed:
+        """Stop the pipeline and unmap the segment; idempotent."""
+        if self.closed:
             return
-        self._closed = True
-        self._sync.close()
-        self._seg.close()
-        if self._p2p is not None:
-            self._p2p.close()
+        self.closed = True
+        self.sync.close()
+        self.seg.close()
