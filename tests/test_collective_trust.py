@@ -16,7 +16,7 @@ import pytest
 from _trust_cases import MISMATCH_CASES, run_groups_out_of_order, run_kill, run_mismatches
 
 from distrib.comm._blocked import Blocked, find_cycle, group_mismatch_error
-from distrib.testing._ranks import run_local_ranks
+from distrib.testing import run_local_ranks
 
 PROMPT_S = 2.0  # a mismatch is found in the call's first step: far below the group timeout
 # Calls on different groups never meet: found once a wait lasted BLOCKED_AFTER_S (0.5 s),

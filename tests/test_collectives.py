@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import distrib as dist
-from distrib.testing._ranks import run_local_ranks
+from distrib.testing import run_local_ranks
 
 DTYPES = ["int8", "int32", "int64", "float16", "float32", "float64", "complex64"]
 BIG = 1000003  # the spec's large size (odd: splits unevenly across ranks)

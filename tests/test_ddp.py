@@ -2,74 +2,28 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import queue
-import shutil
-import tempfile
-import traceback
-
 import numpy as np
 import pytest
+from _ranks import rank_values
 
 import distrib
 from distrib.parallel import DistributedDataParallel, fp16_compress_hook
+from distrib.testing import RankResult, run_local_ranks
 
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUT = 30.0  # seconds for every collective and every join
 
 
-def _entry(fn, rank, world, store_path, results):
-    try:
-        distrib.init_process_group(
-            init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=TIMEOUT
-        )
-        try:
-            out = fn(rank, world)
-        finally:
-            distrib.destroy_process_group()
-        results.put((rank, "ok", out))
-    except BaseException as exc:  # report everything; the parent decides
-        results.put((rank, "error", (type(exc).__name__, str(exc), traceback.format_exc())))
+def run_ranks(fn, world: int) -> list[RankResult]:
+    """Run ``fn(rank, world)`` on ``world`` forked ranks in one process group."""
+    return run_local_ranks(
+        fn, world, start_method="fork", timeout=TIMEOUT + 10, group_timeout=TIMEOUT
+    )
 
 
-def run_ranks(fn, world: int) -> dict[int, tuple[str, object]]:
-    """Run ``fn(rank, world)`` in ``world`` forked processes; return rank -> (status, value)."""
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    # Rendezvous through a file, not a port: no race with other tests for a free port.
-    store_dir = tempfile.mkdtemp(prefix="distrib-ddp-test-")
-    store_path = os.path.join(store_dir, "store")
-    procs = [
-        ctx.Process(target=_entry, args=(fn, r, world, store_path, results)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    out: dict[int, tuple[str, object]] = {}
-    try:
-        for _ in range(world):
-            rank, status, value = results.get(timeout=TIMEOUT + 10)
-            out[rank] = (status, value)
-    except queue.Empty:
-        pass
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-        results.close()
-        results.join_thread()
-        shutil.rmtree(store_dir, ignore_errors=True)
-    assert len(out) == world, f"only ranks {sorted(out)} reported"
-    return out
-
-
-def all_ok(out):
-    for rank, (status, value) in sorted(out.items()):
-        assert status == "ok", f"rank {rank}: {value[0]}: {value[1]}\n{value[2]}"
-    return {r: v for r, (_, v) in out.items()}
+def all_ok(results: list[RankResult]) -> dict[int, object]:
+    return dict(enumerate(rank_values(results)))
 
 
 def _model(rank: int) -> dict[str, np.ndarray]:

@@ -6,78 +6,47 @@ skips cleanly otherwise.
 
 from __future__ import annotations
 
-import multiprocessing
-import queue
-import traceback
-
 import numpy as np
 import pytest
 from _gpu import cupy_or_skip
+from _ranks import by_rank
 
 cupy_or_skip()
 
-from tests._util import free_port  # noqa: E402
+from distrib.testing import run_local_ranks  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(120)]
 
 
-def _rank(rank, world, port, results):
-    try:
-        import cupy
+def _rank(rank, world):
+    import cupy
 
-        import distrib
-        from distrib.parallel import DistributedDataParallel, fp16_compress_hook
+    from distrib.parallel import DistributedDataParallel, fp16_compress_hook
 
-        distrib.init_process_group(
-            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=60
-        )
-        try:
-            out = {}
-            for hook_name in ("allreduce", "fp16"):
-                params = {
-                    "w": cupy.full((64, 32), rank + 1.0, dtype=cupy.float32),
-                    "b": cupy.full(32, rank + 1.0, dtype=cupy.float32),
-                }
-                kwargs = {"comm_hook": fp16_compress_hook} if hook_name == "fp16" else {}
-                ddp = DistributedDataParallel(params, first_bucket_mb=0.0001, **kwargs)
-                grads = {
-                    k: cupy.full(v.shape, 2.0 * (rank + 1), cupy.float32) for k, v in params.items()
-                }
-                got = ddp.allreduce_gradients(grads)
-                out[hook_name] = {
-                    "params_w": float(params["w"].mean().get()),
-                    "grad_w": cupy.asnumpy(got["w"]),
-                    "written_back": cupy.asnumpy(grads["b"]),
-                    "bucket_is_cupy": type(ddp.buckets[0].flat).__module__.startswith("cupy"),
-                }
-        finally:
-            distrib.destroy_process_group()
-        results.put((rank, "ok", out))
-    except BaseException as exc:
-        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    out = {}
+    for hook_name in ("allreduce", "fp16"):
+        params = {
+            "w": cupy.full((64, 32), rank + 1.0, dtype=cupy.float32),
+            "b": cupy.full(32, rank + 1.0, dtype=cupy.float32),
+        }
+        kwargs = {"comm_hook": fp16_compress_hook} if hook_name == "fp16" else {}
+        ddp = DistributedDataParallel(params, first_bucket_mb=0.0001, **kwargs)
+        grads = {k: cupy.full(v.shape, 2.0 * (rank + 1), cupy.float32) for k, v in params.items()}
+        got = ddp.allreduce_gradients(grads)
+        out[hook_name] = {
+            "params_w": float(params["w"].mean().get()),
+            "grad_w": cupy.asnumpy(got["w"]),
+            "written_back": cupy.asnumpy(grads["b"]),
+            "bucket_is_cupy": type(ddp.buckets[0].flat).__module__.startswith("cupy"),
+        }
+    return out
 
 
 def test_ddp_on_cupy_arrays_two_ranks_one_gpu():
     world = 2
-    ctx = multiprocessing.get_context("spawn")  # CUDA does not survive fork
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = {}
-    try:
-        for _ in range(world):
-            rank, status, value = results.get(timeout=100)
-            out[rank] = (status, value)
-    except queue.Empty:
-        pass
-    finally:
-        for p in procs:
-            p.join(timeout=20)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+    # spawned ranks (CUDA does not survive fork) in one process group
+    results = run_local_ranks(_rank, world, timeout=100, group_timeout=60)
+    out = by_rank(results)
     assert len(out) == world, f"only ranks {sorted(out)} reported"
     expect = np.mean([2.0 * (r + 1) for r in range(world)])
     for rank, (status, value) in out.items():

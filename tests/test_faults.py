@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import distrib as dist
-from distrib.testing._ranks import run_local_ranks
+from distrib.testing import run_local_ranks
 
 WORLD = 3
 MARGIN_S = 6.0  # generous: the 2-core CI machine runs other suites at the same time

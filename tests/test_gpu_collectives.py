@@ -7,7 +7,6 @@ it computes the numpy reference itself. Needs cupy and a CUDA device.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 import traceback
 
@@ -18,9 +17,9 @@ from _gpu import cupy_or_skip
 cupy = cupy_or_skip()
 
 from distrib.store import TCPStore  # noqa: E402
+from distrib.testing import run_local_ranks  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(120)]
-SPAWN = mp.get_context("spawn")
 
 # (dtype, ops) cases; lengths include one that does not divide by any world size,
 # one large enough for the vector path with a tail, and a misaligned view.
@@ -184,55 +183,39 @@ def _run_all(engine, rank, size):
     engine.barrier(next(seq), dl)
 
 
-def _worker(rank, size, port, prefix, out, own_gpu=False):
+def _worker(rank, size, port, prefix, own_gpu=False):
     import cupy
 
+    cupy.cuda.Device(rank if own_gpu else 0).use()
+    engine, store = _engine(rank, size, port, prefix)
     try:
-        cupy.cuda.Device(rank if own_gpu else 0).use()
-        engine, store = _engine(rank, size, port, prefix)
-        try:
-            _run_all(engine, rank, size)
-        finally:
-            engine.close()
-            store.close()
-        out.put((rank, "ok", type(engine).__name__))
-    except BaseException:
-        out.put((rank, traceback.format_exc(), ""))
+        _run_all(engine, rank, size)
+    finally:
+        engine.close()
+        store.close()
+    return type(engine).__name__
 
 
-def _spawn(target, size, extra=()):
+def _run(target, size, *args, timeout=110):
+    """``target(rank, size, port, prefix, *args)`` on ``size`` spawned ranks that build
+    their engines on a store hosted here; their ``RankResult``s."""
     master = TCPStore("127.0.0.1", 0, is_master=True, timeout=60)
-    out = SPAWN.Queue()
-    procs = [
-        SPAWN.Process(target=target, args=(r, size, master.port, f"t{size}", out, *extra))
-        for r in range(size)
-    ]
-    for p in procs:
-        p.start()
-    return master, out, procs
-
-
-def _finish(master, procs):
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=10)
-    master.close()
+    try:
+        return run_local_ranks(
+            target, size, master.port, f"t{size}", *args, init_group=False, timeout=timeout
+        )
+    finally:
+        master.close()
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 def test_every_collective_on_one_gpu(size):
-    master, out, procs = _spawn(_worker, size)
-    try:
-        results = sorted(out.get(timeout=110) for _ in range(size))
-    finally:
-        _finish(master, procs)
+    results = _run(_worker, size)
     # One rank alone takes NCCL (when cupy has it); ranks sharing the GPU take CUDA IPC.
     expected = "NcclEngine" if size == 1 and _nccl_available() else "CudaIpcEngine"
-    for rank, status, engine in results:
-        assert status == "ok", f"rank {rank}:\n{status}"
-        assert engine == expected
+    for result in results:
+        assert result.ok, result.describe()
+        assert result.value == expected
 
 
 def _nccl_available():
@@ -248,14 +231,10 @@ def _nccl_available():
 )
 def test_every_collective_over_nccl_one_gpu_per_rank():
     size = min(4, cupy.cuda.runtime.getDeviceCount())
-    master, out, procs = _spawn(_worker, size, (True,))
-    try:
-        results = sorted(out.get(timeout=110) for _ in range(size))
-    finally:
-        _finish(master, procs)
-    for rank, status, engine in results:
-        assert status == "ok", f"rank {rank}:\n{status}"
-        assert engine == "NcclEngine"
+    results = _run(_worker, size, True)
+    for result in results:
+        assert result.ok, result.describe()
+        assert result.value == "NcclEngine"
 
 
 _SPIN = r"""
@@ -266,7 +245,7 @@ extern "C" __global__ void spin(long long cycles) {
 """
 
 
-def _watchdog_worker(port, out):
+def _watchdog_worker(rank, size, port, prefix):
     import cupy
 
     from distrib._reduce_op import ReduceOp
@@ -274,7 +253,7 @@ def _watchdog_worker(port, out):
     from distrib.transport.gpu._nccl import NcclEngine
 
     try:
-        store = PrefixStore("wd", TCPStore("127.0.0.1", port, is_master=False, timeout=30))
+        store = PrefixStore(prefix, TCPStore("127.0.0.1", port, is_master=False, timeout=30))
         engine = NcclEngine(store, 0, 1, 0, timeout=60)  # setup may take seconds
         engine.timeout = 0.3  # every later call must finish within 0.3 s
         buf = cupy.ones(1000, dtype=cupy.float32)
@@ -285,34 +264,26 @@ def _watchdog_worker(port, out):
         engine.all_reduce(buf, ReduceOp.SUM, 2, time.monotonic() + 10)  # stuck behind the spin
         try:
             engine.wait_idle(time.monotonic() + 10)
-            out.put("no error")
+            status = "no error"
         except Exception as exc:
-            out.put(f"{type(exc).__name__}: {exc}")
+            status = f"{type(exc).__name__}: {exc}"
         engine.close()
         store.close()
+        return status
     except BaseException:
-        out.put(traceback.format_exc())
+        return traceback.format_exc()
 
 
 @pytest.mark.skipif(not _nccl_available(), reason="cupy has no NCCL binding here")
 def test_nccl_watchdog_aborts_a_late_operation():
-    master = TCPStore("127.0.0.1", 0, is_master=True, timeout=30)
-    out = SPAWN.Queue()
-    proc = SPAWN.Process(target=_watchdog_worker, args=(master.port, out))
-    proc.start()
-    try:
-        status = out.get(timeout=60)
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=10)
-        master.close()
+    (result,) = _run(_watchdog_worker, 1, timeout=60)
+    assert result.ok, result.describe()
+    status = result.value
     assert status.startswith("DistTimeoutError"), status
     assert "aborted" in status
 
 
-def _failure_worker(rank, size, port, prefix, out, scenario):
+def _failure_worker(rank, size, port, prefix, scenario):
     import os
 
     import cupy
@@ -329,16 +300,14 @@ def _failure_worker(rank, size, port, prefix, out, scenario):
             if scenario == "mismatch":
                 engine.broadcast(buf, 0, 1, time.monotonic() + 20)
             else:  # "timeout": never call, wait until rank 0 is done
-                out.put((rank, "waiting", 0.0))
                 time.sleep(0.1)
                 store.get("rank0-done")
-            out.put((rank, "no error", 0.0))
-            return
+            return "no error", 0.0
         t0 = time.monotonic()
         engine.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 1.5)
-        out.put((rank, "no error", time.monotonic() - t0))
+        return "no error", time.monotonic() - t0
     except BaseException as exc:
-        out.put((rank, f"{type(exc).__name__}: {exc}", time.monotonic() - t0 if rank == 0 else 0))
+        return f"{type(exc).__name__}: {exc}", time.monotonic() - t0 if rank == 0 else 0
     finally:
         if rank == 0:
             store.set("rank0-done", b"1")
@@ -356,15 +325,9 @@ def _failure_worker(rank, size, port, prefix, out, scenario):
     ],
 )
 def test_failures_become_errors(scenario, error):
-    master, out, procs = _spawn(_failure_worker, 2, (scenario,))
-    try:
-        results = {}
-        while 0 not in results:
-            rank, status, elapsed = out.get(timeout=60)
-            results[rank] = (status, elapsed)
-    finally:
-        _finish(master, procs)
-    status, elapsed = results[0]
+    rank0 = _run(_failure_worker, 2, scenario, timeout=60)[0]  # rank 1 may exit, or fail
+    assert rank0.ok, rank0.describe()
+    status, elapsed = rank0.value
     assert status.startswith(error), status
     assert "rank 0" in status
     if scenario == "peer exits":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import multiprocessing as mp
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import pytest
 import distrib as dist
 import distrib.comm as dcomm
 from distrib.store._rendezvous import rank_and_size_from_env
-from distrib.testing._ranks import run_local_ranks
+from distrib.testing import run_local_ranks
 from tests._util import free_port
 
 
@@ -22,8 +20,7 @@ def _assert_all_ok(results):
     return [r.value for r in results]
 
 
-def _init_and_sum(method, rank, world_size, env, out):
-    os.environ.update(env)
+def _init_and_sum(rank, world_size, method):
     try:
         if method == "env":
             dist.init_process_group(timeout=datetime.timedelta(seconds=20))
@@ -31,24 +28,20 @@ def _init_and_sum(method, rank, world_size, env, out):
             dist.init_process_group("gloo", method, rank=rank, world_size=world_size, timeout=20)
         a = np.full(3, dist.get_rank() + 1, np.int64)
         dist.all_reduce(a)
-        out.put((dist.get_rank(), dist.get_world_size(), dist.get_backend(), a.tolist()))
+        got = (dist.get_rank(), dist.get_world_size(), dist.get_backend(), a.tolist())
         dist.destroy_process_group()
+        return got
     except BaseException as exc:
-        out.put(repr(exc))
+        return repr(exc)
 
 
-def _launch(method, envs, ranks):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(target=_init_and_sum, args=(method, r, len(ranks), envs[r], out)) for r in ranks
-    ]
-    for p in procs:
-        p.start()
-    got = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(10)
-    assert all(p.exitcode == 0 for p in procs), got
+def _launch(method, envs):
+    """Each rank joins through ``method`` itself (the harness makes no group)."""
+    results = run_local_ranks(
+        _init_and_sum, len(envs), method, init_group=False, env=envs, timeout=60
+    )
+    got = [r.value for r in results]
+    assert all(r.exitcode == 0 for r in results), [r.describe() for r in results]
     return sorted(got, key=str)
 
 
@@ -65,7 +58,7 @@ def test_rendezvous_methods(method, tmp_path):
     else:
         envs = [{} for _ in range(n)]
         method = f"tcp://127.0.0.1:{port}" if method == "tcp" else f"file://{tmp_path}/rdzv"
-    got = _launch(method, envs, range(n))
+    got = _launch(method, envs)
     assert [g[:2] for g in got] == [(r, n) for r in range(n)], got
     assert all(g[3] == [6, 6, 6] for g in got)
 

@@ -9,27 +9,24 @@ The real two-namespace run is in ``test_hier_netns.py``.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
-from _ranks import collect_ranks, failure_of
+from _ranks import by_rank, failure_of
 
 from distrib._reduce_op import ReduceOp
 from distrib.store import PrefixStore
 from distrib.store._file_store import FileStore
+from distrib.testing import run_local_ranks
 from distrib.transport._engine import EngineContext
 from distrib.transport._select import make_cpu_engine
 from distrib.transport.hier._engine import HierEngine
 from distrib.transport.shm._engine import ShmEngine
-
-_CTX = mp.get_context("fork")
 
 
 def _context(path: str, rank: int, hosts: list[int], timeout: float) -> EngineContext:
@@ -57,36 +54,34 @@ def _context(path: str, rank: int, hosts: list[int], timeout: float) -> EngineCo
     return ctx
 
 
-def _child(path: str, rank: int, hosts: list[int], scenario: Any, out: Any, timeout: float) -> None:
-    code = 0
+def _engine_rank(
+    rank: int, n: int, path: str, hosts: list[int], scenario: Any, timeout: float
+) -> Any:
+    eng = make_cpu_engine(_context(path, rank, hosts, timeout))
     try:
-        ctx = _context(path, rank, hosts, timeout)
-        eng = make_cpu_engine(ctx)
-        try:
-            result = scenario(eng, rank, len(hosts))
-        finally:
-            if eng is not None:
-                eng.close()
-        out.put((rank, "ok", result))
-    except BaseException as exc:
-        out.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-        code = 1
-    out.close()
-    out.join_thread()
-    os._exit(code)
+        return scenario(eng, rank, n)
+    finally:
+        if eng is not None:
+            eng.close()
 
 
 def run_hosts(
     tmp_path: Any, hosts: list[int], scenario: Callable[..., Any], timeout: float = 20.0
 ) -> dict[int, tuple[str, Any]]:
     """Run ``scenario(engine, rank, n)`` on ranks placed on simulated ``hosts``."""
-    n = len(hosts)
     path = str(tmp_path / f"store-{time.monotonic_ns()}")
-    out = _CTX.Queue()
-    procs = [
-        _CTX.Process(target=_child, args=(path, r, hosts, scenario, out, timeout)) for r in range(n)
-    ]
-    return collect_ranks(procs, out, n, timeout + 15)
+    results = run_local_ranks(
+        _engine_rank,
+        len(hosts),
+        path,
+        hosts,
+        scenario,
+        timeout,
+        start_method="fork",
+        init_group=False,
+        timeout=timeout + 15,
+    )
+    return by_rank(results)
 
 
 def _data(rank: int, count: int, dtype: Any = np.int64) -> np.ndarray:

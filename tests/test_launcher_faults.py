@@ -12,11 +12,13 @@ import datetime
 import re
 import subprocess
 import sys
-import time
 
 import pytest
+from _ranks import rank_values
 from _util import free_port
 from test_launcher_helpers import LauncherHarness
+
+from distrib.testing import run_local_ranks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -175,31 +177,24 @@ def test_user_folder_in_cwd_cannot_shadow_ours(launch, folder, kind):
     assert sorted(r.stdout.splitlines()) == [f"[{k}]: OK True {scripts}" for k in (0, 1)]
 
 
-WORLD = """
-    import os, sys
+def _join_world(rank, n, timeout_s):
     import distrib as dist
+
     try:
-        dist.init_process_group(timeout=float(sys.argv[1]))
-        print("JOINED", flush=True)
+        dist.init_process_group(timeout=float(timeout_s))
+        return "JOINED"
     except Exception as exc:
-        print("ERROR", type(exc).__name__, exc, flush=True)
-"""
+        return f"ERROR {type(exc).__name__} {exc}"
 
 
-def _run_ranks(launch, specs, timeout_s="5"):
-    script = launch.script("world.py", WORLD)
-    port = free_port()
-    procs = []
-    for rank, size in specs:
-        env = dict(launch.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        env.update(RANK=str(rank), WORLD_SIZE=str(size))
-        cmd = [sys.executable, script, timeout_s]
-        out = subprocess.PIPE
-        procs.append(
-            subprocess.Popen(cmd, cwd=launch.dir, env=env, stdout=out, stderr=out, text=True)
-        )
-        time.sleep(0.2)  # rank 0 first: it hosts the store
-    return [p.communicate(timeout=60)[0] for p in procs]
+def _run_ranks(specs, timeout_s="5"):
+    """One process per (RANK, WORLD_SIZE) spec, each joining through env:// itself."""
+    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    envs = [dict(base, RANK=str(rank), WORLD_SIZE=str(size)) for rank, size in specs]
+    results = run_local_ranks(
+        _join_world, len(specs), timeout_s, init_group=False, env=envs, timeout=60
+    )
+    return rank_values(results)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +209,7 @@ def _run_ranks(launch, specs, timeout_s="5"):
     ids=["size_2_vs_3", "size_3_vs_2", "third_rank_differs", "duplicate_rank", "missing_rank"],
 )
 def test_world_misconfiguration_is_named_on_every_rank(launch, specs, message):
-    outs = _run_ranks(launch, specs, timeout_s="3")
+    outs = _run_ranks(specs, timeout_s="3")
     for out in outs:
         assert "ERROR" in out and message in out, outs
 

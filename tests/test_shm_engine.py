@@ -1,62 +1,46 @@
 """The shared-memory engine on its own: real processes, one memfd segment, a FileStore.
 
-Each case forks ``n`` ranks that rendezvous through a ``FileStore`` in the
-test's tmp dir, run a scenario against ``ShmEngine`` and send results home
-over a multiprocessing queue. Small ``part_bytes`` make even short arrays span
-many pipeline steps, so both halves and the lag-2 reuse guard are exercised.
+Each case forks ``n`` ranks (``run_local_ranks``, no process group) that
+rendezvous through a ``FileStore`` in the test's tmp dir, run a scenario
+against ``ShmEngine`` and return its results. Small ``part_bytes`` make even
+short arrays span many pipeline steps, so both halves and the lag-2 reuse
+guard are exercised.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
-from _ranks import collect_ranks, failure_of
+from _ranks import by_rank, failure_of
 
 from distrib import DistPeerLostError, DistTimeoutError
 from distrib._reduce_op import ReduceOp
 from distrib.store._file_store import FileStore
+from distrib.testing import run_local_ranks
 from distrib.transport.shm._rendezvous import connect_local
 
-_CTX = mp.get_context("fork")
 SIZES = [1, 2, 3, 4]
 PART = 256  # bytes per rank per step: many steps for small arrays
 
 
-def _child(
-    path: str, rank: int, n: int, scenario: Callable[..., Any], part: int, out: Any, timeout: float
-) -> None:
-    code = 0
+def _engine_rank(
+    rank: int, n: int, path: str, scenario: Callable[..., Any], part: int, timeout: float
+) -> Any:
+    store = FileStore(path, timeout=timeout)
+    eng = connect_local(
+        store, "t", rank, n, list(range(n)), time.monotonic() + timeout, part_bytes=part
+    )
+    assert eng is not None, "shared-memory engine unavailable"
     try:
-        store = FileStore(path, timeout=timeout)
-        eng = connect_local(
-            store, "t", rank, n, list(range(n)), time.monotonic() + timeout, part_bytes=part
-        )
-        assert eng is not None, "shared-memory engine unavailable"
-        try:
-            result = scenario(eng, rank, n)
-        finally:
-            eng.close()
-        out.put((rank, "ok", result))
-    except BaseException as exc:
-        out.put(
-            (
-                rank,
-                "error",
-                (type(exc).__name__, str(exc), getattr(exc, "peer", None), traceback.format_exc()),
-            )
-        )
-        code = 1
-    out.close()
-    out.join_thread()  # flush the result before _exit skips the queue's atexit
-    os._exit(code)
+        return scenario(eng, rank, n)
+    finally:
+        eng.close()
 
 
 def run_ranks(
@@ -70,15 +54,22 @@ def run_ranks(
 ) -> dict[int, tuple[str, Any]]:
     """Run ``scenario(engine, rank, n)`` in ``n`` forked ranks; return {rank: (status, value)}."""
     path = str(tmp_path / f"store-{n}-{time.monotonic_ns()}")
-    out = _CTX.Queue()
-    procs = [
-        _CTX.Process(target=_child, args=(path, r, n, scenario, part, out, timeout))
-        for r in range(n)
-    ]
-    results = collect_ranks(procs, out, n, timeout + 15)
+    results = by_rank(
+        run_local_ranks(
+            _engine_rank,
+            n,
+            path,
+            scenario,
+            part,
+            timeout,
+            start_method="fork",
+            init_group=False,
+            timeout=timeout + 15,
+        )
+    )
     if not expect_errors:
         errors = {r: v for r, (s, v) in results.items() if s != "ok"}
-        assert not errors, "\n".join(f"rank {r}: {v[3]}" for r, v in errors.items())
+        assert not errors, "\n".join(f"rank {r}: {v}" for r, v in errors.items())
         assert len(results) == n, f"only ranks {sorted(results)} reported"
     return results
 

@@ -17,7 +17,7 @@ import pytest
 
 import distrib as dist
 from distrib.comm import _api
-from distrib.testing._ranks import run_local_ranks
+from distrib.testing import run_local_ranks
 
 
 def _engines(rank: int, world: int) -> tuple[str, str]:

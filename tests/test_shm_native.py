@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _ranks import failure_of
+from _ranks import failure_of, rank_values
 from test_shm_engine import run_ranks
 
 from distrib._reduce_op import ReduceOp
+from distrib.testing import run_local_ranks
 from distrib.transport.shm._native import load
 
 pytestmark = [
@@ -153,36 +154,26 @@ def test_native_step_detects_mismatched_calls(tmp_path: Any) -> None:
         assert "rank 1 called all_reduce(op=SUM, 300000 x float32, shape [600, 500]" in msg, msg
 
 
-def _agree(path: str, rank: int, out: Any) -> None:
+def _agree(rank: int, n: int, path: str) -> Any:
     from distrib.store._file_store import FileStore
     from distrib.transport.shm._rendezvous import connect_local
 
     eng = connect_local(
-        FileStore(path), "t", rank, 2, [0, 1], time.monotonic() + 20, use_native=rank == 0
+        FileStore(path), "t", rank, n, [0, 1], time.monotonic() + 20, use_native=rank == 0
     )
     assert eng is not None
     buf = np.full(300_000, rank + 1.0, np.float32)
     eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
-    out.put((rank, eng._native is None, float(buf[0]), float(buf[-1])))
+    got = (rank, eng._native is None, float(buf[0]), float(buf[-1]))
     eng.close()
+    return got
 
 
 def test_ranks_use_the_c_step_only_if_all_have_it(tmp_path: Any) -> None:
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_agree, args=(str(tmp_path / "s"), r, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = sorted(out.get(timeout=60) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(20)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    results = run_local_ranks(
+        _agree, 2, str(tmp_path / "s"), start_method="fork", init_group=False, timeout=60
+    )
+    got = sorted(rank_values(results))
     assert got == [(0, True, 3.0, 3.0), (1, True, 3.0, 3.0)]
 
 

@@ -9,11 +9,13 @@ import threading
 import time
 
 import pytest
+from _ranks import rank_values
 from _store_faults import RawClient
 
 import distrib
 from distrib.comm import FileStore, PrefixStore, TCPStore
 from distrib.store import _wire as wire
+from distrib.testing import run_local_ranks
 
 
 @pytest.fixture
@@ -104,20 +106,25 @@ def test_unreachable_master_times_out():
     store.close()
 
 
-def _worker(host, port, rank, n, secret, out):
-    store = TCPStore(host, port, world_size=n, timeout=60, auth_token=secret)
+def _worker(rank, n, port, secret):
+    store = TCPStore("127.0.0.1", port, world_size=n, timeout=60, auth_token=secret)
+    if rank == 0:  # its constructor waits for all n to join; it only counts itself in
+        store.add("counter", 1)
+        store.set("rank0", "x")
+        store.close()
+        return None
     store.add("counter", rank + 1)
     store.set(f"rank{rank}", str(os.getpid()))
     store.wait([f"rank{r}" for r in range(n)])
-    out.put((rank, int(store.get("counter"))))
+    got = (rank, int(store.get("counter")))
     store.close()
+    return got
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("secret", [None, "s3cret"])
 def test_multiprocess_rendezvous(secret):
     n = 4
-    ctx = mp.get_context("spawn")
     master = TCPStore(
         "127.0.0.1",
         0,
@@ -127,30 +134,14 @@ def test_multiprocess_rendezvous(secret):
         wait_for_workers=False,
         auth_token=secret,
     )
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(target=_worker, args=("127.0.0.1", master.port, r, n, secret, out))
-        for r in range(1, n)
-    ]
     try:
-        for p in procs:
-            p.start()
-        # Rank 0 joins from this process; its constructor waits for all n to join.
-        rank0 = TCPStore("127.0.0.1", master.port, world_size=n, timeout=60, auth_token=secret)
-        rank0.add("counter", 1)
-        rank0.set("rank0", "x")
-        results = [out.get(timeout=60) for _ in range(n - 1)]
-        for p in procs:
-            p.join(30)
-        assert all(p.exitcode == 0 for p in procs)
+        # The ranks meet in this store (the one under test), not in a process group.
+        ranks = run_local_ranks(_worker, n, master.port, secret, init_group=False, timeout=60)
+        results = rank_values(ranks)[1:]
+        assert all(r.exitcode == 0 for r in ranks)
         # Everyone saw all four increments only after all ranks had set their key.
         assert sorted(results) == [(r, sum(range(1, n + 1))) for r in range(1, n)]
-        rank0.close()
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
         master.close()
 
 

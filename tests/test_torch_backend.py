@@ -4,18 +4,18 @@
 from __future__ import annotations
 
 import faulthandler
-import multiprocessing as std_mp
 import os
 import platform
-import queue
 import re
 import subprocess
 import sys
 import textwrap
-import traceback
 
 import numpy as np
 import pytest
+from _ranks import rank_values
+
+from distrib.testing import run_local_ranks
 
 torch = pytest.importorskip("torch")  # CI installs torch 2.13.0 CPU: this runs there
 import torch.distributed as dist  # noqa: E402
@@ -24,58 +24,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAIT_S = 240
 
 
-def _entry(fn, rank, world, port, out):
+def _entry(rank, world, fn, port):
     faulthandler.dump_traceback_later(WAIT_S - 20, exit=True)  # a hang shows where it sits
-    try:
-        import distrib.torch  # noqa: F401  registers "distrib"
+    import distrib.torch  # noqa: F401  registers "distrib"
 
-        store = dist.TCPStore("127.0.0.1", port, world, False, wait_for_workers=False)
-        dist.init_process_group(
-            "distrib",
-            store=store,
-            rank=rank,
-            world_size=world,
-            timeout=__import__("datetime").timedelta(seconds=60),
-        )
-        try:
-            gloo = dist.new_group(backend="gloo")
-            out.put((rank, "ok", fn(rank, world, gloo)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        out.put((rank, "error", traceback.format_exc()))
+    store = dist.TCPStore("127.0.0.1", port, world, False, wait_for_workers=False)
+    dist.init_process_group(
+        "distrib",
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=__import__("datetime").timedelta(seconds=60),
+    )
+    try:
+        gloo = dist.new_group(backend="gloo")
+        return fn(rank, world, gloo)
+    finally:
+        dist.destroy_process_group()
 
 
 def _run(fn, world):
     """``fn(rank, world, gloo_group)`` on ``world`` spawned ranks; their return values."""
+    # The ranks meet in torch's own TCPStore (hosted here), not in a distrib group.
     master = dist.TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False)
-    ctx = std_mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(target=_entry, args=(fn, r, world, master.port, out)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        while len(results) < world:
-            try:
-                rank, status, value = out.get(timeout=WAIT_S)
-            except queue.Empty:
-                break
-            results[rank] = (status, value)
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        out.close()
-        out.join_thread()
-    errors = [f"rank {r}: {v}" for r, (s, v) in sorted(results.items()) if s != "ok"]
-    assert not errors, "\n".join(errors)
-    assert len(results) == world, f"only ranks {sorted(results)} reported"
-    return [results[r][1] for r in range(world)]
+    results = run_local_ranks(_entry, world, fn, master.port, init_group=False, timeout=WAIT_S)
+    return rank_values(results)
 
 
 def _inputs(rank, n, dtype, salt=0):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import distrib as dist
-from distrib.testing._ranks import run_local_ranks
+from distrib.testing import run_local_ranks
 
 
 def _assert_all_ok(results):
