@@ -6,14 +6,32 @@ stdout/stderr pipes and a wakeup pipe that SIGCHLD/SIGINT/SIGTERM/SIGHUP write t
 and console lines never interleave. Workers are spawned from the main thread
 because ``PR_SET_PDEATHSIG`` fires when the *thread* that forked them ends.
 
-Lifecycle of an attempt: rendezvous -> spawn -> run until all exit 0, a worker
-fails, another node fails, a signal arrives or ``--timeout`` passes -> stop the
-rest (SIGTERM to each worker's process group, grace period, SIGKILL) -> drain
-output -> success, restart, or failure report.
+The job is a loop of attempts (``Agent._run_attempts``)::
+
+    join the rendezvous -> run an attempt -> trade exits with the other nodes
+        -> decide (``_next_action``) -> FINISH | REGROUP | RESTART | FAIL
+
+One attempt (``launcher._attempt``) spawns the workers and steps through the
+phases RUNNING -> (LINGERING) -> STOPPING -> KILLING -> DRAINING -> DONE, ending
+early at DRAINING once no process is left; it returns an ``AttemptResult`` whose
+``AttemptOutcome`` says why it ended: SUCCESS, FAILURE, SIGNAL, TIMEOUT or PEER.
+Then, in this order:
+
+- FINISH (exit 0) when it succeeded, no node was lost and no worker anywhere failed;
+- REGROUP when the group ended to take in a node that joined (``--nnodes MIN:MAX``):
+  the next attempt keeps the restart count;
+- FAIL with exit code 128 + N when the launcher received signal N, and with 1
+  when ``--timeout`` passed;
+- RESTART when the failure is retryable (no worker failed before the script
+  started, and no node was lost unless enough remain) and ``--max-restarts``
+  allows another attempt;
+- FAIL (exit 1) otherwise. FAIL prints the failure report: the root cause, or
+  the ranks a hung job waited for.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import selectors
 import shutil
@@ -21,43 +39,53 @@ import signal
 import socket
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from distrib._errors import DistError
 
+from ._attempt import Attempt, AttemptContext, AttemptOutcome, AttemptResult, timed_out
 from ._bootstrap_code import BOOTSTRAP_CODE
 from ._guardian import Guardian
 from ._hang import find_hang
 from ._job_store import JobStore
 from ._options import STDERR, STDOUT, LaunchOptions
 from ._output import StreamPump, write_all
-from ._procs import descendants, set_child_subreaper, signal_pids
+from ._procs import set_child_subreaper
 from ._rendezvous import Round, SingleNodeRendezvous
 from ._report import format_report, root_cause
 from ._worker import Worker, WorkerExit, signal_name
 
-__all__ = ["Agent"]
+__all__ = ["Action", "Agent", "AttemptOutcome", "AttemptResult"]
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# After the workers are gone, wait this long for EOF on pipes an escaped process holds.
-_DRAIN_S = 1.0
-# Processes a successful worker leaves behind get this long to exit on their own
-# (multiprocessing's resource tracker exits within milliseconds of its parent).
-_LINGER_S = 1.0
-# How long a hung job's workers get to write their stack dumps before being stopped.
-_DUMP_WAIT_S = 3.0
 
 
-@dataclass
-class AttemptResult:
-    """How one attempt ended."""
+class Action(enum.Enum):
+    """What the agent does once every node has finished an attempt."""
 
-    outcome: str  # "success" | "failure" | "signal" | "timeout" | "peer"
-    exits: list[WorkerExit] = field(default_factory=list)
-    signum: int = 0
-    peer_reason: str = ""
+    FINISH = "finish"  # every worker everywhere exited 0: exit 0
+    REGROUP = "regroup"  # a node joined: form the group again, same restart count
+    RESTART = "restart"  # a retryable failure, restarts left: run the next attempt
+    FAIL = "fail"  # print the failure report and exit non-zero
+
+
+class _Ending(NamedTuple):
+    """An attempt as every node saw it."""
+
+    result: AttemptResult  # this node's
+    exits: list[WorkerExit]  # the exits of every node's workers
+    lost: str | None  # why a node was lost, if one was
+    root: WorkerExit | None  # the first failure (report.root_cause)
+    hang: Any  # the ranks that never entered a collective (Agent._hang), else None
+
+
+class _Decision(NamedTuple):
+    """``Agent._next_action``'s answer."""
+
+    action: Action
+    exit_code: int = 0  # for FINISH and FAIL
+    headline: str = ""  # why the attempt failed (RESTART, FAIL)
+    hang: Any = None  # for FAIL's report
 
 
 class Agent:
@@ -114,8 +142,16 @@ class Agent:
         old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in _FORWARDED}
         old_chld = signal.signal(signal.SIGCHLD, _ignore_signal)
+        ctx = AttemptContext(
+            self.opts,
+            self.rdzv,
+            self._guardian,
+            wake_r,
+            pending_signal=lambda: self._pending_signal,
+            say=self.say,
+        )
         try:
-            return self._run_attempts(wake_r)
+            return self._run_attempts(ctx)
         finally:
             signal.set_wakeup_fd(old_wakeup)
             signal.signal(signal.SIGCHLD, old_chld)
@@ -128,8 +164,8 @@ class Agent:
             self._job_store.close()
             self._guardian.close()
 
-    def _run_attempts(self, wake_fd: int) -> int:
-        attempt = 0
+    def _run_attempts(self, ctx: AttemptContext) -> int:
+        attempt = 0  # the restart count: a re-formed group keeps it
         while True:
             if self._pending_signal:
                 return 128 + self._pending_signal
@@ -138,52 +174,71 @@ class Agent:
             except DistError as exc:  # a node missing, unreachable, or with the wrong secret
                 self.say(str(exc))
                 return 1
-            result = self._run_attempt(rnd, wake_fd)
-            failed = result.outcome != "success"
-            theirs, lost = self.rdzv.finish(
-                attempt, result.exits, failed, lambda: bool(self._pending_signal)
-            )
-            exits = result.exits + theirs
-            root = root_cause(exits)
-            hang = self._hang(result, exits, root)
-            if not failed and lost is None and root is None:
-                return 0
-            if getattr(self.rdzv, "regrouping", False) and not self._pending_signal:
+            ending = self._finish_attempt(attempt, self._run_attempt(rnd, ctx))
+            decision = self._next_action(attempt, ending)
+            if decision.action is Action.REGROUP:
                 self.say("a node joined; re-forming the group (not counted as a restart)")
                 continue  # torchrun's membership change: same restart count
-            if result.outcome == "signal" or (self._pending_signal and result.outcome != "timeout"):
-                signum = result.signum or self._pending_signal
-                name = signal_name(signum)
-                self._report(exits, attempt, f"distrib-run received {name}; workers stopped")
-                return 128 + signum
-            if result.outcome == "timeout":
-                headline = f"--timeout {self.opts.timeout:g} s passed"
-                if hang is not None:
-                    headline += f"; hang: {hang.headline()}"
-                self._report(exits, attempt, headline, hang)
-                return 1
-            # c10d rendezvous: losing nodes is survivable while --nnodes MIN remain
-            survivable = lost is None or getattr(self.rdzv, "survivable", False)
-            retryable = survivable and (root is None or root.phase != "startup")
-            if hang is not None:
-                headline = f"hang: {hang.headline()}"
-            elif root is not None:
-                headline = f"rank {root.rank} on host {root.host}: {root.reason()}"
-                if root.phase == "startup":
-                    headline += " before the script started; not retried"
-            else:
-                headline = lost or result.peer_reason or "another node failed"
-            if lost is not None and root is not None:
-                headline += f"; and {lost}"
-            if retryable and attempt < self.opts.max_restarts:
+            if decision.action is Action.RESTART:
                 self.say(
-                    f"attempt {attempt + 1} failed ({headline}); restarting all workers "
+                    f"attempt {attempt + 1} failed ({decision.headline}); restarting all workers "
                     f"(restart {attempt + 1} of {self.opts.max_restarts})"
                 )
                 attempt += 1
                 continue
-            self._report(exits, attempt, headline, hang)
-            return 1
+            if decision.action is Action.FAIL:
+                self._report(ending.exits, attempt, decision.headline, decision.hang)
+            return decision.exit_code
+
+    def _run_attempt(self, rnd: Round, ctx: AttemptContext) -> AttemptResult:
+        """Spawn this node's workers and watch them until they are all gone."""
+        sel = selectors.DefaultSelector()
+        sel.register(ctx.wake_fd, selectors.EVENT_READ, None)
+        workers = self._spawn(rnd, sel)
+        return Attempt(ctx, rnd, sel, workers).run()
+
+    def _finish_attempt(self, attempt: int, result: AttemptResult) -> _Ending:
+        """Trade exits with the other nodes; find the root cause and any hang."""
+        failed = result.outcome is not AttemptOutcome.SUCCESS
+        theirs, lost = self.rdzv.finish(
+            attempt, result.exits, failed, lambda: bool(self._pending_signal)
+        )
+        exits = result.exits + theirs
+        root = root_cause(exits)
+        return _Ending(result, exits, lost, root, self._hang(result, exits, root))
+
+    def _next_action(self, attempt: int, ending: _Ending) -> _Decision:
+        """What to do after an attempt: finish, re-form the group, restart, or fail."""
+        result = ending.result
+        succeeded = result.outcome is AttemptOutcome.SUCCESS
+        if succeeded and ending.lost is None and ending.root is None:
+            return _Decision(Action.FINISH)
+        if getattr(self.rdzv, "regrouping", False) and not self._pending_signal:
+            return _Decision(Action.REGROUP)
+        # A signal that arrived while the attempt ended for another reason is the
+        # reported cause too, except after --timeout, which stays the cause.
+        late_signal = self._pending_signal and result.outcome is not AttemptOutcome.TIMEOUT
+        if result.outcome is AttemptOutcome.SIGNAL or late_signal:
+            signum = result.signum or self._pending_signal
+            headline = f"distrib-run received {signal_name(signum)}; workers stopped"
+            return _Decision(Action.FAIL, 128 + signum, headline)
+        if result.outcome is AttemptOutcome.TIMEOUT:
+            headline = f"--timeout {self.opts.timeout:g} s passed"
+            if ending.hang is not None:
+                headline += f"; hang: {ending.hang.headline()}"
+            return _Decision(Action.FAIL, 1, headline, ending.hang)
+        return self._after_failure(attempt, ending)
+
+    def _after_failure(self, attempt: int, ending: _Ending) -> _Decision:
+        """A worker failed or a node was lost: restart if allowed, else fail."""
+        root = ending.root
+        # c10d rendezvous: losing nodes is survivable while --nnodes MIN remain
+        survivable = ending.lost is None or getattr(self.rdzv, "survivable", False)
+        retryable = survivable and (root is None or root.phase != "startup")
+        headline = _failure_headline(ending)
+        if retryable and attempt < self.opts.max_restarts:
+            return _Decision(Action.RESTART, headline=headline)
+        return _Decision(Action.FAIL, 1, headline, ending.hang)
 
     @staticmethod
     def _hang(result: AttemptResult, exits: list[WorkerExit], root: WorkerExit | None) -> Any:
@@ -193,7 +248,7 @@ class Agent:
         abort: a rank that waited for the laggards) makes the laggards the root
         cause; an exception of the user's stays its own root cause.
         """
-        if result.outcome != "timeout" and not _timed_out(root):
+        if result.outcome is not AttemptOutcome.TIMEOUT and not timed_out(root):
             return None
         hang = find_hang(exits)
         if hang is None or (root is not None and root.rank in hang.laggards):
@@ -315,190 +370,21 @@ class Agent:
         w.pumps.append(pump)
         return pump
 
-    def _pump(self, sel: selectors.BaseSelector, wake_fd: int, timeout: float) -> None:
-        """Move worker output to the console; wake early on any signal."""
-        for key, _ in sel.select(timeout):
-            if key.fileobj == wake_fd:
-                try:
-                    while os.read(wake_fd, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
-                continue
-            pump: StreamPump = key.data
-            try:
-                data = os.read(key.fd, 65536)
-            except BlockingIOError:
-                continue
-            if data:
-                pump.feed(data)
-            else:
-                sel.unregister(key.fileobj)
-                key.fileobj.close()  # type: ignore[union-attr]
-                pump.close()
 
-    def _run_attempt(self, rnd: Round, wake_fd: int) -> AttemptResult:
-        sel = selectors.DefaultSelector()
-        sel.register(wake_fd, selectors.EVENT_READ, None)
-        workers = self._spawn(rnd, sel)
-        started = time.monotonic()
-        result: AttemptResult | None = None
-        stop_sent_at: float | None = None
-        killed = False
-        stray_signalled = False
-        linger_until: float | None = None
-        try:
-            while True:
-                now = time.monotonic()
-                if result is None:
-                    result = self._check(workers, rnd, started, now)
-                    if result is not None and _hang_suspected(result, workers):
-                        self._collect_dumps(workers, sel, wake_fd)
-                    if result is not None and result.outcome != "success":
-                        first = result.signum if result.outcome == "signal" else signal.SIGTERM
-                        for w in workers:
-                            if w.poll() is None:
-                                w.stop_requested = True
-                            w.signal_group(first)
-                        stop_sent_at = now
-                if result is not None:
-                    alive = [w for w in workers if w.group_alive()]
-                    # Descendants outside the workers' groups: setsid children, daemons
-                    # (re-parented to us: we are a subreaper).
-                    strays = self._strays(workers)
-                    if not alive and not strays:
-                        break
-                    if stop_sent_at is not None and not stray_signalled and strays:
-                        signal_pids(strays, signal.SIGTERM)  # they get the workers' signal
-                        stray_signalled = True
-                    if stop_sent_at is None and linger_until is None:
-                        linger_until = now + _LINGER_S
-                    if stop_sent_at is None and linger_until is not None and now < linger_until:
-                        pass  # helpers such as multiprocessing's resource tracker exit soon
-                    elif stop_sent_at is None:  # success, but a worker left processes behind
-                        ranks = [w.rank for w in alive]
-                        self.say(
-                            f"ranks {ranks} exited 0 but left processes; stopping them"
-                            if ranks
-                            else f"workers exited 0 but left processes {sorted(strays)}; "
-                            "stopping them"
-                        )
-                        for w in alive:
-                            w.signal_group(signal.SIGTERM)
-                        signal_pids(strays, signal.SIGTERM)
-                        stray_signalled = True
-                        stop_sent_at = now
-                    elif not killed and now - stop_sent_at > self.opts.grace_period:
-                        for w in alive:
-                            w.signal_group(signal.SIGKILL)
-                        signal_pids(strays, signal.SIGKILL)
-                        killed = True
-                    elif killed and now - stop_sent_at > self.opts.grace_period + 10:
-                        self.say(
-                            f"processes of ranks {[w.rank for w in alive]} (and "
-                            f"{sorted(strays)}) survive SIGKILL"
-                        )
-                        break
-                    elif killed:
-                        signal_pids(strays, signal.SIGKILL)  # newcomers forked while dying
-                self.rdzv.heartbeat()  # also while stopping or draining, which can take a while
-                self._pump(sel, wake_fd, self.opts.monitor_interval)
-            self._drain(sel, wake_fd)
-        finally:
-            for key in list(sel.get_map().values()):
-                if key.data is not None:
-                    key.data.close()
-                    key.fileobj.close()  # type: ignore[union-attr]
-            sel.close()
-            for w in workers:
-                assert self._guardian is not None and w.proc is not None
-                if not w.group_alive():
-                    self._guardian.forget(w.pid)
-            for w in workers:
-                w.close_dump_pipe()
-        exits = [w.poll() for w in workers]
-        result.exits = [e for e in exits if e is not None]
-        for e, w in zip(exits, workers, strict=True):
-            if e is not None:
-                e.dump = w.read_dump()
-        for w in workers:
-            if w.exit is not None:
-                lines = [p.last_line for p in w.pumps if p.last_line]
-                w.exit.last_output = lines[-1].decode(errors="replace") if lines else ""
-        if result.outcome == "success" and any(e.exitcode != 0 for e in result.exits):
-            result.outcome = "failure"
-        return result
-
-    def _check(
-        self, workers: list[Worker], rnd: Round, started: float, now: float
-    ) -> AttemptResult | None:
-        """Decide whether the attempt is over (and why); ``None`` while it runs on."""
-        if self._pending_signal:
-            return AttemptResult("signal", signum=self._pending_signal)
-        exits = [w.poll() for w in workers]
-        if any(e is not None and e.exitcode != 0 for e in exits):
-            return AttemptResult("failure")
-        if all(e is not None for e in exits):
-            return AttemptResult("success")
-        peer = self.rdzv.peer_failures()
-        if peer:
-            return AttemptResult("peer", peer_reason=peer)
-        if self.opts.timeout is not None and now - started > self.opts.timeout:
-            return AttemptResult("timeout")
-        return None
-
-    def _collect_dumps(
-        self, workers: list[Worker], sel: selectors.BaseSelector, wake_fd: int
-    ) -> None:
-        """Ask every running worker for its stacks; wait (bounded) for the answers."""
-        asked = [w for w in workers if w.request_dump()]
-        end = time.monotonic() + _DUMP_WAIT_S
-        while asked and time.monotonic() < end:
-            self._pump(sel, wake_fd, 0.02)
-            asked = [w for w in asked if not w.dump_answered()]
-        if asked:
-            self.say(f"ranks {[w.rank for w in asked]} gave no stack dump within {_DUMP_WAIT_S} s")
-
-    def _strays(self, workers: list[Worker]) -> set[int]:
-        """Live descendants of ours other than the worker processes themselves.
-
-        Includes what left the workers' groups or sessions (re-parented to us, a
-        child subreaper, when their parent exited). Reaps those that already exited (they were re-parented to us); worker
-        processes themselves are left to their ``Popen``.
-        """
-        assert self._guardian is not None
-        me = os.getpid()
-        leaders = {w.pid for w in workers}
-        tree = descendants(me, exclude=frozenset({self._guardian.pid}))
-        live = set()
-        for pid, (state, _) in tree.items():
-            if pid in leaders:
-                continue
-            if state == b"Z":
-                try:
-                    os.waitpid(pid, os.WNOHANG)  # ours only if re-parented to us
-                except ChildProcessError:
-                    pass
-            else:
-                live.add(pid)
-        return live
-
-    def _drain(self, sel: selectors.BaseSelector, wake_fd: int) -> None:
-        end = time.monotonic() + _DRAIN_S
-        while len(sel.get_map()) > 1 and time.monotonic() < end:
-            self._pump(sel, wake_fd, 0.05)
-
-
-def _timed_out(e: WorkerExit | None) -> bool:
-    """Whether a worker failed waiting for others (a timeout, or a peer's abort)."""
-    return e is not None and any(k in e.message for k in ("TimeoutError", "PeerLostError"))
-
-
-def _hang_suspected(result: AttemptResult, workers: list[Worker]) -> bool:
-    """A hang, not a plain error: ``--timeout``, another node's failure, or a timeout."""
-    if result.outcome in ("timeout", "peer"):
-        return True
-    return result.outcome == "failure" and any(_timed_out(w.exit) for w in workers)
+def _failure_headline(ending: _Ending) -> str:
+    """The report's first line for a failed attempt: the hang, the root cause, or the lost node."""
+    root, lost, hang = ending.root, ending.lost, ending.hang
+    if hang is not None:
+        headline = f"hang: {hang.headline()}"
+    elif root is not None:
+        headline = f"rank {root.rank} on host {root.host}: {root.reason()}"
+        if root.phase == "startup":
+            headline += " before the script started; not retried"
+    else:
+        headline = lost or ending.result.peer_reason or "another node failed"
+    if lost is not None and root is not None:
+        headline += f"; and {lost}"
+    return headline
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:
