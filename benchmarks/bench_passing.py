@@ -185,10 +185,10 @@ def print_table(rows: dict[str, dict[str, float]], have_torch: bool) -> None:
             continue
         if have_torch:
             print(
-                f"{name}: (a)/(d) = {row['a'] / row['d']:.2f} (floor <= 1)   "
-                f"(b)/(e) = {row['b'] / row['e']:.2f} (floor <= 1)"
+                f"{name}: (a)/(d) = {row['a'] / row['d']:.2f} (target <= 1)   "
+                f"(b)/(e) = {row['b'] / row['e']:.2f} (target <= 1)"
             )
-        print(f"{name}: (c)/(b) = {row['c'] / row['b']:.1f}x (floor >= 3 at 64 MiB)")
+        print(f"{name}: (c)/(b) = {row['c'] / row['b']:.1f}x (target >= 3 at 64 MiB)")
 
 
 def inline_sweep() -> None:

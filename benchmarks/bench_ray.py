@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{statistics.median(theirs):.2f} | {min(theirs):.2f} | {len(theirs)} |"
             )
             ratio = statistics.median(theirs) / statistics.median(ours)
-            print(f"TorchTrainer / distrib.ray.run (median): {ratio:.2f}x (floor >= 1)")
+            print(f"TorchTrainer / distrib.ray.run (median): {ratio:.2f}x (target >= 1)")
         else:
             print(f"TorchTrainer not measured: {why or '--no-torchtrainer'}")
         # ---- all-reduce
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {_fmt_size(size)} | {tr * 1e6:.1f} | {bw_r:.3f} | {ty * 1e6:.1f} | "
                 f"{bw_y:.3f} | {bw_y / bw_r:.2f} |"
             )
-        print(f"lowest ray/run busbw ratio: {worst:.2f} (floor >= 0.90)")
+        print(f"lowest ray/run busbw ratio: {worst:.2f} (target >= 0.90)")
     finally:
         ray.shutdown()
     return 0

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{float(mib):>5g} MiB | {a * 1e6:>20.1f} | {b * 1e6:>20.1f} | {c * 1e6:>24.1f} | "
             f"{a / b:>5.2f} | {a / c:>5.2f}"
         )
-    print("# a/b: the floor (<= 1.3 from 1 MiB); a/c: what the backend itself adds")
+    print("# a/b: the target (<= 1.3 from 1 MiB); a/c: what the backend itself adds")
     return 0
 
 
