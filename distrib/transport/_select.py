@@ -2,7 +2,7 @@
 for numpy arrays; NCCL or CUDA IPC for cupy arrays (``transport.gpu``).
 
 Ranks that share a host (equal host ids in the store) map one segment
-(``_shm_rendezvous``); a group on one host gets a ``ShmEngine``, a group over
+(``shm._rendezvous``); a group on one host gets a ``ShmEngine``, a group over
 several hosts a ``HierEngine`` on top of them. Every rank must choose the same
 kind, so the choice is agreed through the store.
 """

@@ -64,7 +64,7 @@ class SharedSegment:
         self.layout = layout
         self._segment: Segment | None = segment
         self.addr = segment.address
-        self.header = memoryview(segment.buffer)[: layout.header_bytes]
+        self.header = memoryview(segment.buffer.data)[: layout.header_bytes]
         self.bytes_view = segment.buffer
         self._typed: dict[np.dtype, list[np.ndarray]] = {}
 
