@@ -43,7 +43,6 @@ _TORCH = (
 import os
 import torch
 import torch.distributed as dist
-from ..testing import free_port
 
 def main():
     plan = json.loads(sys.argv[1])
