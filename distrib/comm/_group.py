@@ -110,6 +110,10 @@ class _Job(NamedTuple):
     action: Callable[[Any, int, float], Any]
 
 
+# What a job started by ``submit_giving_way`` returns when it gave way to later work.
+_GAVE_WAY = object()
+
+
 class ProcessGroup:
     """A set of ranks that run collectives together (torch's ``ProcessGroup``).
 
@@ -169,6 +173,7 @@ class ProcessGroup:
         self._cond = threading.Condition()
         self._next_ticket = 0
         self._running_ticket = 0
+        self._giving_way = 0  # queued jobs of submit_giving_way (not running)
         self._seq = itertools.count()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -359,6 +364,33 @@ class ProcessGroup:
         job = _Job(None, call, lambda _engine, seq, deadline: body(deadline, seq))
         return self._enqueue(op, job, async_op, collective, agree=False)
 
+    def submit_giving_way(self, op: str, step: Callable[[float, Callable[[], bool]], bool]) -> Work:
+        """Run ``step(deadline, give_way)`` after every earlier operation until it returns
+        True; a ``Work``. A step that returns False, because ``give_way()`` said other work
+        was issued after it, runs again behind that work, under its first deadline.
+
+        For waits that a later operation may be what ends: a send's verdict comes when
+        the peer runs its matching receive, and the peer may be waiting, in turn, for a
+        receive this rank issued after the send.
+        """
+        first: list[float] = []
+
+        def action(_engine: Any, seq: int, deadline: float) -> Any:
+            with self._cond:
+                self._giving_way -= 1
+            if not first:
+                first.append(deadline)
+            return None if step(first[0], self._later_work_waiting) else _GAVE_WAY
+
+        with self._cond:
+            self._giving_way += 1
+        return self._enqueue(op, _Job(None, None, action), True, False, agree=False)
+
+    def _later_work_waiting(self) -> bool:
+        """Whether an operation other than a waiting ``submit_giving_way`` step was issued
+        after the one running now (jobs that only wait never need to go first)."""
+        return self._next_ticket - self._running_ticket - 1 > self._giving_way
+
     def _enqueue(
         self, op: str, job: _Job, async_op: bool, collective: bool, agree: bool = True
     ) -> Any:
@@ -366,11 +398,7 @@ class ProcessGroup:
         the two orders agree when several threads issue), record the call, then run it
         here (synchronous) or on the progress thread (async)."""
         if self._closed:
-            raise DistClosedError(
-                f"{op}: the process group of rank {self.global_rank} was destroyed",
-                rank=self.global_rank,
-                op=op,
-            )
+            raise self._closed_error(op)
         if self._failure is not None:
             raise self._failure
         with self._cond:
@@ -399,13 +427,27 @@ class ProcessGroup:
         self._queue.put((ticket, seq, job, work))
         return work
 
+    def _closed_error(self, op: str) -> DistClosedError:
+        return DistClosedError(
+            f"{op}: the process group of rank {self.global_rank} was destroyed",
+            rank=self.global_rank,
+            op=op,
+        )
+
     def _run(self, ticket: int, seq: int, job: _Job, work: Work) -> None:
         try:
             result = self._execute(ticket, seq, job)
         except BaseException as exc:
             work._finish(exc)
-        else:
+            return
+        if result is not _GAVE_WAY:
             work._finish(None, result)
+            return
+        with self._cond:  # behind everything issued so far (the progress thread's queue)
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._giving_way += 1
+        self._queue.put((ticket, seq, job, work))
 
     def _execute(self, ticket: int, seq: int, job: _Job) -> Any:
         """Wait for ``ticket``'s turn, agree on the call, run it; a failure fails the group."""
@@ -461,8 +503,16 @@ class ProcessGroup:
         while True:
             item = self._queue.get()
             if item is None:
-                return
+                break
             self._run(*item)
+        # A step that gave way after close() queued its end marker: never to run.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[3]._finish(self._closed_error(item[3].op))
 
     def close(self) -> None:
         """Finish queued work (bounded by the timeout), stop the thread, close engines."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._errors import DistUsageError
 from ..transport._calldesc import CallDesc
@@ -27,9 +27,18 @@ class _Confirm:
     n = 0
 
 
+class _Verdict(NamedTuple):
+    """Two ways to wait for the receiver's verdict on a send: ``wait(deadline, seq)``
+    blocks (a job of ``submit``); ``wait_or_give_way(deadline, give_way)`` steps aside
+    for work issued later (a step of ``submit_giving_way``)."""
+
+    wait: Callable[[float, int], None]
+    wait_or_give_way: Callable[[float, Callable[[], bool]], bool]
+
+
 def _p2p(
     pg: ProcessGroup, op: str, tensor: Any, peer: int, tag: int, sending: bool
-) -> tuple[Any, Any]:
+) -> tuple[Callable[[float, int], list[Any]], _Verdict]:
     if not isinstance(tag, int) or isinstance(tag, bool):
         raise TypeError(f"{op}: tag must be an int, got {tag!r}")
     check_array(pg, tensor, "tensor", op, writable=not sending)
@@ -63,7 +72,10 @@ def _p2p(
         if which.n:
             engine.confirm_send(peer_g, tag, which.n, call, deadline)
 
-    return body, confirm
+    def confirm_or_give_way(deadline: float, give_way: Callable[[], bool]) -> bool:
+        return not which.n or engine.confirm_send(peer_g, tag, which.n, call, deadline, give_way)
+
+    return body, _Verdict(confirm, confirm_or_give_way)
 
 
 class _SendWork(Work):
@@ -72,9 +84,9 @@ class _SendWork(Work):
     the question behind everything issued so far, so receives issued after the send still
     run first and a ring of sends and receives cannot wait on itself."""
 
-    def __init__(self, inner: Work, pg: ProcessGroup, confirm: Any) -> None:
+    def __init__(self, inner: Work, pg: ProcessGroup, verdict: _Verdict) -> None:
         super().__init__(inner.op, pg.global_rank)
-        self._inner, self._pg, self._confirm = inner, pg, confirm
+        self._inner, self._pg, self._verdict = inner, pg, verdict
         self._asked = False  # the verdict was asked for (once, by whichever path is first)
         self._asked_lock = threading.Lock()
         inner.add_done_callback(self._on_sent)
@@ -93,7 +105,7 @@ class _SendWork(Work):
         self._inner.wait(timeout)
         if self._ask():
             try:
-                self._pg.submit(self.op, self._confirm, False, False)
+                self._pg.submit(self.op, self._verdict.wait, False, False)
             except BaseException as exc:
                 self._finish(exc)
                 raise
@@ -108,7 +120,8 @@ class _SendWork(Work):
         if inner.exception() is not None or not self._ask():
             return  # _on_sent finished this handle, or the verdict is already asked for
         try:
-            verdict = self._pg.submit(self.op, self._confirm, True, False)
+            # Queued now, perhaps before the receives issued next: it steps aside for them.
+            verdict = self._pg.submit_giving_way(self.op, self._verdict.wait_or_give_way)
         except BaseException as exc:  # the group failed or closed meanwhile
             self._finish(exc)
             return
@@ -132,9 +145,9 @@ def send(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> None:
     once the receiver accepted it."""
     pg = resolve_group(group, "send")
     if pg is not None:
-        body, confirm = _p2p(pg, "send", tensor, dst, tag, True)
+        body, verdict = _p2p(pg, "send", tensor, dst, tag, True)
         pg.submit("send", body, False, False)
-        pg.submit("send", confirm, False, False)
+        pg.submit("send", verdict.wait, False, False)
 
 
 def recv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> int:
@@ -150,8 +163,8 @@ def isend(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> Any:
     pg = resolve_group(group, "isend")
     if pg is None:
         return None
-    body, confirm = _p2p(pg, "isend", tensor, dst, tag, True)
-    return _SendWork(pg.submit("isend", body, True, False), pg, confirm)
+    body, verdict = _p2p(pg, "isend", tensor, dst, tag, True)
+    return _SendWork(pg.submit("isend", body, True, False), pg, verdict)
 
 
 def irecv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> Any:

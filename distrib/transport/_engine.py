@@ -172,11 +172,20 @@ class Engine(ABC):
         confirmed by this engine."""
         return 0
 
-    def confirm_send(  # noqa: B027 - optional hook
-        self, dst: int, tag: int, n: int, call: CallDesc | None, deadline: float
-    ) -> None:
-        """Wait until the receiver accepted send number ``n`` to ``dst`` with ``tag``;
-        raise ``DistMismatchError`` if its ``recv`` did not match ``call``."""
+    def confirm_send(
+        self,
+        dst: int,
+        tag: int,
+        n: int,
+        call: CallDesc | None,
+        deadline: float,
+        give_way: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Wait until the receiver accepted send number ``n`` to ``dst`` with ``tag``
+        (True); raise ``DistMismatchError`` if its ``recv`` did not match ``call``.
+        Return False, unconfirmed, as soon as ``give_way()`` is true: the caller runs
+        later work (perhaps the receive the peer waits for) and asks again."""
+        return True
 
     @abstractmethod
     def close(self) -> None:

@@ -15,6 +15,7 @@ the leaders' ZeroMQ sequence numbers stay matched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -196,9 +197,15 @@ class HierEngine(Engine):
         return self._flat.last_send(dst, tag)
 
     def confirm_send(
-        self, dst: int, tag: int, n: int, call: CallDesc | None, deadline: float
-    ) -> None:
-        self._flat.confirm_send(dst, tag, n, call, deadline)
+        self,
+        dst: int,
+        tag: int,
+        n: int,
+        call: CallDesc | None,
+        deadline: float,
+        give_way: Callable[[], bool] | None = None,
+    ) -> bool:
+        return self._flat.confirm_send(dst, tag, n, call, deadline, give_way)
 
     def abort(self, reason: str, culprit: int | None = None, cls_name: str = "") -> None:
         for eng in (self._local, self._leaders, self._flat):

@@ -190,9 +190,15 @@ class ShmEngine(Engine):
         return self._p2p.last_send(dst, tag) if self._p2p is not None else 0
 
     def confirm_send(
-        self, dst: int, tag: int, n: int, call: CallDesc | None, deadline: float
-    ) -> None:
-        self._p2p_engine("send").confirm_send(dst, tag, n, call, deadline)
+        self,
+        dst: int,
+        tag: int,
+        n: int,
+        call: CallDesc | None,
+        deadline: float,
+        give_way: Callable[[], bool] | None = None,
+    ) -> bool:
+        return self._p2p_engine("send").confirm_send(dst, tag, n, call, deadline, give_way)
 
     def set_p2p(self, engine: Engine) -> None:
         """Use ``engine`` for ``send``/``recv`` (and close it with this one)."""

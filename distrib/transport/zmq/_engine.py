@@ -13,7 +13,7 @@ ending at the root. The thresholds below were measured with ``distrib-bench``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import msgpack
@@ -321,12 +321,21 @@ class ZmqEngine(Engine):
         return self._sent.get((dst, tag), 0)
 
     def confirm_send(
-        self, dst: int, tag: int, n: int, call: CallDesc | None, deadline: float
-    ) -> None:
-        verdict = self.links.take_ack(dst, tag, n, "send", deadline)
+        self,
+        dst: int,
+        tag: int,
+        n: int,
+        call: CallDesc | None,
+        deadline: float,
+        give_way: Callable[[], bool] | None = None,
+    ) -> bool:
+        verdict = self.links.take_ack(dst, tag, n, "send", deadline, give_way)
+        if verdict is None:
+            return False
         if verdict:
             g = self.links.global_ranks
             raise p2p_mismatch_error(g[self.rank], g[dst], call, unpack(verdict), tag, g[self.rank])
+        return True
 
     def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
         posted = self.call or CallDesc("recv", (int(buf.shape[0]),), buf.dtype.str)

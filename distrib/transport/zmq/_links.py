@@ -34,6 +34,7 @@ import struct
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -67,6 +68,8 @@ ZERO_COPY_MIN = 65536
 DISCONNECT_GRACE_S = 0.5
 FAILURE_POLL_S = 0.2  # how often a blocked rank asks the store about failures elsewhere
 _POLL_SLICE_MS = 50
+# A wait that may give way to later work looks at that work this often.
+_GIVE_WAY_SLICE_MS = 2
 _QUIET_WAIT_S = 0.02  # waits shorter than this never consult the store or the monitors
 
 
@@ -211,11 +214,21 @@ class ZmqLinks:
             raise self._mismatch(peer, seq, "later")
         return found
 
-    def take_ack(self, peer: int, tag: int, n: int, op: str, deadline: float) -> bytes:
-        """The receiver's verdict on our ``n``-th P2P message to ``peer`` with ``tag``."""
+    def take_ack(
+        self,
+        peer: int,
+        tag: int,
+        n: int,
+        op: str,
+        deadline: float,
+        give_way: Callable[[], bool] | None = None,
+    ) -> bytes | None:
+        """The receiver's verdict on our ``n``-th P2P message to ``peer`` with ``tag``;
+        ``None`` if ``give_way()`` turned true first (checked every few milliseconds)."""
         key = (peer, tag, n)
         while key not in self._acks:
-            self._pump(peer, op, deadline, None)
+            if not self._pump(peer, op, deadline, None, give_way):
+                return None
         return self._acks.pop(key)
 
     def _mismatch(self, peer: int, seq: int, how: str) -> Exception:
@@ -245,8 +258,16 @@ class ZmqLinks:
                 raise self._closed_error(op, exc) from None
             self._file(frames, op)
 
-    def _pump(self, peer: int, op: str, deadline: float, seq: int | None) -> None:
-        """Receive whatever arrives next (stashing it), or fail if ``peer`` cannot deliver."""
+    def _pump(
+        self,
+        peer: int,
+        op: str,
+        deadline: float,
+        seq: int | None,
+        give_way: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Receive whatever arrives next (stashing it), or fail if ``peer`` cannot deliver;
+        False (nothing received) as soon as ``give_way()`` is true."""
         router = self.router
         try:
             frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -261,7 +282,10 @@ class ZmqLinks:
                 self._poll_failures(op, peer, now)
             if now >= deadline:
                 raise self._timeout_error(peer, op, seq)
-            wait_ms = max(1, min(_POLL_SLICE_MS, int((deadline - now) * 1000) + 1))
+            if give_way is not None and give_way():
+                return False
+            slice_ms = _POLL_SLICE_MS if give_way is None else _GIVE_WAY_SLICE_MS
+            wait_ms = max(1, min(slice_ms, int((deadline - now) * 1000) + 1))
             try:
                 events = dict(self.poller.poll(wait_ms))
             except zmq.ZMQError as exc:
@@ -275,6 +299,7 @@ class ZmqLinks:
                 except zmq.Again:
                     frames = None
         self._file(frames, op)
+        return True
 
     def _file(self, frames: list[Any], op: str) -> None:
         """Stash one received message (acks and aborts are handled at once)."""
