@@ -57,6 +57,8 @@ def all_reduce(
     pg = resolve_group(group, "all_reduce")
     if pg is None:
         return None
+    if not async_op and type(tensor) is np.ndarray and pg.all_reduce_small(tensor, op):
+        return None  # done in one compiled step (small, contiguous, nothing in flight)
     check_array(pg, tensor, "tensor", "all_reduce", writable=True)
     rop = op_for(pg, op, tensor.dtype, "all_reduce")
     desc = descriptor("all_reduce", shape=shape_of(tensor), dtype=tensor.dtype.str, reduce=rop.name)

@@ -35,8 +35,9 @@ from .._errors import (
     DistPeerLostError,
     DistTimeoutError,
 )
+from .._reduce_op import ReduceOp
 from .._xp import is_cupy
-from ..transport._calldesc import CallDesc, CallsDiffer, mismatch_error
+from ..transport._calldesc import CallDesc, CallsDiffer, digest, mismatch_error
 from ..transport._engine import Engine, EngineContext
 from ..transport._select import make_cpu_engine_for, make_gpu_engine_for
 from ._blocked import BlockWatch
@@ -114,6 +115,15 @@ class _Job(NamedTuple):
 _GAVE_WAY = object()
 
 
+class _SmallCall(NamedTuple):
+    """A small all-reduce's description for the compiled road, cached per shape, dtype
+    and op: ``op_code`` -1 when that road cannot run it."""
+
+    op_code: int
+    call: CallDesc
+    digest: int
+
+
 class ProcessGroup:
     """A set of ranks that run collectives together (torch's ``ProcessGroup``).
 
@@ -184,6 +194,9 @@ class ProcessGroup:
         if self.check_mismatch and size > 1:
             root = getattr(self._fail_store, "store", self._fail_store)
             self._watch = BlockWatch(root, self.flight, self)
+        # The compiled road for small synchronous all-reduces (all_reduce_small).
+        self._small = self.cpu_engine.small_all_reduce() if size > 1 else None
+        self._small_calls: dict[tuple[Any, ...], _SmallCall] = {}
 
     def __repr__(self) -> str:
         return f"<ProcessGroup rank {self._rank}/{self._size} ranks={self.global_ranks}>"
@@ -364,6 +377,80 @@ class ProcessGroup:
         job = _Job(None, call, lambda _engine, seq, deadline: body(deadline, seq))
         return self._enqueue(op, job, async_op, collective, agree=False)
 
+    def all_reduce_small(self, tensor: np.ndarray, op: Any) -> bool:
+        """Run a small synchronous all-reduce of a numpy array in one compiled step when
+        nothing else of this group is in flight; False (nothing done) when that road
+        does not apply: the caller takes the general one.
+
+        Same step, same mismatch check and same flight record as the general road
+        (``transport/shm/_small``), minus its Python: the per-call work left here is
+        a cache lookup, a lock, the C call and the flight record.
+        """
+        small = self._small
+        if small is None:
+            return False
+        key = (tensor.shape, tensor.dtype, op)
+        known = self._small_calls.get(key)
+        if known is None:
+            known = self._describe_small(tensor, op, small.op_codes)
+            if len(self._small_calls) >= 256:
+                self._small_calls.clear()
+            self._small_calls[key] = known
+        if known.op_code < 0:
+            return False
+        # Holding the lock keeps every other issuer out; an empty queue means no
+        # earlier operation is pending, so this one is next in issue order.
+        with self._cond:
+            if self._next_ticket != self._running_ticket or self._failure is not None:
+                return False
+            if self._closed:
+                return False
+            verify = self.check_mismatch
+            code = small.step(0, tensor, known.op_code, known.digest, verify)
+            if code < 0:
+                return False
+            seq = next(self._seq)
+            flight = self.flight
+            e = flight.ring[seq & MASK]
+            now = time.monotonic()
+            e.seq, e.op, e.call, e.sync, e.t_enter = seq, "all_reduce", known.call, True, now
+            flight.last_entered = seq
+            if code != 0:  # a peer is not there yet: wait for it as the general road does
+                e.state = State.STARTED
+                flight.running = seq
+                try:
+                    small.finish(
+                        code,
+                        tensor,
+                        known.op_code,
+                        known.digest,
+                        verify,
+                        known.call,
+                        now + self.timeout,
+                    )
+                except BaseException as exc:
+                    err = self._fail(exc, seq)
+                    if err is exc:
+                        raise
+                    raise err from None
+                finally:
+                    if self._watch is not None and self._watch.posted:
+                        self._watch.done()
+            e.state, e.t_end = State.COMPLETED, time.monotonic()
+            flight.last_completed = seq
+            return True
+
+    def _describe_small(
+        self, tensor: np.ndarray, op: Any, codes: dict[ReduceOp, int]
+    ) -> _SmallCall:
+        op_code = codes.get(op, -1) if type(op) is ReduceOp else -1
+        # The general road's descriptor (collectives -> _call.issue), so digests agree.
+        reduce = op.name if type(op) is ReduceOp else ""
+        call = CallDesc(
+            "all_reduce", tuple(tensor.shape), tensor.dtype.str, reduce, -1, self.group_key
+        )
+        return _SmallCall(op_code, call, digest(call))
+
     def submit_giving_way(self, op: str, step: Callable[[float, Callable[[], bool]], bool]) -> Work:
         """Run ``step(deadline, give_way)`` after every earlier operation until it returns
         True; a ``Work``. A step that returns False, because ``give_way()`` said other work
@@ -471,16 +558,31 @@ class ProcessGroup:
                 e.state, e.t_end = State.COMPLETED, time.monotonic()
                 flight.last_completed = seq
             return result
-        except CallsDiffer as differ:
+        except (CallsDiffer, DistError) as exc:
+            err = self._fail(exc, seq)
+            if err is exc:
+                raise
+            raise err from None
+        finally:
+            if self._watch is not None and self._watch.posted:
+                self._watch.done()
+            with self._cond:
+                self._running_ticket += 1
+                self._cond.notify_all()
+
+    def _fail(self, exc: BaseException, seq: int) -> BaseException:
+        """Make ``exc``, raised by operation ``seq``, the group's failure (published,
+        the engine aborted); return what to raise. Other exceptions pass unchanged."""
+        if isinstance(exc, CallsDiffer):
             # Every rank saw the same calls and raises by itself: aborting the engine
             # would only race the others out of their last step.
-            err = mismatch_error(differ.calls, self._rank, self.global_ranks, seq, differ.op)
+            err = mismatch_error(exc.calls, self._rank, self.global_ranks, seq, exc.op)
             if self._failure is None:
                 self._failure = err
                 self._publish(err)
             self.flight.failed(seq)
-            raise err from None
-        except DistError as exc:
+            return err
+        if isinstance(exc, DistError):
             self.flight.failed(seq)
             if self._failure is None:
                 self._failure = exc
@@ -491,13 +593,7 @@ class ProcessGroup:
                 # read from the store: like CallsDiffer, aborting would only race them.
                 if not isinstance(exc, DistMismatchError):
                     self.cpu_engine.abort(str(exc), self._culprit_of(exc), type(exc).__name__)
-            raise
-        finally:
-            if self._watch is not None and self._watch.posted:
-                self._watch.done()
-            with self._cond:
-                self._running_ticket += 1
-                self._cond.notify_all()
+        return exc
 
     def _progress(self) -> None:
         while True:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from .._errors import DistBackendError
 from .._reduce_op import ReduceOp
 from ._calldesc import MAX_PACKED, CallDesc, CallsDiffer, digest, pack, unpack
 
-__all__ = ["Engine", "EngineContext"]
+__all__ = ["Engine", "EngineContext", "SmallPath"]
 
 
 @dataclass
@@ -68,6 +68,29 @@ class EngineContext:
     check_failed: Callable[[], None] = field(default=lambda: None)
     make_zmq_engine: Callable[[], Engine] = field(default=lambda: _no_zmq())
     diagnose_timeout: Callable[[int, int], list[int]] = field(default=lambda peer, seq: [peer])
+
+
+class SmallPath(Protocol):
+    """A small all-reduce in one compiled call (see ``shm/_small``).
+
+    ``step(stage, array, op_code, digest, verify)`` runs it from ``stage`` (0 to
+    start) and returns 0 when done, -1 when it does not apply (nothing was
+    touched), else a code that ``finish`` completes (waiting, naming a mismatch).
+    """
+
+    step: Callable[[int, Any, int, int, bool], int]
+    op_codes: dict[ReduceOp, int]  # the reduce ops it implements, as ``step`` takes them
+
+    def finish(
+        self,
+        code: int,
+        buf: Any,
+        op_code: int,
+        digest: int,
+        verify: bool,
+        call: CallDesc | None,
+        deadline: float,
+    ) -> None: ...
 
 
 def _no_zmq() -> Engine:
@@ -186,6 +209,11 @@ class Engine(ABC):
         Return False, unconfirmed, as soon as ``give_way()`` is true: the caller runs
         later work (perhaps the receive the peer waits for) and asks again."""
         return True
+
+    def small_all_reduce(self) -> SmallPath | None:
+        """A compiled road for small synchronous all-reduces, or ``None`` (this engine
+        has none; the shared-memory engine's is ``shm/_small.SmallAllReduce``)."""
+        return None
 
     @abstractmethod
     def close(self) -> None:

@@ -30,11 +30,12 @@ from ..._errors import DistUsageError
 from ..._reduce_op import ReduceOp
 from .._calldesc import CallDesc
 from .._engine import Engine
-from . import _move, _reduce
+from . import _move, _reduce, _small
 from ._cma import RemoteReader
 from ._native import NativeStep
 from ._pipeline import SlotPipeline
 from ._segment import SharedSegment
+from ._small import SmallAllReduce
 
 __all__ = ["ShmEngine"]
 
@@ -83,6 +84,10 @@ class ShmEngine(Engine):
             segment, rank, size, global_ranks, pids, check_failed, cma=cma, native=native
         )
         self._p2p = p2p
+        self._small = _small.build(self._pipe, _reduce.one_shot_bytes(self._pipe))
+
+    def small_all_reduce(self) -> SmallAllReduce | None:
+        return self._small
 
     # -- what tests and benchmarks switch: forwarded to the pipeline -----------
     @property
@@ -224,6 +229,8 @@ class ShmEngine(Engine):
     def close(self) -> None:
         if self._pipe.closed:
             return
+        if self._small is not None:
+            self._small.close()  # before the segment goes: it holds raw addresses into it
         self._pipe.close()
         if self._p2p is not None:
             self._p2p.close()

@@ -122,6 +122,12 @@ def _staged_steps(
 
 
 # -- all-reduce and reduce -------------------------------------------------------
+def one_shot_bytes(pipe: SlotPipeline) -> int:
+    """Largest buffer reduced in one step (``_one_shot``); also the compiled small
+    all-reduce's bound (``_small``), so both roads pick the same algorithm."""
+    return min(_ONE_SHOT_MAX // pipe.size, pipe.half_bytes)
+
+
 def reduce(
     pipe: SlotPipeline,
     buf: Any,
@@ -135,7 +141,7 @@ def reduce(
     first checking that every rank passed an equal ``call`` (unless ``None``)."""
     fn = ufunc(op)
     slots = pipe.seg.slots(buf.dtype)
-    if buf.nbytes * pipe.size <= _ONE_SHOT_MAX and buf.nbytes <= pipe.half_bytes:
+    if buf.nbytes <= one_shot_bytes(pipe):
         _one_shot(pipe, buf, fn, root, call, deadline, name, slots)
     elif (
         root is None
