@@ -14,7 +14,6 @@ trace_all_reduce.py`` checks it). Checks that repeat call after call are cached
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +45,7 @@ def resolve_group(group: Any, op: str) -> ProcessGroup | None:
     """The group a call targets; ``None`` when this rank is not a member (a no-op)."""
     if group is None:
         pg = ProcessGroup.default
-        if pg is None or pg.owner_pid != os.getpid():  # never initialized, or inherited by fork
+        if pg is None:  # never initialized (a forked child forgets its parent's)
             raise DistUsageError(
                 f"{op}: the default process group is not initialized; call "
                 "distrib.init_process_group() first",

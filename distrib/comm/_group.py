@@ -130,8 +130,8 @@ class ProcessGroup:
     Created by ``init_process_group`` / ``new_group``; not constructed directly.
     """
 
-    # The default group of this process (``init_process_group``); ``owner_pid``
-    # tells a forked child that the group it inherited is not its own.
+    # The default group of this process (``init_process_group``). A forked child
+    # does not inherit it (``_forget_in_child``): the group belongs to its parent.
     default: ClassVar[ProcessGroup | None] = None
 
     def __init__(
@@ -146,7 +146,6 @@ class ProcessGroup:
         transport: str,
     ) -> None:
         self.store = store
-        self.owner_pid = os.getpid()
         self._rank, self._size = rank, size
         self.global_ranks = list(global_ranks)
         self.global_rank: int = self.global_ranks[rank]  # an attribute: read on every call
@@ -180,7 +179,8 @@ class ProcessGroup:
         )
         self.cpu_engine = make_cpu_engine_for(self._ctx)
         self._gpu_engine: Engine | None = None
-        self._cond = threading.Condition()
+        self._cond_lock = threading.RLock()  # taken directly on the compiled road: cheaper
+        self._cond = threading.Condition(self._cond_lock)
         self._next_ticket = 0
         self._running_ticket = 0
         self._giving_way = 0  # queued jobs of submit_giving_way (not running)
@@ -400,10 +400,12 @@ class ProcessGroup:
             return False
         # Holding the lock keeps every other issuer out; an empty queue means no
         # earlier operation is pending, so this one is next in issue order.
-        with self._cond:
-            if self._next_ticket != self._running_ticket or self._failure is not None:
-                return False
-            if self._closed:
+        with self._cond_lock:
+            if (
+                self._next_ticket != self._running_ticket
+                or self._failure is not None
+                or self._closed
+            ):
                 return False
             verify = self.check_mismatch
             code = small.step(0, tensor, known.op_code, known.digest, verify)
@@ -415,27 +417,31 @@ class ProcessGroup:
             now = time.monotonic()
             e.seq, e.op, e.call, e.sync, e.t_enter = seq, "all_reduce", known.call, True, now
             flight.last_entered = seq
-            if code != 0:  # a peer is not there yet: wait for it as the general road does
-                e.state = State.STARTED
-                flight.running = seq
-                try:
-                    small.finish(
-                        code,
-                        tensor,
-                        known.op_code,
-                        known.digest,
-                        verify,
-                        known.call,
-                        now + self.timeout,
-                    )
-                except BaseException as exc:
-                    err = self._fail(exc, seq)
-                    if err is exc:
-                        raise
-                    raise err from None
-                finally:
-                    if self._watch is not None and self._watch.posted:
-                        self._watch.done()
+            if code == 0:
+                e.state, e.t_end = State.COMPLETED, now  # microseconds after t_enter
+                flight.last_completed = seq
+                return True
+            # A peer is not there yet: wait for it as the general road does.
+            e.state = State.STARTED
+            flight.running = seq
+            try:
+                small.finish(
+                    code,
+                    tensor,
+                    known.op_code,
+                    known.digest,
+                    verify,
+                    known.call,
+                    now + self.timeout,
+                )
+            except BaseException as exc:
+                err = self._fail(exc, seq)
+                if err is exc:
+                    raise
+                raise err from None
+            finally:
+                if self._watch is not None and self._watch.posted:
+                    self._watch.done()
             e.state, e.t_end = State.COMPLETED, time.monotonic()
             flight.last_completed = seq
             return True
@@ -626,3 +632,12 @@ class ProcessGroup:
             except Exception:
                 pass
         self._fail_store.close()
+
+
+def _forget_in_child() -> None:
+    # Runs in every forked child: checking the pid on each call instead costs a
+    # system call per collective.
+    ProcessGroup.default = None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

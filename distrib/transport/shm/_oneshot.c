@@ -13,10 +13,10 @@
  *   4. fold every rank's half h in rank order (x0 op x1 op ...) into my
  *      buffer, signal 2k+2.
  *
- * Every wait spins at most `spin` polls. A peer not there by then is
- * returned to Python (`blocked`), which waits with the deadline, liveness and
- * abort checks and the futex sleep of _sync.py, then resumes here at the
- * stage it was given. Nothing here blocks for long, so the GIL is held.
+ * Every wait polls at most `spin` times, then calls sched_yield at most
+ * `yields` times. A peer not there by then is returned to Python (`blocked`),
+ * which waits with the deadline, liveness and abort checks and the futex
+ * sleep of _sync.py, then resumes here at the stage it was given. Nothing here blocks for long, so the GIL is held.
  *
  * Header layout and signalling are _sync.py's: 128-byte line per rank after
  * one global line; words: counter 0, "waiting on" 1, digest 3 + 2h (low,
@@ -30,6 +30,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <limits.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <stdint.h>
 #include <string.h>
@@ -63,7 +64,7 @@ typedef struct {
     char *halves[2][MAX_RANKS];
     int n, rank;
     Py_ssize_t max_bytes;
-    long spin;
+    long spin, yields;
     int blocked;
 } OneShot;
 
@@ -83,18 +84,24 @@ static inline void relax(void) {
 #endif
 }
 
-/* Every peer's counter reached target within the spin budget; else blocked = it. */
+/* Every peer's counter reached target within the spin budget, then within
+ * `yields` sched_yield calls (the core goes to whoever is runnable: with more
+ * ranks than cores, often the very peer awaited); else blocked = it. */
 static int all_reached(OneShot *s, uint32_t target) {
     for (int q = 0; q < s->n; q++) {
         if (q == s->rank) continue;
         volatile uint32_t *c = word(s, q, W_COUNTER);
-        long i = 0;
+        long i = 0, y = 0;
         while (!reached(__atomic_load_n(c, __ATOMIC_ACQUIRE), target)) {
-            if (i++ >= s->spin) {
+            if (i < s->spin) {
+                i++;
+                relax();
+            } else if (y++ < s->yields) {
+                sched_yield();
+            } else {
                 s->blocked = q;
                 return 0;
             }
-            relax();
         }
     }
     return 1;
@@ -249,22 +256,22 @@ static PyObject *OneShot_blocked(OneShot *s, void *unused) {
     return PyLong_FromLong(s->blocked);
 }
 
-/* OneShot(pipe, header_addr, halves0, halves1, rank, max_bytes, spin): halvesH[q]
- * is the address of half H of local rank q's slot. */
+/* OneShot(pipe, header_addr, halves0, halves1, rank, max_bytes, spin, yields):
+ * halvesH[q] is the address of half H of local rank q's slot. */
 static int OneShot_init(OneShot *s, PyObject *args, PyObject *kwds) {
     PyObject *pipe;
     unsigned long long header;
     PyObject *h0, *h1;
     int rank;
     Py_ssize_t max_bytes;
-    long spin;
+    long spin, yields;
     (void)kwds;
-    if (!PyArg_ParseTuple(args, "OKO!O!inl", &pipe, &header, &PyTuple_Type, &h0, &PyTuple_Type,
-                          &h1, &rank, &max_bytes, &spin))
+    if (!PyArg_ParseTuple(args, "OKO!O!inll", &pipe, &header, &PyTuple_Type, &h0, &PyTuple_Type,
+                          &h1, &rank, &max_bytes, &spin, &yields))
         return -1;
     Py_ssize_t n = PyTuple_GET_SIZE(h0);
     if (n < 2 || n > MAX_RANKS || PyTuple_GET_SIZE(h1) != n || rank < 0 || rank >= n ||
-        max_bytes < 0 || spin < 0) {
+        max_bytes < 0 || spin < 0 || yields < 0) {
         PyErr_SetString(PyExc_ValueError, "OneShot: bad geometry");
         return -1;
     }
@@ -280,6 +287,7 @@ static int OneShot_init(OneShot *s, PyObject *args, PyObject *kwds) {
     s->rank = rank;
     s->max_bytes = max_bytes;
     s->spin = spin;
+    s->yields = yields;
     s->blocked = -1;
     return 0;
 }

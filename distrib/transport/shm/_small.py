@@ -40,7 +40,12 @@ __all__ = ["OP_CODES", "SmallAllReduce", "build"]
 # The ops the C fold implements (float MIN/MAX are refused there: NaN and -0.0 rules).
 OP_CODES = {ReduceOp.SUM: 0, ReduceOp.PRODUCT: 1, ReduceOp.MIN: 2, ReduceOp.MAX: 3}
 
-_SPIN = 4000  # polls before handing a wait back to Python (a few microseconds)
+# A wait in C: first polls (only when every local rank has a core of its own),
+# then sched_yield calls, which hand the core to whoever is runnable (with more
+# ranks than cores, often the peer awaited), then back to Python's futex wait.
+# Both are bounds on work, not tuned times: a poll is a load, a yield a syscall.
+_SPIN = 4000
+_YIELDS = 256
 
 
 class SmallAllReduce:
@@ -63,7 +68,7 @@ class SmallAllReduce:
         spin = _SPIN if pipe.sync.spins else 0
         self._pipe = pipe
         self._one = _oneshot.OneShot(
-            pipe, pipe.seg.addr, halves[0], halves[1], pipe.rank, max_bytes, spin
+            pipe, pipe.seg.addr, halves[0], halves[1], pipe.rank, max_bytes, spin, _YIELDS
         )
         self.step: Callable[[int, Any, int, int, bool], int] = self._one.step
 
