@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "distrib._validate",
             "distrib._reduce_op",
             "distrib._xp",
+            "distrib._machine",
             "distrib._record",
             "distrib._stacks",
         ),

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..._errors import DistError
+from ..._machine import machine
 from ..._reduce_op import ReduceOp, ufunc
 from .._calldesc import CallDesc, digest
 from ._native import NativeStep
@@ -53,10 +54,12 @@ _ONE_STEP_MAX = 1 << 20
 # Polls (x86 `pause`) the C step spends on the peer's counter before handing
 # the wait back to PhaseSync (timeouts, liveness, futex sleep): ~0.1-0.3 ms.
 _NATIVE_SPIN = 4000
-# The C step serves all-reduces between the one-shot sizes and this one; from
-# here the single-copy path, which moves fewer bytes, was as fast or faster.
-# Measured at 2 ranks: docs/performance.md.
-_NATIVE_MAX = 16 << 20
+# The C step serves all-reduces between the one-shot sizes and this one, half
+# the last-level cache: it stages everything through the segment, which pays
+# while the working set stays in cache; beyond, the single-copy path, which
+# moves fewer bytes through memory, wins. Measured (docs/performance.md): on a
+# 32 MiB cache the crossover was 16-32 MiB at 2 ranks and 16-64 MiB at 4.
+_NATIVE_MAX = machine().llc_bytes // 2
 
 
 def _bounds(count: int, parts: int) -> list[int]:
@@ -147,7 +150,7 @@ def reduce(
         root is None
         and pipe.native is not None
         and NativeStep.supports(buf.dtype, op)
-        and (pipe.reader is None or buf.nbytes < _NATIVE_MAX)
+        and (pipe.reader is None or buf.nbytes <= _NATIVE_MAX)
     ):
         _native_all_reduce(pipe, buf, op, call, deadline, name)
     elif root is None and pipe.reader is not None and buf.nbytes >= _CMA_MIN:

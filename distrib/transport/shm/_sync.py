@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..._errors import DistError, DistPeerLostError, DistTimeoutError
+from ..._machine import machine
 
 __all__ = ["PhaseSync", "reached"]
 
@@ -128,7 +129,7 @@ class PhaseSync:
         # spinning waiter steals the CPU from the rank it waits for (measured:
         # 7 ranks on 2 cores, futex-only barriers ran 4x faster than spin-400).
         if spin is None:
-            spin = _SPIN if size <= len(os.sched_getaffinity(0)) else 0
+            spin = _SPIN if size <= machine().usable_cores else 0
         self._spin = spin
         self._yield_s = _YIELD_S if yield_s is None else yield_s
         self._words = header.cast("I")
