@@ -15,7 +15,7 @@ overhead over the single-rank run (1 - t1/tN).
 torch DDP runs twice in the same run: over gloo, and over distrib's torch
 backend (``import distrib.torch``; ``init_process_group("distrib")``), same
 model, data and settings. torch comes from this interpreter when it has it,
-else from ``--peer-python`` (default /opt/peers/bin/python when it exists; the
+else from ``--peer-python`` ($DISTRIB_PEER_PYTHON by default; the
 "distrib" backend then needs this checkout on that interpreter's path, which
 the benchmark sets); without torch the torch columns are skipped.
 """
@@ -30,11 +30,11 @@ import subprocess
 import sys
 import time
 
+from distrib.bench._cli import default_peer_python
 from distrib.testing import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-DEFAULT_PEER = "/opt/peers/bin/python"
 LAYERS = [1024, 2048, 2048, 2048, 10]
 # One thread per rank for every BLAS/OpenMP runtime either side may load.
 THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--peer-python",
-        default=DEFAULT_PEER if os.path.exists(DEFAULT_PEER) else None,
-        help="interpreter with torch when this one has none (default /opt/peers/bin/python)",
+        default=default_peer_python(),
+        help="interpreter with torch when this one has none (default: $DISTRIB_PEER_PYTHON, else this one when it has torch)",
     )
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--_rank", action="store_true", help=argparse.SUPPRESS)

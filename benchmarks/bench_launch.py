@@ -5,7 +5,7 @@ and the launcher has exited, median of several runs. The two launchers alternate
 (distrib-run, torchrun, distrib-run, ...) so background load hits both alike.
 torchrun runs with ``--standalone`` (a free port, like ours) as
 ``python -m torch.distributed.run`` from this interpreter when it has torch,
-else from ``--peer-python`` (default /opt/peers/bin/python when present). The
+else from ``--peer-python`` ($DISTRIB_PEER_PYTHON by default). The
 third row is distrib-run with TorchX's one-node command line
 (``--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0``). The table starts with a
 line naming the machine (CPU model, core count, load average, Python).
@@ -23,8 +23,9 @@ import sys
 import tempfile
 import time
 
+from distrib.bench._cli import default_peer_python
+
 TRIVIAL = "import os\nassert int(os.environ['WORLD_SIZE']) > 0\n"
-DEFAULT_PEER = "/opt/peers/bin/python"
 
 
 def _time_once(cmd: list[str], env: dict[str, str], cwd: str) -> float:
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=7, help="runs per launcher (default 7)")
     p.add_argument(
         "--peer-python",
-        default=DEFAULT_PEER if os.path.exists(DEFAULT_PEER) else None,
-        help="interpreter of the virtualenv holding torch (default /opt/peers/bin/python)",
+        default=default_peer_python(),
+        help="interpreter with torch (default: $DISTRIB_PEER_PYTHON, else this one)",
     )
     args = p.parse_args(argv)
     if args.nproc < 1 or args.repeat < 1:

@@ -6,8 +6,9 @@ Columns, measured side by side in one run (median of repeats, milliseconds):
   (c) the standard multiprocessing.Queue (pickled copy)
   (d) torch.multiprocessing.Queue, tensor already in shared memory
   (e) torch.multiprocessing.Queue, private tensor (moved to shared memory by put)
-Torch runs in a separate interpreter (``--peer-python``, default
-/opt/peers/bin/python); without it columns (d) and (e) are skipped with a note.
+Torch runs in another interpreter (``--peer-python``; default
+``$DISTRIB_PEER_PYTHON``, else this one when it has torch); without one, columns
+(d) and (e) are skipped with a note.
 
     python benchmarks/bench_passing.py            # the table
     python benchmarks/bench_passing.py --inline-sweep   # where inline pickling stops paying
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as std_mp
-import os
 import statistics
 import subprocess
 import sys
@@ -28,10 +28,10 @@ import numpy as np
 
 import distrib.multiprocessing as dmp
 import distrib.shm as shm
+from distrib.bench._cli import default_peer_python
 from distrib.multiprocessing._impl import _pickler
 
 SIZES = {"1 KiB": 1 << 10, "1 MiB": 1 << 20, "64 MiB": 64 << 20, "512 MiB": 512 << 20}
-_DEFAULT_PEER = "/opt/peers/bin/python"
 
 
 def repeats_for(nbytes: int) -> int:
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--peer-python",
         default=None,
-        help=f"interpreter with torch for columns (d), (e) (default {_DEFAULT_PEER})",
+        help="interpreter with torch for columns (d), (e) (default: $DISTRIB_PEER_PYTHON, "
+        "else this one when it has torch)",
     )
     parser.add_argument(
         "--sizes", default=",".join(SIZES), help="comma-separated subset of: " + ", ".join(SIZES)
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         if name not in SIZES:
             parser.error(f"unknown size {name!r}; choose from {', '.join(SIZES)}")
         sizes[name] = SIZES[name]
-    peer = args.peer_python or (_DEFAULT_PEER if os.path.exists(_DEFAULT_PEER) else None)
+    peer = args.peer_python or default_peer_python()
     torch_rows: dict[str, dict[str, float]] = {}
     if peer is None:
         print("note: no torch interpreter (--peer-python); columns (d) and (e) skipped")
