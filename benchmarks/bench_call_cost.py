@@ -10,13 +10,13 @@ return at once, so the table shows the cost of crossing into C and back.
 
 from __future__ import annotations
 
-import os
 import platform
 import timeit
 from types import SimpleNamespace
 
 import numpy as np
 
+from distrib._machine import machine
 from distrib.transport.shm import _native
 
 CALLS = 200_000
@@ -25,17 +25,6 @@ CALLS = 200_000
 def _per_call_us(fn: object) -> float:
     best = min(timeit.repeat(fn, number=CALLS, repeat=5))  # type: ignore[arg-type]
     return best / CALLS * 1e6
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main() -> None:
@@ -69,7 +58,8 @@ def main() -> None:
                 ),
             )
         )
-    print(f"# machine: {_cpu_model()}, {len(os.sched_getaffinity(0))} usable cores")
+    m = machine()
+    print(f"# machine: {m.cpu_model}, {m.usable_cores} usable cores")
     print(f"# python {platform.python_version()}, numpy {np.__version__}; best of 5 x {CALLS}")
     print(f"{'call':45} {'us per call':>12}")
     for name, us in rows:

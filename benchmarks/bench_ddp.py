@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 
+from distrib._machine import machine
 from distrib.bench._cli import default_peer_python
 from distrib.testing import free_port
 
@@ -38,17 +39,6 @@ REPO = os.path.dirname(HERE)
 LAYERS = [1024, 2048, 2048, 2048, 10]
 # One thread per rank for every BLAS/OpenMP runtime either side may load.
 THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-
-
-def machine() -> str:
-    """CPU model and core count, for the table header."""
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def n_params(layers: list[int]) -> int:
@@ -280,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} steps, best of {args.repeat}, {cores} cores, 1 thread per rank, "
         f"buckets {args.bucket_cap_mb:g} MiB (distrib last_bucket_mb={args.last_bucket_mb})"
     )
-    print(f"# machine: {machine()}")
+    print(f"# machine: {machine().describe()}")
     if not torch_ok:
         print(
             "# torch columns skipped: no torch in this interpreter and no peer interpreter "

@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import Any
 
+from distrib._machine import machine
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,19 +47,10 @@ distrib.destroy_process_group()
 
 
 def _machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     import ray
 
     return (
-        f"machine: {model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"machine: {machine().describe()}, Python {platform.python_version()}, "
         f"Ray {ray.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
 

@@ -107,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result = json.loads(outs[0].strip().splitlines()[-1])
     sys.path.insert(0, HERE)
-    from bench_ddp import machine
+    from distrib._machine import machine
 
-    print(f"# all_reduce float32, {args.nproc} ranks, median of {args.rounds} rounds; {machine()}")
+    print(
+        f"# all_reduce float32, {args.nproc} ranks, median of {args.rounds} rounds; {machine().describe()}"
+    )
     print(
         f"{'size':>8} | {'(a) torch/distrib us':>20} | {'(b) distrib numpy us':>20} | "
         f"{'(c) distrib t.numpy() us':>24} | {'a/b':>5} | {'a/c':>5}"

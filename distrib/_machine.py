@@ -30,6 +30,15 @@ class Machine(NamedTuple):
     memory_bytes: int  # physical memory (0: unknown)
     caches_measured: bool  # False: the cache sizes are the defaults above
 
+    def describe(self) -> str:
+        """One line for the header of a benchmark table."""
+        caches = "" if self.caches_measured else " (not readable: defaults)"
+        memory = f", {self.memory_bytes / (1 << 30):.1f} GiB memory" if self.memory_bytes else ""
+        return (
+            f"{self.cpu_model}, {self.usable_cores} usable cores, L2 {self.l2_bytes >> 10} KiB, "
+            f"last-level cache {self.llc_bytes >> 20} MiB{caches}{memory}"
+        )
+
     def ranks_per_core(self, local_ranks: int) -> float:
         """How many of ``local_ranks`` processes share each usable core."""
         return local_ranks / max(1, self.usable_cores)

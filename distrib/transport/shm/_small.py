@@ -83,48 +83,38 @@ class SmallAllReduce:
         deadline: float,
     ) -> None:
         """Complete a step that ``step`` handed back (waits, a digest mismatch, aborts)."""
-        self._pipe.run(
-            "all_reduce", deadline, self._finish, code, buf, op_code, digest, verify, call, deadline
-        )
+        pipe, one = self._pipe, self._one
+        sync = pipe.sync
 
-    def _finish(
-        self,
-        pipe: SlotPipeline,
-        code: int,
-        buf: Any,
-        op_code: int,
-        digest: int,
-        verify: bool,
-        call: CallDesc | None,
-        deadline: float,
-    ) -> None:
-        sync, one = pipe.sync, self._one
-        while code != _oneshot.DONE:
-            k = pipe.step
-            if code == _oneshot.WAIT_FREE:
-                sync.wait(one.blocked, 2 * k - 1, "all_reduce", deadline)
-            elif code == _oneshot.WAIT_INPUTS:
-                sync.wait(one.blocked, 2 * k + 1, "all_reduce", deadline)
-            elif code == _oneshot.DIFFER:
-                assert call is not None
-                pipe.check_calls(call, k, k & 1, deadline)  # raises CallsDiffer
-            elif code == _oneshot.ABORTED:
-                sync.check("all_reduce")  # raises the abort
-            elif code == _oneshot.CLOSED:
-                pipe.begin("all_reduce", deadline)  # raises DistClosedError
-            else:
-                raise DistError(
-                    f"all_reduce: the compiled small all-reduce failed (code {code})",
-                    rank=pipe.me,
-                    op="all_reduce",
-                )
-            code = one.step(code, buf, op_code, digest, verify)
-            if code == _oneshot.NOT_HANDLED:  # only if the array changed between steps
-                raise DistError(
-                    "all_reduce: the array changed while it was being reduced",
-                    rank=pipe.me,
-                    op="all_reduce",
-                )
+        def resume(_pipe: SlotPipeline, code: int) -> None:
+            while code != _oneshot.DONE:
+                k = pipe.step
+                if code == _oneshot.WAIT_FREE:
+                    sync.wait(one.blocked, 2 * k - 1, "all_reduce", deadline)
+                elif code == _oneshot.WAIT_INPUTS:
+                    sync.wait(one.blocked, 2 * k + 1, "all_reduce", deadline)
+                elif code == _oneshot.DIFFER:
+                    assert call is not None
+                    pipe.check_calls(call, k, k & 1, deadline)  # raises CallsDiffer
+                elif code == _oneshot.ABORTED:
+                    sync.check("all_reduce")  # raises the abort
+                elif code == _oneshot.CLOSED:
+                    pipe.begin("all_reduce", deadline)  # raises DistClosedError
+                else:
+                    raise DistError(
+                        f"all_reduce: the compiled small all-reduce failed (code {code})",
+                        rank=pipe.me,
+                        op="all_reduce",
+                    )
+                code = one.step(code, buf, op_code, digest, verify)
+                if code == _oneshot.NOT_HANDLED:  # only if the array changed between steps
+                    raise DistError(
+                        "all_reduce: the array changed while it was being reduced",
+                        rank=pipe.me,
+                        op="all_reduce",
+                    )
+
+        pipe.run("all_reduce", deadline, resume, code)
 
     def close(self) -> None:
         """Refuse every later step (the segment is about to be unmapped)."""
