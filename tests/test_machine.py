@@ -55,3 +55,32 @@ def test_this_machine() -> None:
     assert m.llc_bytes >= m.l2_bytes > 0
     assert m.memory_bytes > 0
     assert m.ranks_per_core(2 * m.usable_cores) == 2.0
+
+
+@pytest.mark.parametrize(
+    ("l2", "ranks", "part"),
+    [
+        (1 << 20, 2, 1 << 20),
+        (1 << 20, 16, 256 << 10),
+        (2 << 20, 2, 2 << 20),
+        (2 << 20, 16, 512 << 10),
+    ],
+)
+def test_pipeline_parts_follow_the_l2(
+    monkeypatch: pytest.MonkeyPatch, l2: int, ranks: int, part: int
+) -> None:
+    from distrib.transport.shm import _rendezvous
+
+    fake = _machine.machine()._replace(l2_bytes=l2)
+    monkeypatch.setattr(_rendezvous, "machine", lambda: fake)
+    assert _rendezvous.part_bytes_for(ranks) == part
+
+
+def test_pipeline_parts_are_whole_pages_on_any_l2(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distrib.transport.shm import _rendezvous
+
+    fake = _machine.machine()._replace(l2_bytes=1280 << 10)  # 1.25 MiB, as on some Xeons
+    monkeypatch.setattr(_rendezvous, "machine", lambda: fake)
+    for ranks in range(1, 65):
+        part = _rendezvous.part_bytes_for(ranks)
+        assert part % 4096 == 0 and (160 << 10) - 4096 < part <= 1280 << 10

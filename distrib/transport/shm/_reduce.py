@@ -36,21 +36,26 @@ from ._pipeline import SlotPipeline
 __all__ = ["reduce", "reduce_scatter"]
 
 
-_MIN_REDUCE_PART = 64 << 10  # bytes: below this, per-step Python overhead dominates
-# Reductions with size x bytes up to this take the one-shot path (one
-# synchronisation; every rank reads all n buffers, hence the scaling with n).
-# Measured at 2 ranks (docs/performance.md): one-shot beat the two-phase path
-# up to 1-4 MiB on the loaded 2-core machine; 512 KiB total (256 KiB at 2 ranks,
-# 32 KiB at 16) keeps the n-fold reads small where cores are plentiful.
-_ONE_SHOT_MAX = 512 << 10
+# Size thresholds follow the machine's caches (distrib._machine): each rule
+# below reproduces the value measured best on a machine with a 1 MiB L2 and a
+# 32 MiB last-level cache (docs/performance.md, benchmarks/tune_shm_thresholds.py)
+# and scales with the caches elsewhere.
+_L2 = machine().l2_bytes
+# Bytes: below this a pipeline part costs more in per-step overhead than it moves.
+_MIN_REDUCE_PART = _L2 // 16
+# Reductions with size x ranks up to this take the one-shot path (one
+# synchronisation; every rank reads all n buffers, hence the scaling with n):
+# half the L2, so the n inputs a rank folds stay in its cache. Measured: one-shot
+# beat the two-phase path up to 512 KiB total (256 KiB at 2 ranks).
+_ONE_SHOT_MAX = _L2 // 2
 # All-reduces from this size copy the results straight out of the peers' own
-# buffers (process_vm_readv) instead of through the segment; see
-# docs/performance.md.
-_CMA_MIN = 2 << 20
+# buffers (process_vm_readv) instead of through the segment when there is no
+# C step: twice the L2, where the segment's extra copy stops being cache-resident.
+_CMA_MIN = 2 * _L2
 # Reductions up to this size run in one pipeline step (parts of size / n):
-# measured at 2 ranks, one step beat two at 1 MiB once the per-step overhead
-# had shrunk; larger messages take two or more steps so copies overlap.
-_ONE_STEP_MAX = 1 << 20
+# measured, one step beat two at 1 MiB once the per-step overhead had shrunk;
+# larger messages take two or more steps so copies overlap.
+_ONE_STEP_MAX = _L2
 # Polls (x86 `pause`) the C step spends on the peer's counter before handing
 # the wait back to PhaseSync (timeouts, liveness, futex sleep): ~0.1-0.3 ms.
 _NATIVE_SPIN = 4000

@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 
 from ..._errors import DistTimeoutError, ShmError
+from ..._machine import machine
 from ._cma import RemoteReader, available
 from ._engine import ShmEngine
 from ._native import load as load_native
@@ -36,14 +37,17 @@ __all__ = ["connect_local", "part_bytes_for"]
 
 
 def part_bytes_for(local_size: int) -> int:
-    """Bytes each rank reduces per pipeline step.
+    """Bytes each rank reduces per pipeline step: one L2 (distrib._machine), less with
+    more than 4 local ranks, never below an eighth of it.
 
-    Measured (docs/performance.md): at 2 ranks 1 MiB parts beat 256 KiB from
-    16 MiB up (Python overhead per step), and fit a 2 MiB L2 with the peer's
-    part; with more ranks a step is ``size`` parts, so parts shrink to keep
-    the segment (2 halves x size x part per rank) near 8 MiB per rank.
+    Measured on a 1 MiB L2 (docs/performance.md): at 2 ranks 1 MiB parts beat
+    256 KiB from 16 MiB up (Python overhead per step); with more ranks a step is
+    ``size`` parts, so parts shrink to keep the segment (2 halves x size x part
+    per rank) near 8 L2s per rank. Every local rank uses the leader's value.
     """
-    return max(128 << 10, min(1 << 20, (4 << 20) // max(local_size, 1)))
+    l2 = machine().l2_bytes
+    part = max(l2 // 8, min(l2, 4 * l2 // max(local_size, 1)))
+    return max(4096, part - part % 4096)  # whole pages: every dtype and cache line aligns
 
 
 def _wait_keys(store: Any, keys: list[str], deadline: float, op: str) -> None:
