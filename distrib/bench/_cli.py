@@ -2,12 +2,32 @@
 
     distrib-bench --nproc 2 --ops all_reduce --sizes 4K,1M,16M,256M --compare
 
-prints, per collective, one row per size: size, count, dtype, op, time (us),
+first prints a machine header (CPU model, logical cores, last-level cache,
+physical memory, the memory copy rate of one process and of ``nproc``
+processes at once, the buffer mode), then per collective one row per size:
+size, count, dtype, op, the buffer sets each rank rotates through, time (us),
 algbw and busbw (GB/s, busbw = algbw x nccl-tests' factor, 2(n-1)/n for
 all-reduce), and with ``--compare`` the same for torch.distributed's gloo and
 mpi4py, run in the same invocation on the same sizes. ``--check-overhead``
 adds a column with the mismatch check off; ``--crossover`` times recursive
 doubling against the ring to place the small-message threshold.
+
+``--buffers rotate`` (the default) makes every rank, in every library, cycle
+through buffer sets that together exceed twice the last-level cache (capped at
+physical memory / 8 / nproc), so data comes from memory as in a training step
+rather than from the cache; ``--buffers same`` reuses one set, as nccl-tests
+does. See ``distrib.bench._machine``.
+
+Memory-traffic fraction: all-reduce tables add ``%mem`` to distrib's column::
+
+    %mem = 100 x (3 x nproc x size / time) / aggregate_copy_rate
+
+``3 x nproc x size`` is the traffic of a single-copy all-reduce (each rank
+reads its input, the reduced result is written and read back);
+``aggregate_copy_rate`` is measured before the tables with ``nproc``
+processes copying buffers of twice the last-level cache at the same time,
+counting bytes read plus written (a copy of N bytes counts 2N). See
+``distrib.bench._copyrate``.
 
 Extension points: ``COLUMNS`` lists the column providers (a reference column,
 say a single-process memory copy, is one more entry); ``--device cuda``
@@ -21,8 +41,21 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from ._copyrate import CopyRates, measure_copy_rates, memory_fraction
+from ._machine import (
+    BufferMode,
+    CacheInfo,
+    cpu_model,
+    footprint,
+    last_level_cache,
+    logical_cores,
+    memory_budget,
+    physical_memory,
+    rotation_count,
+)
 from ._worker import OPS, bus_factor
 
 __all__ = ["COLUMNS", "main", "parse_size"]
@@ -56,6 +89,72 @@ def _fmt_size(n: int) -> str:
         if n >= div and n % div == 0:
             return f"{n // div}{unit}"
     return str(n)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The header: what the machine is, what its memory can stream, how buffers are used."""
+
+    cpu: str
+    cores: int
+    llc: CacheInfo
+    memory: int
+    rates: CopyRates
+    mode: BufferMode
+
+
+def probe_machine(nproc: int, mode: BufferMode) -> Machine:
+    """Read the machine and measure its copy rates (about a second)."""
+    llc, memory = last_level_cache(), physical_memory()
+    rates = measure_copy_rates(llc.size, memory, nproc)
+    return Machine(cpu_model(), logical_cores(), llc, memory, rates, mode)
+
+
+def _print_header(hw: Machine, nproc: int) -> None:
+    level = f"L{hw.llc.level}, " if hw.llc.level else ""
+    print(
+        f"# machine: {hw.cpu}; {hw.cores} logical cores; last-level cache "
+        f"{_fmt_bytes(hw.llc.size)} ({level}{hw.llc.source.value}); memory {_fmt_bytes(hw.memory)}"
+    )
+    r = hw.rates
+    print(
+        f"# memory copy rate (bytes read + written per s, np.copyto of {_fmt_bytes(r.nbytes)} "
+        f"buffers): 1 process {r.one / 1e9:.2f} GB/s; {r.procs} processes at once "
+        f"{r.concurrent / 1e9:.2f} GB/s in all"
+    )
+    if hw.mode is BufferMode.ROTATE:
+        print(
+            f"# buffers: rotate - each rank cycles through buffer sets totalling at least "
+            f"2 x last-level cache ({_fmt_bytes(2 * hw.llc.size)}), at most "
+            f"{_fmt_bytes(memory_budget(hw.memory, nproc))} (memory / 8 / nproc); "
+            f"'bufs' = sets per size"
+        )
+    else:
+        print("# buffers: same - every call reuses one buffer set (data may stay in cache)")
+    sys.stdout.flush()
+
+
+def _with_buffers(plan: list[dict[str, Any]], hw: Machine, nproc: int) -> list[dict[str, Any]]:
+    """``plan`` with each step's ``buffers``: the sets per size every library rotates."""
+    out = []
+    for step in plan:
+        counts = [
+            rotation_count(
+                footprint(step["op"], s, nproc, step["dtype"]), hw.llc.size, hw.memory, nproc
+            )
+            if hw.mode is BufferMode.ROTATE
+            else 1
+            for s in step["sizes"]
+        ]
+        out.append({**step, "buffers": counts})
+    return out
 
 
 def _run_distrib(args: argparse.Namespace, plan: list[dict[str, Any]], env: dict[str, str]) -> Any:
@@ -123,6 +222,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default="float32")
     p.add_argument(
+        "--buffers",
+        default=BufferMode.ROTATE.value,
+        choices=[m.value for m in BufferMode],
+        help="rotate (default): each rank cycles through buffers totalling >= 2 x the "
+        "last-level cache (at most memory / 8 / nproc), in every library, so data comes "
+        "from memory; same: reuse one buffer (data may stay in cache)",
+    )
+    p.add_argument(
         "--transport",
         default="auto",
         choices=["zmq", "auto", "shm"],
@@ -166,37 +273,51 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Columns that get a %mem cell in all-reduce tables.
+_MEM_COLUMNS = ("distrib",)
+
+
 def _print_table(
     op: str,
     args: argparse.Namespace,
     sizes: list[int],
+    sets: dict[int, int],
     columns: list[tuple[str, dict[int, float | None]]],
 ) -> None:
     import numpy as np
 
+    hw: Machine = args.machine
     n, itemsize = args.nproc, np.dtype(args.dtype).itemsize
     factor = bus_factor(op, n)
     redop = "sum" if op in ("all_reduce", "reduce", "reduce_scatter") else "none"
     print(
         f"\n# {op}  nproc={n}  transport={args.transport}  dtype={args.dtype}  "
-        f"busbw factor={factor:.3f}"
+        f"busbw factor={factor:.3f}  buffers={hw.mode.value}"
     )
-    head = f"{'size':>8} {'count':>10} {'type':>8} {'redop':>5}"
+    with_mem = op == "all_reduce"
+    head = f"{'size':>8} {'count':>10} {'type':>8} {'redop':>5} {'bufs':>6}"
     for title, _ in columns:
         head += f" | {title + ' us':>16} {'algbw':>7} {'busbw':>7}"
+        if with_mem and title in _MEM_COLUMNS:
+            head += f" {'%mem':>6}"
     print(head)
     for size in sizes:
         line = f"{_fmt_size(size):>8} {size // itemsize:>10} {args.dtype:>8} {redop:>5}"
-        for _, rows in columns:
+        line += f" {sets.get(size, 1):>6}"
+        for title, rows in columns:
+            mem = with_mem and title in _MEM_COLUMNS
             t = rows.get(size)
             if t is None:
-                line += f" | {'n/a':>16} {'':>7} {'':>7}"
+                line += f" | {'n/a':>16} {'':>7} {'':>7}" + (f" {'':>6}" if mem else "")
                 continue
             if op == "barrier":  # moves no data: time only
                 line += f" | {t * 1e6:>16.1f} {'-':>7} {'-':>7}"
                 continue
             algbw = size / t / 1e9
             line += f" | {t * 1e6:>16.1f} {algbw:>7.3f} {algbw * factor:>7.3f}"
+            if mem:
+                pct = 100 * memory_fraction(size, t, n, hw.rates.concurrent)
+                line += f" {pct:>6.1f}"
         print(line)
     sys.stdout.flush()
 
@@ -222,13 +343,19 @@ def main(argv: list[str] | None = None) -> int:
             "# note: no interpreter with torch or mpi4py (set --peer-python or "
             "DISTRIB_PEER_PYTHON): skipping the gloo and mpi4py columns"
         )
+    args.machine = probe_machine(args.nproc, BufferMode(args.buffers))
+    _print_header(args.machine, args.nproc)
     if args.crossover:
         return _crossover(args, sizes)
     # A barrier moves no data: time it once, under the first size's row.
-    plan = [
-        {"op": op, "sizes": sizes[:1] if op == "barrier" else sizes, "dtype": args.dtype}
-        for op in ops
-    ]
+    plan = _with_buffers(
+        [
+            {"op": op, "sizes": sizes[:1] if op == "barrier" else sizes, "dtype": args.dtype}
+            for op in ops
+        ],
+        args.machine,
+        args.nproc,
+    )
     best: dict[str, dict[str, dict[int, float | None]]] = {}
     failed: set[str] = set()
     # Columns run interleaved, --repeat times; each cell keeps its best (lowest) time, so
@@ -252,20 +379,29 @@ def main(argv: list[str] | None = None) -> int:
     results = list(best.items())
     if args.repeat > 1:
         print(f"# each cell: best of {args.repeat} interleaved runs")
-    for op in ops:
-        _print_table(op, args, sizes, [(title, by_op.get(op, {})) for title, by_op in results])
+    for step in plan:
+        op = step["op"]
+        sets = dict(zip(step["sizes"], step["buffers"], strict=True))
+        _print_table(
+            op, args, sizes, sets, [(title, by_op.get(op, {})) for title, by_op in results]
+        )
     return 0
 
 
 def _crossover(args: argparse.Namespace, sizes: list[int]) -> int:
     """Time recursive doubling vs the ring for all_reduce and print where the ring wins."""
-    plan = [
-        {"op": "all_reduce", "sizes": sizes, "dtype": args.dtype, "algo": algo}
-        for algo in ("rd", "ring")
-    ]
+    plan = _with_buffers(
+        [
+            {"op": "all_reduce", "sizes": sizes, "dtype": args.dtype, "algo": algo}
+            for algo in ("rd", "ring")
+        ],
+        args.machine,
+        args.nproc,
+    )
     per = _run_distrib(args, plan, {"DISTRIB_TRANSPORT": "zmq"})
     rd, ring = ({int(s): t for s, t in rows} for _, rows in per)
-    _print_table("all_reduce", args, sizes, [("recursive doubling", rd), ("ring", ring)])
+    sets = dict(zip(sizes, plan[0]["buffers"], strict=True))
+    _print_table("all_reduce", args, sizes, sets, [("recursive doubling", rd), ("ring", ring)])
     wins = [s for s in sizes if ring[s] < rd[s]]
     print(f"# ring faster from: {_fmt_size(min(wins)) if wins else 'never in this range'}")
     return 0

@@ -6,7 +6,9 @@ to a temporary file: the torch script is started once per rank (RANK /
 WORLD_SIZE / a tcp:// init method on 127.0.0.1), the mpi4py one under
 ``mpirun``. Rank 0 prints one JSON line: ``[[op, [[size, seconds], ...]], ...]``.
 Timing is identical to ours (warm-up, barrier, mean of back-to-back calls,
-max over ranks).
+max over ranks), and so is the buffer rotation: a plan step's ``buffers``
+gives, per size, how many buffer sets each rank cycles through, all written
+before the timing, warm-up on the last sets, timed calls from the first.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def buffers(op, nbytes, n, itemsize):
         block = max(1, count // n)
         return block * n, block
     return count, None
+
+def written(count, dtype):
+    # np.zeros may map untouched pages; fill them so no page fault lands in the timing.
+    a = np.empty(count, dtype); a.fill(0); return a
 """
 
 _TORCH = (
@@ -43,6 +49,26 @@ _TORCH = (
 import os
 import torch
 import torch.distributed as dist
+
+def make_call(op, big, small, dtype, rank, n):
+    # torch.zeros writes its zeros: every page is touched before the timing.
+    a = torch.zeros(big, dtype=dtype)
+    b = torch.zeros(small, dtype=dtype) if small else None
+    if op == "all_reduce": return lambda: dist.all_reduce(a)
+    if op == "broadcast": return lambda: dist.broadcast(a, 0)
+    if op == "reduce": return lambda: dist.reduce(a, 0)
+    if op == "barrier": return lambda: dist.barrier()
+    if op == "all_gather": return lambda: dist.all_gather_into_tensor(a, b)
+    if op == "reduce_scatter": return lambda: dist.reduce_scatter_tensor(b, a)
+    if op == "all_to_all":
+        o = torch.zeros_like(a); return lambda: dist.all_to_all_single(o, a)
+    if op == "gather":
+        gl = [torch.zeros_like(b) for _ in range(n)] if rank == 0 else None
+        return lambda: dist.gather(b, gl, dst=0)
+    if op == "scatter":
+        sl = [torch.ones_like(b) for _ in range(n)] if rank == 0 else None
+        return lambda: dist.scatter(b, sl, src=0)
+    raise SystemExit("unsupported op " + op)
 
 def main():
     plan = json.loads(sys.argv[1])
@@ -53,33 +79,18 @@ def main():
     for step in plan:
         op, dtype = step["op"], getattr(torch, step["dtype"])
         res = []
-        for nbytes in step["sizes"]:
+        sets_per_size = step.get("buffers") or [1] * len(step["sizes"])
+        for nbytes, sets in zip(step["sizes"], sets_per_size):
             big, small = buffers(op, nbytes, n, torch.tensor([], dtype=dtype).element_size())
-            a = torch.zeros(big, dtype=dtype)
-            b = torch.zeros(small, dtype=dtype) if small else None
-            if op == "all_reduce": call = lambda: dist.all_reduce(a)
-            elif op == "broadcast": call = lambda: dist.broadcast(a, 0)
-            elif op == "reduce": call = lambda: dist.reduce(a, 0)
-            elif op == "barrier": call = lambda: dist.barrier()
-            elif op == "all_gather": call = lambda: dist.all_gather_into_tensor(a, b)
-            elif op == "reduce_scatter": call = lambda: dist.reduce_scatter_tensor(b, a)
-            elif op == "all_to_all":
-                o = torch.empty_like(a); call = lambda: dist.all_to_all_single(o, a)
-            elif op == "gather":
-                gl = [torch.empty_like(b) for _ in range(n)] if rank == 0 else None
-                call = lambda: dist.gather(b, gl, dst=0)
-            elif op == "scatter":
-                sl = [torch.ones_like(b) for _ in range(n)] if rank == 0 else None
-                call = lambda: dist.scatter(b, sl, src=0)
-            else: raise SystemExit("unsupported op " + op)
+            calls = [make_call(op, big, small, dtype, rank, n) for _ in range(sets)]
             iters = iterations(nbytes)
             try:
-                for _ in range(2): call()
+                for j in range(2): calls[(sets - 2 + j) % sets]()
             except RuntimeError:
                 res.append([nbytes, None]); continue
             dist.barrier()
             t = time.perf_counter()
-            for _ in range(iters): call()
+            for i in range(iters): calls[i % sets]()
             mine = torch.tensor([(time.perf_counter() - t) / iters], dtype=torch.float64)
             dist.all_reduce(mine, op=dist.ReduceOp.MAX)
             res.append([nbytes, float(mine[0])])
@@ -97,6 +108,22 @@ _MPI = (
     + r"""
 from mpi4py import MPI
 
+def make_call(comm, op, big, small, dtype):
+    a = written(big, dtype)
+    b = written(small, dtype) if small else None
+    if op == "all_reduce": return lambda: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+    if op == "broadcast": return lambda: comm.Bcast(a, root=0)
+    if op == "reduce":
+        r = written(big, dtype); return lambda: comm.Reduce(a, r, op=MPI.SUM, root=0)
+    if op == "barrier": return lambda: comm.Barrier()
+    if op == "all_gather": return lambda: comm.Allgather(b, a)
+    if op == "reduce_scatter": return lambda: comm.Reduce_scatter_block(a, b, op=MPI.SUM)
+    if op == "all_to_all":
+        o = written(big, dtype); return lambda: comm.Alltoall(a, o)
+    if op == "gather": return lambda: comm.Gather(b, a, root=0)
+    if op == "scatter": return lambda: comm.Scatter(a, b, root=0)
+    raise SystemExit("unsupported op " + op)
+
 def main():
     plan = json.loads(sys.argv[1])
     comm = MPI.COMM_WORLD
@@ -105,27 +132,15 @@ def main():
     for step in plan:
         op, dtype = step["op"], np.dtype(step["dtype"])
         res = []
-        for nbytes in step["sizes"]:
+        sets_per_size = step.get("buffers") or [1] * len(step["sizes"])
+        for nbytes, sets in zip(step["sizes"], sets_per_size):
             big, small = buffers(op, nbytes, n, dtype.itemsize)
-            a = np.zeros(big, dtype)
-            b = np.zeros(small, dtype) if small else None
-            if op == "all_reduce": call = lambda: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
-            elif op == "broadcast": call = lambda: comm.Bcast(a, root=0)
-            elif op == "reduce":
-                r = np.empty_like(a); call = lambda: comm.Reduce(a, r, op=MPI.SUM, root=0)
-            elif op == "barrier": call = lambda: comm.Barrier()
-            elif op == "all_gather": call = lambda: comm.Allgather(b, a)
-            elif op == "reduce_scatter": call = lambda: comm.Reduce_scatter_block(a, b, op=MPI.SUM)
-            elif op == "all_to_all":
-                o = np.empty_like(a); call = lambda: comm.Alltoall(a, o)
-            elif op == "gather": call = lambda: comm.Gather(b, a, root=0)
-            elif op == "scatter": call = lambda: comm.Scatter(a, b, root=0)
-            else: raise SystemExit("unsupported op " + op)
+            calls = [make_call(comm, op, big, small, dtype) for _ in range(sets)]
             iters = iterations(nbytes)
-            for _ in range(2): call()
+            for j in range(2): calls[(sets - 2 + j) % sets]()
             comm.Barrier()
             t = time.perf_counter()
-            for _ in range(iters): call()
+            for i in range(iters): calls[i % sets]()
             mine = (time.perf_counter() - t) / iters
             res.append([nbytes, comm.allreduce(mine, op=MPI.MAX)])
         out.append([op, res])

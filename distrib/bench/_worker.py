@@ -3,6 +3,13 @@
 Timing follows nccl-tests: warm up, barrier, run ``iters`` back-to-back calls,
 take this rank's mean, and report the maximum over ranks (the slowest rank
 bounds the collective).
+
+Each plan step may carry ``buffers``: per size, how many buffer sets the rank
+cycles through (``distrib.bench._machine.rotation_count``; 1 reuses one set).
+Every set is written once before timing, so no page fault lands in the timed
+loop; the two warm-up calls use the last sets and the timed calls start at the
+first, so each timed call meets buffers last touched ``sets - 1`` calls ago.
+The gloo and mpi4py scripts (``_peers.py``) follow the same steps.
 """
 
 from __future__ import annotations
@@ -46,30 +53,41 @@ def iterations(nbytes: int, budget_bytes: float = 1.5e9, lo: int = 5, hi: int = 
 def _buffers(op: str, nbytes: int, n: int, dtype: np.dtype) -> tuple[Any, ...]:
     """Arrays for one call; ``nbytes`` is nccl-tests' size (the total for gathers/scatters)."""
     count = max(1, nbytes // dtype.itemsize)
+    # Zeros, written (np.zeros may map untouched pages, faulted in on first use): repeated
+    # in-place sums stay finite (ones would double up to inf).
     if op in ("all_gather", "reduce_scatter", "all_to_all", "gather", "scatter"):
         block = max(1, count // n)
-        return np.zeros(block * n, dtype), np.zeros(block, dtype)
-    # Zeros: repeated in-place sums stay finite (ones would double up to inf).
-    return (np.zeros(count, dtype),)
+        return _written(block * n, dtype), _written(block, dtype)
+    return (_written(count, dtype),)
 
 
-def time_op(op: str, sizes: list[int], dtype: str, warmup: int = 2) -> list[tuple[int, float]]:
-    """(size, seconds per call) for each size; runs inside an initialized group."""
+def _written(count: int, dtype: np.dtype) -> Any:
+    a = np.empty(count, dtype)
+    a.fill(0)
+    return a
+
+
+def time_op(
+    op: str, sizes: list[int], dtype: str, buffers: list[int] | None = None, warmup: int = 2
+) -> list[tuple[int, float]]:
+    """(size, seconds per call) for each size; runs inside an initialized group.
+
+    ``buffers[i]`` buffer sets rotate at ``sizes[i]`` (default one set each).
+    """
     import distrib as dist
 
     n, r = dist.get_world_size(), dist.get_rank()
     dt = np.dtype(dtype)
     out = []
-    for nbytes in sizes:
-        bufs = _buffers(op, nbytes, n, dt)
-        call = _call(dist, op, bufs, n, r)
+    for nbytes, sets in zip(sizes, buffers or [1] * len(sizes), strict=True):
+        calls = [_call(dist, op, _buffers(op, nbytes, n, dt), n, r) for _ in range(sets)]
         iters = iterations(nbytes)
-        for _ in range(warmup):
-            call()
+        for j in range(warmup):
+            calls[(sets - warmup + j) % sets]()
         dist.barrier()
         start = time.perf_counter()
-        for _ in range(iters):
-            call()
+        for i in range(iters):
+            calls[i % sets]()
         mine = np.array([(time.perf_counter() - start) / iters])
         dist.all_reduce(mine, op=dist.ReduceOp.MAX)
         out.append((nbytes, float(mine[0])))
@@ -91,10 +109,10 @@ def _call(dist: Any, op: str, bufs: tuple[Any, ...], n: int, r: int) -> Any:
     if op == "reduce_scatter":
         return lambda: dist.reduce_scatter_tensor(small, big)
     if op == "all_to_all":
-        out = np.empty_like(big)
+        out = np.zeros_like(big)  # written now: no page fault in the timing
         return lambda: dist.all_to_all_single(out, big)
     if op == "gather":
-        outs = [np.empty_like(small) for _ in range(n)] if r == 0 else None
+        outs = [np.zeros_like(small) for _ in range(n)] if r == 0 else None
         return lambda: dist.gather(small, outs, dst=0)
     if op == "scatter":
         ins = [np.ones_like(small) for _ in range(n)] if r == 0 else None
@@ -115,7 +133,7 @@ def bench_rank(rank: int, world_size: int, plan: list[dict[str, Any]]) -> list[A
         elif algo == "rd":
             _zmq_engine.ALLREDUCE_SMALL_MAX = 1 << 62
         try:
-            results.append(time_op(step["op"], step["sizes"], step["dtype"]))
+            results.append(time_op(step["op"], step["sizes"], step["dtype"], step.get("buffers")))
         finally:
             _zmq_engine.ALLREDUCE_SMALL_MAX = saved
     return results
