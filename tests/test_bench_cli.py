@@ -14,77 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from distrib.bench import _copyrate, _machine
-from distrib.bench._machine import CacheSource, footprint, rotation_count
+from distrib._machine import physical_memory
+from distrib.bench import _copyrate
+from distrib.bench._rotation import footprint, memory_budget, rotation_count
 
 pytestmark = pytest.mark.timeout(240)
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB, GiB = 1 << 20, 1 << 30
-
-
-# --- the last-level cache reader -------------------------------------------------------
-
-
-def test_llc_reader_returns_a_positive_size():
-    info = _machine.last_level_cache()
-    assert info.size > 0
-    assert isinstance(info.source, CacheSource)
-
-
-def _fake_cache(root: Path, entries: list[tuple[int, str, str]]) -> Path:
-    for i, (level, kind, size) in enumerate(entries):
-        d = root / f"index{i}"
-        d.mkdir(parents=True)
-        (d / "level").write_text(f"{level}\n")
-        (d / "type").write_text(f"{kind}\n")
-        (d / "size").write_text(f"{size}\n")
-    return root
-
-
-def test_llc_reader_takes_the_highest_data_or_unified_level(tmp_path):
-    root = _fake_cache(
-        tmp_path,
-        [
-            (1, "Data", "48K"),
-            (1, "Instruction", "32K"),
-            (2, "Unified", "1024K"),
-            (3, "Unified", "96M"),
-        ],
-    )
-    info = _machine.last_level_cache(root)
-    assert (info.size, info.level, info.source) == (96 * MiB, 3, CacheSource.SYSFS)
-
-
-def test_llc_reader_falls_back_when_sysfs_has_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(_machine, "_from_lscpu", lambda: None)
-    monkeypatch.setattr(_machine, "_from_sysconf", lambda: None)
-    info = _machine.last_level_cache(tmp_path)  # an empty directory
-    assert (info.size, info.source) == (_machine.DEFAULT_LLC_BYTES, CacheSource.DEFAULT)
-
-
-@pytest.mark.skipif(shutil.which("lscpu") is None, reason="no lscpu")
-def test_lscpu_fallback_agrees_with_sysfs_when_both_read():
-    sysfs = _machine._from_sysfs(_machine.SYSFS_CACHE)
-    lscpu = _machine._from_lscpu()
-    if sysfs is None or lscpu is None:
-        pytest.skip("this machine reports its caches through only one of the two")
-    assert (lscpu.size, lscpu.level) == (sysfs.size, sysfs.level)
-
-
-def test_parse_bytes():
-    assert _machine._parse_bytes("32768K") == 32 * MiB
-    assert _machine._parse_bytes("2M") == 2 * MiB
-    assert _machine._parse_bytes("1G") == GiB
-    assert _machine._parse_bytes("4096") == 4096
-    with pytest.raises(ValueError):
-        _machine._parse_bytes("lots")
-
-
-def test_machine_facts_are_positive():
-    assert _machine.physical_memory() > 0
-    assert _machine.logical_cores() == len(os.sched_getaffinity(0))
-    assert _machine.cpu_model()
 
 
 # --- the buffer-count rule ---------------------------------------------------------------
@@ -94,7 +31,7 @@ def test_machine_facts_are_positive():
 @pytest.mark.parametrize("world", [1, 2, 16])
 def test_rotation_total_reaches_twice_the_llc_unless_memory_caps_it(llc, world):
     memory = 64 * GiB
-    budget = _machine.memory_budget(memory, world)
+    budget = memory_budget(memory, world)
     for set_bytes in [4, 4096, 65536, 1 * MiB, 3 * MiB + 7, 16 * MiB, 256 * MiB, 8 * GiB]:
         k = rotation_count(set_bytes, llc, memory, world)
         assert k >= 1
@@ -126,7 +63,7 @@ def test_memory_fraction_formula():
 
 
 def test_copy_rates_are_measured_beyond_the_cache():
-    llc, memory = 2 * MiB, _machine.physical_memory()
+    llc, memory = 2 * MiB, physical_memory()
     rates = _copyrate.measure_copy_rates(llc, memory, 2, seconds=0.1, timeout=60)
     assert rates.nbytes >= 2 * llc
     assert rates.procs == 2
@@ -167,13 +104,13 @@ def _rows(out: str) -> list[list[str]]:
 def test_command_prints_header_mode_and_memory_fraction(mode):
     out = _bench("--nproc", "2", "--ops", "all_reduce", "--sizes", "4K,64K", "--buffers", mode)
     m = re.search(
-        r"# machine: (.+); (\d+) logical cores; last-level cache ([\d.]+) (KiB|MiB|GiB) "
-        r"\(.*\); memory ([\d.]+) (MiB|GiB)",
+        r"# machine: (.+), (\d+) usable cores, L2 (\d+) KiB, last-level cache (\d+) MiB "
+        r"\(.*\), ([\d.]+) GiB memory",
         out,
     )
     assert m, out
     assert m.group(1).strip() and int(m.group(2)) == len(os.sched_getaffinity(0))
-    assert float(m.group(3)) > 0 and float(m.group(5)) > 0
+    assert int(m.group(3)) > 0 and int(m.group(4)) > 0 and float(m.group(5)) > 0
     m = re.search(
         r"# memory copy rate .*: 1 process ([\d.]+) GB/s; 2 processes at once ([\d.]+) GB/s", out
     )

@@ -16,7 +16,7 @@ doubling against the ring to place the small-message threshold.
 through buffer sets that together exceed twice the last-level cache (capped at
 physical memory / 8 / nproc), so data comes from memory as in a training step
 rather than from the cache; ``--buffers same`` reuses one set, as nccl-tests
-does. See ``distrib.bench._machine``.
+does. See ``distrib.bench._rotation`` and ``distrib._machine``.
 
 Memory-traffic fraction: all-reduce tables add ``%mem`` to distrib's column::
 
@@ -44,18 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._machine import Machine, machine
 from ._copyrate import CopyRates, measure_copy_rates, memory_fraction
-from ._machine import (
-    BufferMode,
-    CacheInfo,
-    cpu_model,
-    footprint,
-    last_level_cache,
-    logical_cores,
-    memory_budget,
-    physical_memory,
-    rotation_count,
-)
+from ._rotation import BufferMode, footprint, memory_budget, rotation_count
 from ._worker import OPS, bus_factor
 
 __all__ = ["COLUMNS", "main", "parse_size"]
@@ -99,41 +90,34 @@ def _fmt_bytes(n: float) -> str:
 
 
 @dataclass(frozen=True)
-class Machine:
+class Header:
     """The header: what the machine is, what its memory can stream, how buffers are used."""
 
-    cpu: str
-    cores: int
-    llc: CacheInfo
-    memory: int
+    machine: Machine
     rates: CopyRates
     mode: BufferMode
 
 
-def probe_machine(nproc: int, mode: BufferMode) -> Machine:
+def probe_machine(nproc: int, mode: BufferMode) -> Header:
     """Read the machine and measure its copy rates (about a second)."""
-    llc, memory = last_level_cache(), physical_memory()
-    rates = measure_copy_rates(llc.size, memory, nproc)
-    return Machine(cpu_model(), logical_cores(), llc, memory, rates, mode)
+    hw = machine()
+    return Header(hw, measure_copy_rates(hw.llc_bytes, hw.memory_bytes, nproc), mode)
 
 
-def _print_header(hw: Machine, nproc: int) -> None:
-    level = f"L{hw.llc.level}, " if hw.llc.level else ""
-    print(
-        f"# machine: {hw.cpu}; {hw.cores} logical cores; last-level cache "
-        f"{_fmt_bytes(hw.llc.size)} ({level}{hw.llc.source.value}); memory {_fmt_bytes(hw.memory)}"
-    )
-    r = hw.rates
+def _print_header(head: Header, nproc: int) -> None:
+    hw = head.machine
+    print(f"# machine: {hw.describe()}")
+    r = head.rates
     print(
         f"# memory copy rate (bytes read + written per s, np.copyto of {_fmt_bytes(r.nbytes)} "
         f"buffers): 1 process {r.one / 1e9:.2f} GB/s; {r.procs} processes at once "
         f"{r.concurrent / 1e9:.2f} GB/s in all"
     )
-    if hw.mode is BufferMode.ROTATE:
+    if head.mode is BufferMode.ROTATE:
         print(
             f"# buffers: rotate - each rank cycles through buffer sets totalling at least "
-            f"2 x last-level cache ({_fmt_bytes(2 * hw.llc.size)}), at most "
-            f"{_fmt_bytes(memory_budget(hw.memory, nproc))} (memory / 8 / nproc); "
+            f"2 x last-level cache ({_fmt_bytes(2 * hw.llc_bytes)}), at most "
+            f"{_fmt_bytes(memory_budget(hw.memory_bytes, nproc))} (memory / 8 / nproc); "
             f"'bufs' = sets per size"
         )
     else:
@@ -141,15 +125,19 @@ def _print_header(hw: Machine, nproc: int) -> None:
     sys.stdout.flush()
 
 
-def _with_buffers(plan: list[dict[str, Any]], hw: Machine, nproc: int) -> list[dict[str, Any]]:
+def _with_buffers(plan: list[dict[str, Any]], head: Header, nproc: int) -> list[dict[str, Any]]:
     """``plan`` with each step's ``buffers``: the sets per size every library rotates."""
+    hw = head.machine
     out = []
     for step in plan:
         counts = [
             rotation_count(
-                footprint(step["op"], s, nproc, step["dtype"]), hw.llc.size, hw.memory, nproc
+                footprint(step["op"], s, nproc, step["dtype"]),
+                hw.llc_bytes,
+                hw.memory_bytes,
+                nproc,
             )
-            if hw.mode is BufferMode.ROTATE
+            if head.mode is BufferMode.ROTATE
             else 1
             for s in step["sizes"]
         ]
@@ -286,7 +274,7 @@ def _print_table(
 ) -> None:
     import numpy as np
 
-    hw: Machine = args.machine
+    hw: Header = args.machine
     n, itemsize = args.nproc, np.dtype(args.dtype).itemsize
     factor = bus_factor(op, n)
     redop = "sum" if op in ("all_reduce", "reduce", "reduce_scatter") else "none"

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ._machine import BufferMode, memory_budget, rotation_count
+from ._rotation import BufferMode, memory_budget, rotation_count
 
 __all__ = [
     "MEASURE_SECONDS",

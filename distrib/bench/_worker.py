@@ -5,7 +5,7 @@ take this rank's mean, and report the maximum over ranks (the slowest rank
 bounds the collective).
 
 Each plan step may carry ``buffers``: per size, how many buffer sets the rank
-cycles through (``distrib.bench._machine.rotation_count``; 1 reuses one set).
+cycles through (``distrib.bench._rotation.rotation_count``; 1 reuses one set).
 Every set is written once before timing, so no page fault lands in the timed
 loop; the two warm-up calls use the last sets and the timed calls start at the
 first, so each timed call meets buffers last touched ``sets - 1`` calls ago.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+
 from ..store._ports import PortReservation, reserve_port
 
 __all__ = ["free_port"]
@@ -16,3 +18,10 @@ def free_port(host: str = "127.0.0.1") -> int:
     reservation = reserve_port(host)
     _HELD.append(reservation)
     return reservation.port
+
+
+@atexit.register
+def _release_all() -> None:
+    # Closed explicitly at exit: left to the garbage collector, each socket warns.
+    while _HELD:
+        _HELD.pop().release()
