@@ -62,11 +62,11 @@ def _rank(path: str, rank: int, n: int, sizes: list[int], rounds: int, out: Any)
                     _shm_reduce._NATIVE_MAX = 1 << 62
                     eng._native = native if use_native else None
                     for _ in range(2):
-                        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60)
-                    eng.barrier(0, time.monotonic() + 60)
+                        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60, call=None)
+                    eng.barrier(0, time.monotonic() + 60, call=None)
                     t0 = time.perf_counter()
                     for _ in range(reps):
-                        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60)
+                        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60, call=None)
                     res[name][size].append((time.perf_counter() - t0) / reps)
     finally:
         eng.close()

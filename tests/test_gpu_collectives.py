@@ -121,11 +121,11 @@ def _run_all(engine, rank, size):
                 want = _reference(xs, opname)
                 op = ReduceOp[opname]
                 buf = dev(xs[rank])
-                engine.all_reduce(buf, op, next(seq), dl)
+                engine.all_reduce(buf, op, next(seq), dl, call=None)
                 _check(buf.get(), want, f"all_reduce {dtype} {opname} n={n}")
                 for root in range(size):
                     buf = dev(xs[rank])
-                    engine.reduce(buf, op, root, next(seq), dl)
+                    engine.reduce(buf, op, root, next(seq), dl, call=None)
                     if rank == root:
                         _check(buf.get(), want, f"reduce {dtype} {opname} root={root}")
             # reduce_scatter over size*m elements, m = n
@@ -133,7 +133,7 @@ def _run_all(engine, rank, size):
             opname = ops[0]
             want = _reference(xs, opname)[rank * n : (rank + 1) * n]
             out = cupy.empty(n, dtype=dtype)
-            engine.reduce_scatter(dev(xs[rank]), out, ReduceOp[opname], next(seq), dl)
+            engine.reduce_scatter(dev(xs[rank]), out, ReduceOp[opname], next(seq), dl, call=None)
             _check(out.get(), want, f"reduce_scatter {dtype} {opname} n={n}")
 
     # A misaligned view (offset 4 bytes into a pooled allocation): the scalar path.
@@ -141,7 +141,7 @@ def _run_all(engine, rank, size):
     base = cupy.zeros(4100, dtype=cupy.float32)
     view = base[1:]
     view[...] = dev(xs[rank])
-    engine.all_reduce(view, ReduceOp.SUM, next(seq), dl)
+    engine.all_reduce(view, ReduceOp.SUM, next(seq), dl, call=None)
     _check(view.get(), _reference(xs, "SUM"), "all_reduce misaligned view")
     assert float(base[0]) == 0.0, "wrote outside the view"
 
@@ -149,23 +149,25 @@ def _run_all(engine, rank, size):
         xs = _inputs(99 + n, size, n, "float64")
         for root in range(size):
             buf = dev(xs[rank])
-            engine.broadcast(buf, root, next(seq), dl)
+            engine.broadcast(buf, root, next(seq), dl, call=None)
             _check(buf.get(), xs[root], f"broadcast root={root}")
             out = cupy.full(n * size, -1.0) if rank == root else None
-            engine.gather(dev(xs[rank]), out, root, next(seq), dl)
+            engine.gather(dev(xs[rank]), out, root, next(seq), dl, call=None)
             if rank == root:
                 _check(out.get(), np.concatenate(xs), f"gather root={root}")
             big = _inputs(200 + root, size, n * size, "int64")
             out = cupy.full(n, -1, dtype=cupy.int64)
-            engine.scatter(dev(big[root]) if rank == root else None, out, root, next(seq), dl)
+            engine.scatter(
+                dev(big[root]) if rank == root else None, out, root, next(seq), dl, call=None
+            )
             _check(out.get(), big[root][rank * n : (rank + 1) * n], f"scatter root={root}")
         out = cupy.full(n * size, -7.0)
         out[rank * n : (rank + 1) * n] = dev(xs[rank])
-        engine.all_gather(out, next(seq), dl)
+        engine.all_gather(out, next(seq), dl, call=None)
         _check(out.get(), np.concatenate(xs), "all_gather")
         blocks = _inputs(300 + n, size, n * size, "int32")
         out = cupy.full(n * size, -1, dtype=cupy.int32)
-        engine.all_to_all(dev(blocks[rank]), out, next(seq), dl)
+        engine.all_to_all(dev(blocks[rank]), out, next(seq), dl, call=None)
         want = np.concatenate([blocks[i][rank * n : (rank + 1) * n] for i in range(size)])
         _check(out.get(), want, "all_to_all")
 
@@ -174,13 +176,13 @@ def _run_all(engine, rank, size):
         right, left = (rank + 1) % size, (rank - 1) % size
         mine = [dev(np.full(513, rank * 10 + t, dtype=np.float32)) for t in range(2)]
         for t in range(2):
-            engine.send(mine[t], right, t, dl)
+            engine.send(mine[t], right, t, dl, call=None)
             mine[t][...] = -5  # the send buffer may be reused at once
         for t in (1, 0):
             got = cupy.empty(513, dtype=cupy.float32)
-            engine.recv(got, left, t, dl)
+            engine.recv(got, left, t, dl, call=None)
             _check(got.get(), np.full(513, left * 10 + t, dtype=np.float32), f"recv tag={t}")
-    engine.barrier(next(seq), dl)
+    engine.barrier(next(seq), dl, call=None)
 
 
 def _worker(rank, size, port, prefix, own_gpu=False):
@@ -257,11 +259,12 @@ def _watchdog_worker(rank, size, port, prefix):
         engine = NcclEngine(store, 0, 1, 0, timeout=60)  # setup may take seconds
         engine.timeout = 0.3  # every later call must finish within 0.3 s
         buf = cupy.ones(1000, dtype=cupy.float32)
-        engine.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 10)
+        engine.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 10, call=None)
         engine.wait_idle(time.monotonic() + 10)  # a normal call completes
         rate = cupy.cuda.Device().attributes["ClockRate"] * 1000
         cupy.RawKernel(_SPIN, "spin")((1,), (1,), (np.int64(int(1.5 * rate)),))
-        engine.all_reduce(buf, ReduceOp.SUM, 2, time.monotonic() + 10)  # stuck behind the spin
+        # stuck behind the spin
+        engine.all_reduce(buf, ReduceOp.SUM, 2, time.monotonic() + 10, call=None)
         try:
             engine.wait_idle(time.monotonic() + 10)
             status = "no error"
@@ -298,13 +301,13 @@ def _failure_worker(rank, size, port, prefix, scenario):
             if scenario == "peer exits":
                 os._exit(0)
             if scenario == "mismatch":
-                engine.broadcast(buf, 0, 1, time.monotonic() + 20)
+                engine.broadcast(buf, 0, 1, time.monotonic() + 20, call=None)
             else:  # "timeout": never call, wait until rank 0 is done
                 time.sleep(0.1)
                 store.get("rank0-done")
             return "no error", 0.0
         t0 = time.monotonic()
-        engine.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 1.5)
+        engine.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 1.5, call=None)
         return "no error", time.monotonic() - t0
     except BaseException as exc:
         return f"{type(exc).__name__}: {exc}", time.monotonic() - t0 if rank == 0 else 0

@@ -93,42 +93,42 @@ def _suite(eng: Any, rank: int, n: int) -> dict[Any, Any]:
     res: dict[Any, Any] = {"engine": type(eng).__name__}
     for count in (0, 5, 3001, 300_001):  # 300k int64 spans many shm steps and zmq segments
         buf = _data(rank, count)
-        eng.all_reduce(buf, ReduceOp.SUM, 1, dl)
+        eng.all_reduce(buf, ReduceOp.SUM, 1, dl, call=None)
         res[("all_reduce", count)] = buf
     buf = _data(rank, 1000, np.float32)
-    eng.all_reduce(buf, ReduceOp.MAX, 2, dl)
+    eng.all_reduce(buf, ReduceOp.MAX, 2, dl, call=None)
     res[("all_reduce_max",)] = buf
     for root in range(n):
         buf = _data(rank, 2049, np.float64)
-        eng.broadcast(buf, root, 3 + root, dl)
+        eng.broadcast(buf, root, 3 + root, dl, call=None)
         res[("broadcast", root)] = buf
     m = 777
     ag = np.zeros(m * n, np.int32)
     ag[rank * m : (rank + 1) * m] = _data(rank, m, np.int32)
-    eng.all_gather(ag, 20, dl)
+    eng.all_gather(ag, 20, dl, call=None)
     res[("all_gather",)] = ag
-    eng.barrier(21, dl)
+    eng.barrier(21, dl, call=None)
     # the collectives HierEngine hands to the flat ZeroMQ engine
     rs = np.zeros(m, np.int64)
-    eng.reduce_scatter(_data(rank, m * n), rs, ReduceOp.SUM, 22, dl)
+    eng.reduce_scatter(_data(rank, m * n), rs, ReduceOp.SUM, 22, dl, call=None)
     res[("reduce_scatter",)] = rs
     red = _data(rank, 100)
-    eng.reduce(red, ReduceOp.SUM, n - 1, 23, dl)
+    eng.reduce(red, ReduceOp.SUM, n - 1, 23, dl, call=None)
     if rank == n - 1:
         res[("reduce",)] = red
     a2a = np.zeros(m * n, np.int64)
-    eng.all_to_all(_data(rank, m * n), a2a, 24, dl)
+    eng.all_to_all(_data(rank, m * n), a2a, 24, dl, call=None)
     res[("all_to_all",)] = a2a
     if rank in (0, n - 1):
         peer = n - 1 - rank
         if rank == 0:
-            eng.send(_data(rank, 10), peer, 5, dl)
+            eng.send(_data(rank, 10), peer, 5, dl, call=None)
             # as the group does: wait for the receiver's verdict, so this rank cannot
             # exit (dropping what zmq has not sent yet) before the peer has the data
             assert eng.confirm_send(peer, 5, eng.last_send(peer, 5), None, dl)
         else:
             got = np.zeros(10, np.int64)
-            eng.recv(got, peer, 5, dl)
+            eng.recv(got, peer, 5, dl, call=None)
             res[("recv",)] = got
     return res
 
@@ -188,10 +188,10 @@ def test_engine_choice_follows_host_layout(tmp_path: Any, hosts: list[int], want
 
 def _remote_rank_dies(eng: Any, rank: int, n: int) -> Any:
     buf = np.ones(1000, np.float32)
-    eng.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 20)
+    eng.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 20, call=None)
     if rank == 3:
         os.kill(os.getpid(), signal.SIGKILL)
-    return failure_of(lambda: eng.all_reduce(buf, ReduceOp.SUM, 2, time.monotonic() + 3))
+    return failure_of(lambda: eng.all_reduce(buf, ReduceOp.SUM, 2, time.monotonic() + 3, call=None))
 
 
 @pytest.mark.timeout(60)

@@ -91,39 +91,39 @@ def _collectives(eng: Any, rank: int, n: int) -> dict[str, Any]:
         for dtype in (np.float32, np.int64):
             for op in (ReduceOp.SUM, ReduceOp.MAX, ReduceOp.MIN):
                 buf = _data(rank, count, dtype)
-                eng.all_reduce(buf, op, 0, dl)
+                eng.all_reduce(buf, op, 0, dl, call=None)
                 res[("all_reduce", count, np.dtype(dtype).name, op.name)] = buf
     buf = _data(rank, 300, np.int32)
-    eng.all_reduce(buf, ReduceOp.BXOR, 0, dl)
+    eng.all_reduce(buf, ReduceOp.BXOR, 0, dl, call=None)
     res[("all_reduce_bxor",)] = buf
     for root in range(n):
         buf = _data(rank, 333, np.float64)
-        eng.broadcast(buf, root, 0, dl)
+        eng.broadcast(buf, root, 0, dl, call=None)
         res[("broadcast", root)] = buf
         buf = _data(rank, 101, np.float32)
-        eng.reduce(buf, ReduceOp.SUM, root, 0, dl)
+        eng.reduce(buf, ReduceOp.SUM, root, 0, dl, call=None)
         if rank == root:
             res[("reduce", root)] = buf
         src = _data(root, 37 * n, np.int16) if rank == root else None
         out = np.zeros(37, np.int16)
-        eng.scatter(src, out, root, 0, dl)
+        eng.scatter(src, out, root, 0, dl, call=None)
         res[("scatter", root)] = out
         gout = np.zeros(61 * n, np.float32) if rank == root else None
-        eng.gather(_data(rank, 61, np.float32), gout, root, 0, dl)
+        eng.gather(_data(rank, 61, np.float32), gout, root, 0, dl, call=None)
         if rank == root:
             res[("gather", root)] = gout
     m = 129
     ag = np.zeros(m * n, np.float64)
     ag[rank * m : (rank + 1) * m] = _data(rank, m, np.float64)
-    eng.all_gather(ag, 0, dl)
+    eng.all_gather(ag, 0, dl, call=None)
     res[("all_gather",)] = ag
     rs = np.zeros(m, np.float32)
-    eng.reduce_scatter(_data(rank, m * n, np.float32), rs, ReduceOp.SUM, 0, dl)
+    eng.reduce_scatter(_data(rank, m * n, np.float32), rs, ReduceOp.SUM, 0, dl, call=None)
     res[("reduce_scatter",)] = rs
     a2a = np.zeros(m * n, np.int32)
-    eng.all_to_all(_data(rank, m * n, np.int32), a2a, 0, dl)
+    eng.all_to_all(_data(rank, m * n, np.int32), a2a, 0, dl, call=None)
     res[("all_to_all",)] = a2a
-    eng.barrier(0, dl)
+    eng.barrier(0, dl, call=None)
     return res
 
 
@@ -175,7 +175,7 @@ def test_collectives_match_numpy(tmp_path: Any, n: int) -> None:
 def _float_sum_identical(eng: Any, rank: int, n: int) -> np.ndarray:
     rng = np.random.default_rng(rank)
     buf = rng.standard_normal(10_000).astype(np.float32)
-    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20, call=None)
     return buf
 
 
@@ -194,7 +194,7 @@ def _default_parts(eng: Any, rank: int, n: int) -> float:
     buf = np.full(3 << 20, rank + 1, np.float32)
     for _ in range(3):
         buf[:] = rank + 1
-        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 30)
+        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 30, call=None)
     return float(buf.min()), float(buf.max())
 
 
@@ -213,7 +213,7 @@ def _many_small(eng: Any, rank: int, n: int) -> int:
     buf = np.zeros(64, np.int64)
     for _ in range(200):
         buf[:] = 1
-        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 30)
+        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 30, call=None)
         assert int(buf[0]) == n
     return int(buf.sum())
 
@@ -232,7 +232,7 @@ def test_oversubscribed_seven_ranks_on_two_cores_complete(tmp_path: Any) -> None
 def _die_midway(how: str) -> Callable[..., Any]:
     def scenario(eng: Any, rank: int, n: int) -> Any:
         buf = np.ones(4096, np.float32)
-        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)  # all alive here
+        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20, call=None)  # all alive here
         if rank == n - 1:
             if how == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -243,7 +243,9 @@ def _die_midway(how: str) -> Callable[..., Any]:
                 os._exit(0)
         start = time.monotonic()
         try:
-            eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + (1.5 if how == "hang" else 20))
+            eng.all_reduce(
+                buf, ReduceOp.SUM, 0, time.monotonic() + (1.5 if how == "hang" else 20), call=None
+            )
         except Exception as exc:
             return (
                 type(exc).__name__,
@@ -292,7 +294,9 @@ def _die_while_others_read_me(eng: Any, rank: int, n: int) -> Any:
     buf = np.ones(4 << 20, np.float32)  # 16 MiB: several chunks on the single-copy path
     if rank == n - 1:
         eng._pull = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
-    return failure_of(lambda: eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20))
+    return failure_of(
+        lambda: eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20, call=None)
+    )
 
 
 @pytest.mark.timeout(60)
@@ -311,11 +315,11 @@ def test_peer_dying_during_single_copy_all_reduce_is_named(tmp_path: Any) -> Non
 
 def _abort_one(eng: Any, rank: int, n: int) -> Any:
     buf = np.ones(16, np.float32)
-    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20, call=None)
     if rank == 0:
         eng.abort("test asked rank 0 to abort")
     try:
-        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20, call=None)
     except DistPeerLostError as exc:
         return str(exc)
     return None
@@ -335,7 +339,7 @@ def test_error_classes_are_the_documented_ones() -> None:
 
 
 def _list_shm(eng: Any, rank: int, n: int) -> tuple[int, list[str]]:
-    eng.barrier(0, time.monotonic() + 10)
+    eng.barrier(0, time.monotonic() + 10, call=None)
     return os.getpid(), sorted(os.listdir("/dev/shm"))
 
 
@@ -354,17 +358,15 @@ def _mismatch(eng: Any, rank: int, n: int) -> Any:
     dl = time.monotonic() + 10
     buf = np.ones(100, np.float32)
     reduce = CallDesc("all_reduce", (100,), "<f4", "SUM")
-    eng.call = reduce
-    eng.all_reduce(buf, ReduceOp.SUM, 0, dl)  # matching (compared in its first step): passes
+    # matching (compared in its first step): passes
+    eng.all_reduce(buf, ReduceOp.SUM, 0, dl, call=reduce)
     before = buf.copy()
     try:
         if rank == 1:
             eng.agree(CallDesc("broadcast", (100,), "<f4", root=0), 1, dl)
-            eng.call = None
-            eng.broadcast(buf, 0, 1, dl)
+            eng.broadcast(buf, 0, 1, dl, call=None)
         else:
-            eng.call = reduce
-            eng.all_reduce(buf, ReduceOp.SUM, 1, dl)
+            eng.all_reduce(buf, ReduceOp.SUM, 1, dl, call=reduce)
     except CallsDiffer as differ:
         err = mismatch_error(differ.calls, rank, [0, 1], 1, differ.op)
         return type(err).__name__, err.peer, str(err), bool((buf == before).all())
@@ -391,14 +393,14 @@ def _large_reductions(eng: Any, rank: int, n: int) -> Any:
     out = {}
     for count, dtype in ((1_000_003, np.int32), (400_001, np.float64), (262_144, np.int64)):
         buf = _data(rank, count, dtype)
-        eng.all_reduce(buf, ReduceOp.SUM, 0, dl)
+        eng.all_reduce(buf, ReduceOp.SUM, 0, dl, call=None)
         out[(count, np.dtype(dtype).name)] = buf
     rng = np.random.default_rng(rank)
     buf = rng.standard_normal(700_001).astype(np.float32)
-    eng.all_reduce(buf, ReduceOp.SUM, 0, dl)
+    eng.all_reduce(buf, ReduceOp.SUM, 0, dl, call=None)
     out["float"] = buf
     buf = _data(rank, 300_000, np.int64)  # the staged (non-CMA) reduce path in between
-    eng.reduce(buf, ReduceOp.MAX, n - 1, 0, dl)
+    eng.reduce(buf, ReduceOp.MAX, n - 1, 0, dl, call=None)
     if rank == n - 1:
         out["reduce"] = buf
     return out

@@ -60,10 +60,10 @@ def _native_and_numpy(eng: Any, rank: int, n: int) -> Any:
     out = []
     for count, dtype, op in CASES:
         a, b = _inputs(rank, count, dtype), _inputs(rank, count, dtype)
-        eng.all_reduce(a, op, 0, time.monotonic() + 30)
+        eng.all_reduce(a, op, 0, time.monotonic() + 30, call=None)
         native = eng._native
         eng._native = None  # the numpy path, same processes, same inputs
-        eng.all_reduce(b, op, 0, time.monotonic() + 30)
+        eng.all_reduce(b, op, 0, time.monotonic() + 30, call=None)
         eng._native = native
         out.append((a, b))
     return out, calls[0]
@@ -95,7 +95,7 @@ def _slow_peer(eng: Any, rank: int, n: int) -> Any:
     if rank == 1:
         time.sleep(0.5)  # far longer than the C step spins: rank 0 waits in PhaseSync
     start = time.monotonic()
-    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20, call=None)
     return buf, time.monotonic() - start
 
 
@@ -113,10 +113,12 @@ def test_native_step_waits_for_a_slow_peer(tmp_path: Any, n: int) -> None:
 
 def _peer_dies(eng: Any, rank: int, n: int) -> Any:
     buf = np.zeros(500_000, np.float32)
-    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)  # both alive here
+    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20, call=None)  # both alive here
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
-    return failure_of(lambda: eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20))
+    return failure_of(
+        lambda: eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20, call=None)
+    )
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -135,9 +137,9 @@ def _mismatch(eng: Any, rank: int, n: int) -> Any:
 
     buf = np.zeros(300_000, np.float32)
     shape = (300_000,) if rank == 0 else (600, 500)
-    eng.call = CallDesc("all_reduce", shape, "<f4", "SUM")
+    call = CallDesc("all_reduce", shape, "<f4", "SUM")
     try:
-        eng.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 10)
+        eng.all_reduce(buf, ReduceOp.SUM, 1, time.monotonic() + 10, call=call)
     except CallsDiffer as differ:
         err = mismatch_error(differ.calls, rank, [0, 1], 1, differ.op)
         return type(err).__name__, err.peer, str(err), bool((buf == 0).all())
@@ -163,7 +165,7 @@ def _agree(rank: int, n: int, path: str) -> Any:
     )
     assert eng is not None
     buf = np.full(300_000, rank + 1.0, np.float32)
-    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20)
+    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 20, call=None)
     got = (rank, eng._native is None, float(buf[0]), float(buf[-1]))
     eng.close()
     return got

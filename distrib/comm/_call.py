@@ -141,10 +141,12 @@ def issue(
     op: str,
     sample: Any,
     call: CallDesc,
-    action: Callable[[Any, int, float], Any],
+    action: Callable[[Any, CallDesc | None, int, float], Any],
     async_op: bool,
 ) -> Any:
-    """Issue ``action(engine, seq, deadline)`` on ``pg`` once the ranks agree on ``call``."""
+    """Issue ``action(engine, call, seq, deadline)`` on ``pg`` once the ranks agree on
+    ``call``; the action passes the ``call`` it gets on to the engine (``call=``): the
+    descriptor when the engine checks it in its own first step, else ``None``."""
     engine = pg.engine_for(sample)
     call = _in_group(call, pg.group_key)
     if async_op and is_cupy(sample):

@@ -17,6 +17,7 @@ import numpy as np
 from .._errors import DistUsageError
 from .._reduce_op import ReduceOp
 from .._xp import xp_of
+from ..transport._calldesc import CallDesc
 from ._call import (
     check_array,
     check_joined,
@@ -63,9 +64,9 @@ def all_reduce(
     rop = op_for(pg, op, tensor.dtype, "all_reduce")
     desc = descriptor("all_reduce", shape=shape_of(tensor), dtype=tensor.dtype.str, reduce=rop.name)
 
-    def action(engine: Any, seq: int, deadline: float) -> list[Any]:
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         flat = tensor.ravel()
-        engine.all_reduce(flat, rop, seq, deadline)
+        engine.all_reduce(flat, rop, seq, deadline, call=call)
         finish_avg(flat, rop, pg.size())
         write_back(tensor, flat)
         return [tensor]
@@ -87,12 +88,12 @@ def reduce(
         "reduce", shape=shape_of(tensor), dtype=tensor.dtype.str, reduce=rop.name, root=dst
     )
 
-    def action(engine: Any, seq: int, deadline: float) -> list[Any]:
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         if pg.rank() == root:
             flat = tensor.ravel()
         else:  # the engine may use non-root buffers as scratch: keep the caller's intact
             flat = xp_of(tensor).array(tensor, copy=True).reshape(-1)
-        engine.reduce(flat, rop, root, seq, deadline)
+        engine.reduce(flat, rop, root, seq, deadline, call=call)
         if pg.rank() == root:
             finish_avg(flat, rop, pg.size())
             write_back(tensor, flat)
@@ -110,9 +111,9 @@ def broadcast(tensor: Any, src: int, group: Any = None, async_op: bool = False) 
     root = group_rank(pg, src, "src", "broadcast")
     desc = descriptor("broadcast", shape=shape_of(tensor), dtype=tensor.dtype.str, root=src)
 
-    def action(engine: Any, seq: int, deadline: float) -> list[Any]:
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         flat = tensor.ravel()
-        engine.broadcast(flat, root, seq, deadline)
+        engine.broadcast(flat, root, seq, deadline, call=call)
         if pg.rank() != root:
             write_back(tensor, flat)
         return [tensor]
@@ -134,11 +135,11 @@ def all_gather(
     check_list(pg, tensor_list, tensor, "tensor_list", "all_gather", True)
     desc = descriptor("all_gather", shape=shape_of(tensor), dtype=tensor.dtype.str)
 
-    def action(engine: Any, seq: int, deadline: float) -> list[Any]:
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         xp, n, m = xp_of(tensor), pg.size(), tensor.size
         out = xp.empty(n * m, tensor.dtype)
         out[pg.rank() * m : (pg.rank() + 1) * m] = tensor.reshape(-1)
-        engine.all_gather(out, seq, deadline)
+        engine.all_gather(out, seq, deadline, call=call)
         for i, t in enumerate(tensor_list):
             xp.copyto(t, out[i * m : (i + 1) * m].reshape(t.shape))
         return list(tensor_list)
@@ -159,11 +160,11 @@ def all_gather_into_tensor(
     check_joined(pg, output_tensor, input_tensor, "output_tensor", op)
     desc = descriptor(op, shape=shape_of(input_tensor), dtype=input_tensor.dtype.str)
 
-    def action(engine: Any, seq: int, deadline: float) -> list[Any]:
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         m = input_tensor.size
         flat = output_tensor.ravel()
         flat[pg.rank() * m : (pg.rank() + 1) * m] = input_tensor.reshape(-1)
-        engine.all_gather(flat, seq, deadline)
+        engine.all_gather(flat, seq, deadline, call=call)
         write_back(output_tensor, flat)
         return [output_tensor]
 
@@ -191,10 +192,10 @@ def gather(
         )
     desc = descriptor("gather", shape=shape_of(tensor), dtype=tensor.dtype.str, root=dst)
 
-    def action(engine: Any, seq: int, deadline: float) -> list[Any]:
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         xp, n, m = xp_of(tensor), pg.size(), tensor.size
         out = xp.empty(n * m, tensor.dtype) if pg.rank() == root else None
-        engine.gather(tensor.ravel(), out, root, seq, deadline)
+        engine.gather(tensor.ravel(), out, root, seq, deadline, call=call)
         if out is None:
             return []
         targets = cast(list, gather_list)
@@ -224,13 +225,13 @@ def scatter(
         raise ValueError(f"scatter: scatter_list must be None on non-source rank {pg.global_rank}")
     desc = descriptor("scatter", shape=shape_of(tensor), dtype=tensor.dtype.str, root=src)
 
-    def action(engine: Any, seq: int, deadline: float) -> list[Any]:
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         xp = xp_of(tensor)
         buf = None
         if pg.rank() == root:
             buf = xp.concatenate([xp.asarray(a).reshape(-1) for a in cast(list, scatter_list)])
         flat = tensor.ravel()
-        engine.scatter(buf, flat, root, seq, deadline)
+        engine.scatter(buf, flat, root, seq, deadline, call=call)
         write_back(tensor, flat)
         return [tensor]
 
@@ -255,11 +256,11 @@ def reduce_scatter(
         "reduce_scatter", shape=shape_of(output), dtype=output.dtype.str, reduce=rop.name
     )
 
-    def action(engine: Any, seq: int, deadline: float) -> list[Any]:
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         xp = xp_of(output)
         buf = xp.concatenate([xp.asarray(a).reshape(-1) for a in input_list])
         flat = output.ravel()
-        engine.reduce_scatter(buf, flat, rop, seq, deadline)
+        engine.reduce_scatter(buf, flat, rop, seq, deadline, call=call)
         finish_avg(flat, rop, pg.size())
         write_back(output, flat)
         return [output]
@@ -281,9 +282,9 @@ def reduce_scatter_tensor(
     rop = op_for(pg, op, output.dtype, name)
     desc = descriptor(name, shape=shape_of(input), dtype=input.dtype.str, reduce=rop.name)
 
-    def action(engine: Any, seq: int, deadline: float) -> list[Any]:
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         flat = output.ravel()
-        engine.reduce_scatter(input.ravel(), flat, rop, seq, deadline)
+        engine.reduce_scatter(input.ravel(), flat, rop, seq, deadline, call=call)
         finish_avg(flat, rop, pg.size())
         write_back(output, flat)
         return [output]
@@ -310,11 +311,11 @@ def all_to_all(
     check_list(pg, output_tensor_list, like, "output_tensor_list", "all_to_all", True)
     desc = descriptor("all_to_all", shape=shape_of(like), dtype=like.dtype.str)
 
-    def action(engine: Any, seq: int, deadline: float) -> list[Any]:
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         xp, n, m = xp_of(like), pg.size(), like.size
         buf = xp.concatenate([xp.asarray(a).reshape(-1) for a in input_tensor_list])
         out = xp.empty(n * m, like.dtype)
-        engine.all_to_all(buf, out, seq, deadline)
+        engine.all_to_all(buf, out, seq, deadline, call=call)
         for i, t in enumerate(output_tensor_list):
             xp.copyto(t, out[i * m : (i + 1) * m].reshape(t.shape))
         return list(output_tensor_list)
@@ -362,9 +363,9 @@ def all_to_all_single(
         )
     desc = descriptor(name, shape=shape_of(input), dtype=input.dtype.str)
 
-    def action(engine: Any, seq: int, deadline: float) -> list[Any]:
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         flat = output.ravel()
-        engine.all_to_all(input.ravel(), flat, seq, deadline)
+        engine.all_to_all(input.ravel(), flat, seq, deadline, call=call)
         write_back(output, flat)
         return [output]
 
@@ -378,4 +379,8 @@ def barrier(group: Any = None, async_op: bool = False, device_ids: Any = None) -
         return None
     sample = np.empty(0, np.uint8)
     desc = descriptor("barrier")
-    return issue(pg, "barrier", sample, desc, lambda e, seq, dl: e.barrier(seq, dl), async_op)
+
+    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> None:
+        engine.barrier(seq, deadline, call=call)
+
+    return issue(pg, "barrier", sample, desc, action, async_op)

@@ -103,12 +103,14 @@ class _Work(Work):
 
 
 class _Job(NamedTuple):
-    """One queued operation: ``action(engine, seq, deadline)``, agreed on first when
-    ``call`` is set (collectives; point-to-point has no call to agree on)."""
+    """One queued operation: ``action(engine, call, seq, deadline)``, agreed on first when
+    ``call`` is set (collectives; point-to-point has no call to agree on). The action gets
+    what ``ProcessGroup.agree`` returned (``None`` when nothing was agreed on) and passes
+    it to the engine as ``call=``."""
 
     engine: Engine | None
     call: CallDesc | None
-    action: Callable[[Any, int, float], Any]
+    action: Callable[[Any, CallDesc | None, int, float], Any]
 
 
 # What a job started by ``submit_giving_way`` returns when it gave way to later work.
@@ -228,23 +230,24 @@ class ProcessGroup:
 
     # -- call agreement --------------------------------------------------------
 
-    def agree(self, engine: Engine, call: CallDesc, seq: int, deadline: float) -> None:
-        """Make every rank agree on ``call`` (op ``seq``) before ``engine`` moves data.
+    def agree(self, engine: Engine, call: CallDesc, seq: int, deadline: float) -> CallDesc | None:
+        """Make every rank agree on ``call`` (op ``seq``) before ``engine`` moves data;
+        return the ``call=`` to pass to the engine's collective.
 
-        The engine's own step does it for the collectives in its ``fused_agreement``;
-        otherwise ``Engine.agree`` runs first (GPU engines without their own check
-        agree through the CPU engine, which carries the small digests cheaply).
+        The engine's own step does it for the collectives in its ``fused_agreement``:
+        ``call`` is returned for the engine to check. Otherwise ``Engine.agree`` runs
+        here first (GPU engines without their own check agree through the CPU engine,
+        which carries the small digests cheaply) and ``None`` is returned: nothing is
+        left to check, as when mismatch checks are off or the group has one rank.
         A disagreement raises ``CallsDiffer`` on every rank; ``_execute`` names it.
         """
         if not self.check_mismatch or self._size == 1:
-            engine.call = None
-            return
+            return None
         if call.op in engine.fused_agreement:
-            engine.call = call
-            return
-        engine.call = None
+            return call
         agreer = engine if engine is self.cpu_engine or engine is self._zmq_engine else None
         (agreer or self.cpu_engine).agree(call, seq, deadline)
+        return None
 
     # -- failure publication -------------------------------------------------
 
@@ -357,11 +360,12 @@ class ProcessGroup:
         op: str,
         engine: Engine,
         call: CallDesc,
-        action: Callable[[Any, int, float], Any],
+        action: Callable[[Any, CallDesc | None, int, float], Any],
         async_op: bool,
     ) -> Any:
-        """Run collective ``action(engine, seq, deadline)`` once every rank agreed on ``call``,
-        after every earlier operation; return a ``Work`` when async."""
+        """Run collective ``action(engine, call, seq, deadline)`` once every rank agreed on
+        ``call``, after every earlier operation; return a ``Work`` when async. The action
+        passes its ``call`` argument (see ``agree``) on to the engine."""
         return self._enqueue(op, _Job(engine, call, action), async_op, True)
 
     def submit(
@@ -374,7 +378,7 @@ class ProcessGroup:
     ) -> Any:
         """Run ``body(deadline, seq)`` after every earlier operation, without agreement
         (point-to-point and other non-collective steps); a ``Work`` when async."""
-        job = _Job(None, call, lambda _engine, seq, deadline: body(deadline, seq))
+        job = _Job(None, call, lambda _engine, _call, seq, deadline: body(deadline, seq))
         return self._enqueue(op, job, async_op, collective, agree=False)
 
     def all_reduce_small(self, tensor: np.ndarray, op: Any) -> bool:
@@ -468,7 +472,7 @@ class ProcessGroup:
         """
         first: list[float] = []
 
-        def action(_engine: Any, seq: int, deadline: float) -> Any:
+        def action(_engine: Any, _call: CallDesc | None, seq: int, deadline: float) -> Any:
             with self._cond:
                 self._giving_way -= 1
             if not first:
@@ -556,9 +560,10 @@ class ProcessGroup:
                 flight.ring[seq & MASK].state = State.STARTED
                 flight.running = seq
             deadline = time.monotonic() + self.timeout
+            call = None
             if job.call is not None:
-                self.agree(job.engine, job.call, seq, deadline)  # type: ignore[arg-type]
-            result = job.action(job.engine, seq, deadline)
+                call = self.agree(job.engine, job.call, seq, deadline)  # type: ignore[arg-type]
+            result = job.action(job.engine, call, seq, deadline)
             if seq >= 0:
                 e = flight.ring[seq & MASK]
                 e.state, e.t_end = State.COMPLETED, time.monotonic()

@@ -59,12 +59,11 @@ def _p2p(
 
     def body(deadline: float, seq: int) -> list[Any]:
         flat = tensor.ravel()
-        engine.call = call
         if sending:
-            engine.send(flat, peer_g, tag, deadline)
+            engine.send(flat, peer_g, tag, deadline, call=call)
             which.n = engine.last_send(peer_g, tag)
         else:
-            engine.recv(flat, peer_g, tag, deadline)
+            engine.recv(flat, peer_g, tag, deadline, call=call)
             write_back(tensor, flat)
         return [tensor]
 

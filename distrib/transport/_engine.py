@@ -16,7 +16,10 @@ Contract for every method:
 - methods are called from one thread at a time (the group's progress thread),
   in the same order on every rank; ``seq`` is the group's operation counter,
   identical on every rank for the same call, usable to tag messages;
-- ``rank`` / ``size`` are group-local (0 .. size-1).
+- ``rank`` / ``size`` are group-local (0 .. size-1);
+- everything a method needs about the call in progress comes in its arguments
+  (the call descriptor as ``call=``, see ``Engine``): engines keep no per-call state
+  that a caller sets beforehand.
 """
 
 from __future__ import annotations
@@ -103,14 +106,27 @@ class Engine(ABC):
     Mismatch detection: before each collective the group makes the ranks agree
     on the call's ``CallDesc`` with ``agree`` (one primitive, implemented per
     transport; the default all-gathers 64-bit digests). For the collectives
-    named in ``fused_agreement`` the group instead sets ``call`` and the engine
-    compares digests inside its own first step, still before writing any user
-    byte; ``call`` is ``None`` otherwise (nothing left to check).
+    named in ``fused_agreement`` the group instead passes the descriptor to the
+    collective itself and the engine compares digests inside its own first
+    step, still before writing any user byte.
+
+    Every collective and point-to-point method therefore takes a keyword-only
+    ``call`` argument (required, so no caller forgets it):
+
+    - collectives: the ``CallDesc`` the engine must check inside its own first
+      step when the op is in ``fused_agreement``; ``None`` when nothing is left
+      to check (the ranks already agreed, mismatch checks are off, or the caller
+      drives the engine directly). An engine without fused agreement ignores it.
+    - ``send``: the descriptor to send with the data (``None``: one built from
+      the buffer's length and dtype); ``recv``: the descriptor the sender's is
+      compared with (``None``: likewise built from the buffer).
+
+    The call is an argument, not engine state: an engine holds nothing about the
+    operation in progress between calls.
     """
 
     rank: int
     size: int
-    call: CallDesc | None = None
     fused_agreement: frozenset[str] = frozenset()
 
     def agree(self, call: CallDesc, seq: int, deadline: float) -> None:
@@ -122,7 +138,7 @@ class Engine(ABC):
         """
         digests = np.zeros(self.size, np.int64)
         digests[self.rank] = digest(call)
-        self.all_gather(digests, seq, deadline)
+        self.all_gather(digests, seq, deadline, call=None)
         if (digests == digests[0]).all():
             return
         width = MAX_PACKED + 2
@@ -131,7 +147,7 @@ class Engine(ABC):
         at = self.rank * width
         raw[at : at + 2] = np.frombuffer(len(mine).to_bytes(2, "little"), np.uint8)
         raw[at + 2 : at + 2 + len(mine)] = np.frombuffer(mine, np.uint8)
-        self.all_gather(raw, seq, deadline)
+        self.all_gather(raw, seq, deadline, call=None)
         calls: list[CallDesc | None] = []
         for q in range(self.size):
             block = raw[q * width : (q + 1) * width].tobytes()
@@ -140,47 +156,75 @@ class Engine(ABC):
         raise CallsDiffer(calls, call.op)
 
     @abstractmethod
-    def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def all_reduce(
+        self, buf: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         """Reduce ``buf`` across ranks in place; every rank ends with the result."""
 
     @abstractmethod
-    def broadcast(self, buf: Any, root: int, seq: int, deadline: float) -> None:
+    def broadcast(
+        self, buf: Any, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         """Copy root's ``buf`` into every other rank's ``buf``."""
 
     @abstractmethod
-    def reduce(self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float) -> None:
+    def reduce(
+        self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         """Reduce into root's ``buf``; other ranks' ``buf`` may be used as scratch."""
 
     @abstractmethod
-    def all_gather(self, out: Any, seq: int, deadline: float) -> None:
+    def all_gather(self, out: Any, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         """``out`` has size*m elements; on entry rank r's block r holds its input; fill the rest."""
 
     @abstractmethod
-    def reduce_scatter(self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def reduce_scatter(
+        self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         """``buf`` has size*m elements; rank r gets the reduction of block r in ``out`` (m)."""
 
     @abstractmethod
-    def gather(self, buf: Any, out: Any | None, root: int, seq: int, deadline: float) -> None:
+    def gather(
+        self,
+        buf: Any,
+        out: Any | None,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
         """Root's ``out`` (size*m) gets every rank's ``buf`` (m) in rank order."""
 
     @abstractmethod
-    def scatter(self, buf: Any | None, out: Any, root: int, seq: int, deadline: float) -> None:
+    def scatter(
+        self,
+        buf: Any | None,
+        out: Any,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
         """Rank r's ``out`` (m) gets block r of root's ``buf`` (size*m)."""
 
     @abstractmethod
-    def all_to_all(self, buf: Any, out: Any, seq: int, deadline: float) -> None:
+    def all_to_all(
+        self, buf: Any, out: Any, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         """Block j of rank i's ``buf`` (size*m) lands in block i of rank j's ``out``."""
 
     @abstractmethod
-    def barrier(self, seq: int, deadline: float) -> None:
+    def barrier(self, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         """Return once every rank has entered."""
 
     @abstractmethod
-    def send(self, buf: Any, dst: int, tag: int, deadline: float) -> None:
+    def send(self, buf: Any, dst: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
         """Point-to-point send; matched with ``recv`` by (source, tag) in order."""
 
     @abstractmethod
-    def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
+    def recv(self, buf: Any, src: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
         """Point-to-point receive into ``buf``."""
 
     def abort(  # noqa: B027 - optional hook

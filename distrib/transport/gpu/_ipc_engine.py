@@ -39,7 +39,7 @@ from ..._reduce_op import ReduceOp
 from ...gpu._driver import check_not_forked, mark_cuda_used
 from ...gpu._ipc import export_allocation, open_allocation, release_mapping
 from ...gpu._kernels import copy_async, fused_reduce
-from .._calldesc import CallsDiffer, pack, unpack
+from .._calldesc import CallDesc, CallsDiffer, pack, unpack
 from .._engine import Engine
 from ._mesh import GpuMesh
 
@@ -66,8 +66,8 @@ _COLLECTIVES = frozenset(
 class CudaIpcEngine(Engine):
     """The ``Engine`` for ranks whose cupy buffers live on one shared device."""
 
-    # The leader compares every rank's call descriptor (set by the group) in the request,
-    # before any kernel runs: the agreement is fused into every collective.
+    # The leader compares every rank's call descriptor (each collective's ``call``) in the
+    # request, before any kernel runs: the agreement is fused into every collective.
     fused_agreement = _COLLECTIVES
 
     def __init__(
@@ -190,10 +190,12 @@ class CudaIpcEngine(Engine):
         deadline: float,
         meta: list[Any],
         leader_work: Any,
+        call: CallDesc | None,
     ) -> None:
         """Run one collective: ship ``bufs`` to the leader, or, on the leader, do the work.
 
-        ``meta`` must be identical on every rank (checked by the leader);
+        ``meta`` must be identical on every rank (checked by the leader), and so must
+        ``call`` unless it is ``None`` on every rank (nothing left to check);
         ``leader_work(descs)`` gets, per rank, the list of buffer pointers.
         """
         cupy = self._cupy
@@ -215,7 +217,7 @@ class CudaIpcEngine(Engine):
                             "op": opname,
                             "s": seq,
                             "m": meta,
-                            "d": b"" if self.call is None else pack(self.call),
+                            "d": b"" if call is None else pack(call),
                             "w": busy,
                             "b": [self._desc(b) for b in bufs],
                         },
@@ -229,7 +231,7 @@ class CudaIpcEngine(Engine):
                     )
                     if reply.get("calls"):
                         calls = [unpack(c) for c in reply["calls"]]
-                        calls[self.rank] = self.call
+                        calls[self.rank] = call
                         raise CallsDiffer(calls, opname)
                     if reply.get("err"):
                         raise self._mismatch(opname, reply["err"])
@@ -245,7 +247,7 @@ class CudaIpcEngine(Engine):
                     peer, lambda m: m["k"] == "coll", deadline, opname, self._on_async
                 )
             error = None
-            mine_d = b"" if self.call is None else pack(self.call)
+            mine_d = b"" if call is None else pack(call)
             packed = [mine_d] + [bytes(reqs[p]["d"]) for p in range(1, self.size)]
             differ = any(d != mine_d for d in packed)
             mine = (opname, seq, list(meta))
@@ -270,13 +272,15 @@ class CudaIpcEngine(Engine):
                 reply = {"k": "done", "s": seq, "err": error, "calls": packed if differ else None}
                 self.mesh.send(peer, reply)
             if differ:
-                raise CallsDiffer([self.call] + [unpack(d) for d in packed[1:]], opname)
+                raise CallsDiffer([call] + [unpack(d) for d in packed[1:]], opname)
             if error is not None:
                 raise self._mismatch(opname, error)
 
     # ------------------------------------------------------------ collectives
 
-    def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def all_reduce(
+        self, buf: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         self._check(buf, "buf", "all_reduce")
         n, dt = buf.size, buf.dtype
 
@@ -285,9 +289,11 @@ class CudaIpcEngine(Engine):
             if len(flat) > 1:  # one rank: the buffer already holds the result
                 fused_reduce(self._cupy, flat, flat, n, dt, op, stream)
 
-        self._run("all_reduce", seq, [buf], deadline, [n, dt.str, op.value], work)
+        self._run("all_reduce", seq, [buf], deadline, [n, dt.str, op.value], work, call)
 
-    def reduce(self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float) -> None:
+    def reduce(
+        self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         self._check(buf, "buf", "reduce")
         n, dt = buf.size, buf.dtype
 
@@ -296,9 +302,11 @@ class CudaIpcEngine(Engine):
             if len(flat) > 1:
                 fused_reduce(self._cupy, flat, [flat[root]], n, dt, op, stream)
 
-        self._run("reduce", seq, [buf], deadline, [n, dt.str, op.value, root], work)
+        self._run("reduce", seq, [buf], deadline, [n, dt.str, op.value, root], work, call)
 
-    def broadcast(self, buf: Any, root: int, seq: int, deadline: float) -> None:
+    def broadcast(
+        self, buf: Any, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         self._check(buf, "buf", "broadcast")
         nbytes = buf.nbytes
 
@@ -307,9 +315,9 @@ class CudaIpcEngine(Engine):
                 if r != root:
                     copy_async(self._cupy, p[0], ptrs[root][0], nbytes, stream)
 
-        self._run("broadcast", seq, [buf], deadline, [nbytes, root], work)
+        self._run("broadcast", seq, [buf], deadline, [nbytes, root], work, call)
 
-    def all_gather(self, out: Any, seq: int, deadline: float) -> None:
+    def all_gather(self, out: Any, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         self._check(out, "out", "all_gather")
         blk = out.nbytes // self.size
 
@@ -319,9 +327,11 @@ class CudaIpcEngine(Engine):
                     if src != dst:
                         copy_async(self._cupy, pd[0] + src * blk, ps[0] + src * blk, blk, stream)
 
-        self._run("all_gather", seq, [out], deadline, [out.nbytes, out.dtype.str], work)
+        self._run("all_gather", seq, [out], deadline, [out.nbytes, out.dtype.str], work, call)
 
-    def reduce_scatter(self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def reduce_scatter(
+        self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         self._check(buf, "buf", "reduce_scatter")
         self._check(out, "out", "reduce_scatter")
         m, dt = out.size, out.dtype
@@ -332,9 +342,18 @@ class CudaIpcEngine(Engine):
                 srcs = [p[0] + r * blk for p in ptrs]
                 fused_reduce(self._cupy, srcs, [pr[1]], m, dt, op, stream)
 
-        self._run("reduce_scatter", seq, [buf, out], deadline, [m, dt.str, op.value], work)
+        self._run("reduce_scatter", seq, [buf, out], deadline, [m, dt.str, op.value], work, call)
 
-    def gather(self, buf: Any, out: Any | None, root: int, seq: int, deadline: float) -> None:
+    def gather(
+        self,
+        buf: Any,
+        out: Any | None,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
         self._check(buf, "buf", "gather")
         self._check(out, "out", "gather")
         blk = buf.nbytes
@@ -344,9 +363,18 @@ class CudaIpcEngine(Engine):
                 copy_async(self._cupy, ptrs[root][1] + r * blk, p[0], blk, stream)
 
         bufs = [buf, out if self.rank == root else None]
-        self._run("gather", seq, bufs, deadline, [blk, root], work)
+        self._run("gather", seq, bufs, deadline, [blk, root], work, call)
 
-    def scatter(self, buf: Any | None, out: Any, root: int, seq: int, deadline: float) -> None:
+    def scatter(
+        self,
+        buf: Any | None,
+        out: Any,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
         self._check(buf, "buf", "scatter")
         self._check(out, "out", "scatter")
         blk = out.nbytes
@@ -356,9 +384,11 @@ class CudaIpcEngine(Engine):
                 copy_async(self._cupy, p[1], ptrs[root][0] + r * blk, blk, stream)
 
         bufs = [buf if self.rank == root else None, out]
-        self._run("scatter", seq, bufs, deadline, [blk, root], work)
+        self._run("scatter", seq, bufs, deadline, [blk, root], work, call)
 
-    def all_to_all(self, buf: Any, out: Any, seq: int, deadline: float) -> None:
+    def all_to_all(
+        self, buf: Any, out: Any, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         self._check(buf, "buf", "all_to_all")
         self._check(out, "out", "all_to_all")
         blk = buf.nbytes // self.size
@@ -368,17 +398,19 @@ class CudaIpcEngine(Engine):
                 for j, pj in enumerate(ptrs):
                     copy_async(self._cupy, pj[1] + i * blk, pi[0] + j * blk, blk, stream)
 
-        self._run("all_to_all", seq, [buf, out], deadline, [buf.nbytes], work)
+        self._run("all_to_all", seq, [buf, out], deadline, [buf.nbytes], work, call)
 
-    def barrier(self, seq: int, deadline: float) -> None:
+    def barrier(self, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         """Return once every rank has entered and all their earlier GPU work has finished."""
         with self._cupy.cuda.Device(self.device):
             self._stream().synchronize()
-        self._run("barrier", seq, [], deadline, [], lambda ptrs, stream: None)
+        self._run("barrier", seq, [], deadline, [], lambda ptrs, stream: None, call)
 
     # ------------------------------------------------------------ point to point
 
-    def send(self, buf: Any, dst: int, tag: int, deadline: float) -> None:
+    def send(self, buf: Any, dst: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
+        # ``call`` is not sent: the receiver compares the byte count and dtype that travel
+        # with the staging buffer's handle.
         self._check(buf, "buf", "send")
         cupy = self._cupy
         with cupy.cuda.Device(self.device):
@@ -400,7 +432,7 @@ class CudaIpcEngine(Engine):
                 },
             )
 
-    def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
+    def recv(self, buf: Any, src: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
         self._check(buf, "buf", "recv")
         cupy = self._cupy
         with cupy.cuda.Device(self.device):

@@ -31,6 +31,7 @@ from ..._errors import (
 from ..._reduce_op import ReduceOp
 from ...gpu._driver import check_not_forked, mark_cuda_used
 from ...gpu._kernels import copy_async, fused_reduce
+from .._calldesc import CallDesc
 from .._engine import Engine
 
 __all__ = ["NcclEngine"]
@@ -54,7 +55,12 @@ def _dtypes(nccl: Any) -> dict[str, int]:
 
 
 class NcclEngine(Engine):
-    """The ``Engine`` over one NCCL communicator (each rank on its own GPU)."""
+    """The ``Engine`` over one NCCL communicator (each rank on its own GPU).
+
+    No fused agreement: the group agrees through the CPU engine before each
+    collective, so every method ignores its ``call`` (send and recv too: NCCL
+    carries bytes only).
+    """
 
     def __init__(
         self, store: Any, rank: int, size: int, device: int, timeout: float, key: str = "nccl"
@@ -248,7 +254,9 @@ class NcclEngine(Engine):
 
     # ------------------------------------------------------------ collectives
 
-    def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def all_reduce(
+        self, buf: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         with self._cupy.cuda.Device(self.device):
             stream = self._begin("all_reduce")
             native = self._native(buf.dtype, op)
@@ -260,7 +268,9 @@ class NcclEngine(Engine):
                 self._gathered_reduce(buf, op, stream, [ptr])
             self._end("all_reduce", stream)
 
-    def reduce(self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float) -> None:
+    def reduce(
+        self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         with self._cupy.cuda.Device(self.device):
             stream = self._begin("reduce")
             native = self._native(buf.dtype, op)
@@ -272,7 +282,9 @@ class NcclEngine(Engine):
                 self._gathered_reduce(buf, op, stream, [ptr] if self.rank == root else [])
             self._end("reduce", stream)
 
-    def broadcast(self, buf: Any, root: int, seq: int, deadline: float) -> None:
+    def broadcast(
+        self, buf: Any, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         with self._cupy.cuda.Device(self.device):
             stream = self._begin("broadcast")
             ptr = int(buf.data.ptr)
@@ -282,11 +294,11 @@ class NcclEngine(Engine):
             self.comm.broadcast(ptr, ptr, count, self._dt[dt], root, stream.ptr)
             self._end("broadcast", stream)
 
-    def all_gather(self, out: Any, seq: int, deadline: float) -> None:
+    def all_gather(self, out: Any, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         if isinstance(out, np.ndarray):  # the group's descriptor check gathers a numpy digest
             with self._cupy.cuda.Device(self.device):
                 dev = self._cupy.asarray(out)
-                self.all_gather(dev, seq, deadline)
+                self.all_gather(dev, seq, deadline, call=None)
                 out[...] = dev.get()
             return
         with self._cupy.cuda.Device(self.device):
@@ -297,7 +309,9 @@ class NcclEngine(Engine):
             self.comm.allGather(base + self.rank * blk, base, blk, self._dt["|u1"], stream.ptr)
             self._end("all_gather", stream)
 
-    def reduce_scatter(self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def reduce_scatter(
+        self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         with self._cupy.cuda.Device(self.device):
             stream = self._begin("reduce_scatter")
             native = self._native(buf.dtype, op)
@@ -338,7 +352,16 @@ class NcclEngine(Engine):
                 nccl.groupEnd()
             self._end(opname, stream)
 
-    def gather(self, buf: Any, out: Any | None, root: int, seq: int, deadline: float) -> None:
+    def gather(
+        self,
+        buf: Any,
+        out: Any | None,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
         blk = buf.nbytes
         if self.rank != root:
             self._grouped("gather", [("send", int(buf.data.ptr), blk, root)])
@@ -351,7 +374,16 @@ class NcclEngine(Engine):
         pairs = [("recv", base + r * blk, blk, r) for r in range(self.size) if r != root]
         self._grouped("gather", pairs)
 
-    def scatter(self, buf: Any | None, out: Any, root: int, seq: int, deadline: float) -> None:
+    def scatter(
+        self,
+        buf: Any | None,
+        out: Any,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
         blk = out.nbytes
         if self.rank != root:
             self._grouped("scatter", [("recv", int(out.data.ptr), blk, root)])
@@ -366,7 +398,9 @@ class NcclEngine(Engine):
         pairs = [("send", base + r * blk, blk, r) for r in range(self.size) if r != root]
         self._grouped("scatter", pairs)
 
-    def all_to_all(self, buf: Any, out: Any, seq: int, deadline: float) -> None:
+    def all_to_all(
+        self, buf: Any, out: Any, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         blk = buf.nbytes // self.size
         src, dst = int(buf.data.ptr), int(out.data.ptr)
         with self._cupy.cuda.Device(self.device):
@@ -379,7 +413,7 @@ class NcclEngine(Engine):
                 pairs.append(("recv", dst + peer * blk, blk, peer))
         self._grouped("all_to_all", pairs)
 
-    def barrier(self, seq: int, deadline: float) -> None:
+    def barrier(self, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         with self._cupy.cuda.Device(self.device):
             stream = self._begin("barrier")
             ptr = int(self._scratch.data.ptr)
@@ -387,10 +421,10 @@ class NcclEngine(Engine):
             self._end("barrier", stream)
             self.wait_idle(deadline)
 
-    def send(self, buf: Any, dst: int, tag: int, deadline: float) -> None:
+    def send(self, buf: Any, dst: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
         self._grouped("send", [("send", int(buf.data.ptr), buf.nbytes, dst)])
 
-    def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
+    def recv(self, buf: Any, src: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
         self._grouped("recv", [("recv", int(buf.data.ptr), buf.nbytes, src)])
 
     # ------------------------------------------------------------ lifecycle

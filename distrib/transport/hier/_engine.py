@@ -58,8 +58,9 @@ class HierEngine(Engine):
         global_ranks: global rank of each group rank (for messages).
     """
 
-    # No fused agreement: the group agrees through our all_gather (Engine.agree); the
-    # sub-engines then run with ``call = None``.
+    # No fused agreement: the group agrees through our all_gather (Engine.agree) first, so
+    # collectives ignore their ``call`` and pass the sub-engines ``call=None``; send and
+    # recv hand theirs to the flat engine, which sends or compares it.
 
     def __init__(
         self,
@@ -83,10 +84,10 @@ class HierEngine(Engine):
         self._global = global_ranks
 
     # -- plumbing ------------------------------------------------------------
-    def _guard(self, op: str, fn: Any, *args: Any) -> None:
+    def _guard(self, op: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         # A leader failing across hosts must release its local ranks at once.
         try:
-            fn(*args)
+            fn(*args, **kwargs)
         except DistError as exc:
             if self._local is not None:
                 self._local.abort(f"rank {self._global[self.rank]} failed in {op}: {exc}")
@@ -95,24 +96,25 @@ class HierEngine(Engine):
     def _lead(self) -> Engine | None:
         return self._leaders
 
-    def _flat_engine(self) -> Engine:
-        self._flat.call = self.call  # only point-to-point calls set one
-        return self._flat
-
     # -- hierarchical collectives ------------------------------------------------
-    def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def all_reduce(
+        self, buf: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         self._guard("all_reduce", self._all_reduce, buf, op, seq, deadline)
 
     def _all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
         if self._local is not None:
-            self._local.reduce(buf, op, 0, seq, deadline)  # into the leader (local rank 0)
+            # into the leader (local rank 0)
+            self._local.reduce(buf, op, 0, seq, deadline, call=None)
         lead = self._lead()
         if lead is not None:
-            lead.all_reduce(buf, op, seq, deadline)
+            lead.all_reduce(buf, op, seq, deadline, call=None)
         if self._local is not None:
-            self._local.broadcast(buf, 0, seq, deadline)
+            self._local.broadcast(buf, 0, seq, deadline, call=None)
 
-    def broadcast(self, buf: Any, root: int, seq: int, deadline: float) -> None:
+    def broadcast(
+        self, buf: Any, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         self._guard("broadcast", self._broadcast, buf, root, seq, deadline)
 
     def _broadcast(self, buf: Any, root: int, seq: int, deadline: float) -> None:
@@ -120,14 +122,14 @@ class HierEngine(Engine):
         on_root_host = root_host == self._my_host
         if on_root_host and self._local is not None:
             # the root's host first: its leader then holds the data
-            self._local.broadcast(buf, self._members.index(root), seq, deadline)
+            self._local.broadcast(buf, self._members.index(root), seq, deadline, call=None)
         lead = self._lead()
         if lead is not None:
-            lead.broadcast(buf, root_host, seq, deadline)
+            lead.broadcast(buf, root_host, seq, deadline, call=None)
         if not on_root_host and self._local is not None:
-            self._local.broadcast(buf, 0, seq, deadline)
+            self._local.broadcast(buf, 0, seq, deadline, call=None)
 
-    def all_gather(self, out: Any, seq: int, deadline: float) -> None:
+    def all_gather(self, out: Any, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         self._guard("all_gather", self._all_gather, out, seq, deadline)
 
     def _all_gather(self, out: Any, seq: int, deadline: float) -> None:
@@ -138,7 +140,7 @@ class HierEngine(Engine):
         # 1. the leader collects its host's blocks (local rank order)
         host_blocks = np.empty(len(self._members) * m, out.dtype) if lead is not None else None
         if self._local is not None:
-            self._local.gather(mine, host_blocks, 0, seq, deadline)
+            self._local.gather(mine, host_blocks, 0, seq, deadline, call=None)
         elif host_blocks is not None:
             np.copyto(host_blocks, mine)
         # 2. leaders exchange padded per-host blocks, then place them by group rank
@@ -147,50 +149,74 @@ class HierEngine(Engine):
             padded = np.zeros(len(self._hosts) * widest * m, out.dtype)
             base = self._my_host * widest * m
             padded[base : base + host_blocks.size] = host_blocks
-            lead.all_gather(padded, seq, deadline)
+            lead.all_gather(padded, seq, deadline, call=None)
             for h, members in enumerate(self._hosts):
                 for j, r in enumerate(members):
                     src = padded[(h * widest + j) * m : (h * widest + j + 1) * m]
                     np.copyto(out[r * m : (r + 1) * m], src)
         # 3. the leader hands the whole result to its host
         if self._local is not None:
-            self._local.broadcast(out, 0, seq, deadline)
+            self._local.broadcast(out, 0, seq, deadline, call=None)
 
-    def barrier(self, seq: int, deadline: float) -> None:
+    def barrier(self, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         self._guard("barrier", self._barrier, seq, deadline)
 
     def _barrier(self, seq: int, deadline: float) -> None:
         if self._local is not None:
-            self._local.barrier(seq, deadline)  # everyone on this host arrived
+            self._local.barrier(seq, deadline, call=None)  # everyone on this host arrived
         lead = self._lead()
         if lead is not None:
-            lead.barrier(seq, deadline)  # every host arrived
+            lead.barrier(seq, deadline, call=None)  # every host arrived
         if self._local is not None:
-            self._local.barrier(seq, deadline)  # release this host
+            self._local.barrier(seq, deadline, call=None)  # release this host
 
     # -- flat collectives ----------------------------------------------------------
-    def reduce(self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float) -> None:
-        self._guard("reduce", self._flat_engine().reduce, buf, op, root, seq, deadline)
+    def reduce(
+        self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
+        self._guard("reduce", self._flat.reduce, buf, op, root, seq, deadline, call=None)
 
-    def reduce_scatter(self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def reduce_scatter(
+        self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         self._guard(
-            "reduce_scatter", self._flat_engine().reduce_scatter, buf, out, op, seq, deadline
+            "reduce_scatter", self._flat.reduce_scatter, buf, out, op, seq, deadline, call=None
         )
 
-    def gather(self, buf: Any, out: Any | None, root: int, seq: int, deadline: float) -> None:
-        self._guard("gather", self._flat_engine().gather, buf, out, root, seq, deadline)
+    def gather(
+        self,
+        buf: Any,
+        out: Any | None,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
+        self._guard("gather", self._flat.gather, buf, out, root, seq, deadline, call=None)
 
-    def scatter(self, buf: Any | None, out: Any, root: int, seq: int, deadline: float) -> None:
-        self._guard("scatter", self._flat_engine().scatter, buf, out, root, seq, deadline)
+    def scatter(
+        self,
+        buf: Any | None,
+        out: Any,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
+        self._guard("scatter", self._flat.scatter, buf, out, root, seq, deadline, call=None)
 
-    def all_to_all(self, buf: Any, out: Any, seq: int, deadline: float) -> None:
-        self._guard("all_to_all", self._flat_engine().all_to_all, buf, out, seq, deadline)
+    def all_to_all(
+        self, buf: Any, out: Any, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
+        self._guard("all_to_all", self._flat.all_to_all, buf, out, seq, deadline, call=None)
 
-    def send(self, buf: Any, dst: int, tag: int, deadline: float) -> None:
-        self._flat_engine().send(buf, dst, tag, deadline)
+    def send(self, buf: Any, dst: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
+        self._flat.send(buf, dst, tag, deadline, call=call)
 
-    def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
-        self._flat_engine().recv(buf, src, tag, deadline)
+    def recv(self, buf: Any, src: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
+        self._flat.recv(buf, src, tag, deadline, call=call)
 
     # -- lifecycle -------------------------------------------------------------------
     def last_send(self, dst: int, tag: int) -> int:

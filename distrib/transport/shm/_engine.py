@@ -47,9 +47,10 @@ def _bytes(buf: Any) -> np.ndarray:
 class ShmEngine(Engine):
     """Collectives among ranks that share one segment (one machine).
 
-    All-reduce and reduce compare the call descriptors inside their first
-    step (``fused_agreement``); the other collectives are preceded by
-    ``agree``, one barrier step that compares digests.
+    All-reduce and reduce compare the call descriptors they are passed
+    (``call``) inside their first step (``fused_agreement``); the other
+    collectives are preceded by ``agree``, one barrier step that compares
+    digests.
 
     Args:
         segment: this process's mapping of the node's segment (the engine owns it).
@@ -114,7 +115,9 @@ class ShmEngine(Engine):
         self._pipe.pull = fn  # type: ignore[method-assign, assignment]
 
     # -- reductions --------------------------------------------------------------
-    def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def all_reduce(
+        self, buf: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         if self.size > 1:
             self._pipe.run(
                 "all_reduce",
@@ -123,33 +126,48 @@ class ShmEngine(Engine):
                 buf,
                 op,
                 None,
-                self.call,
+                call,
                 deadline,
                 "all_reduce",
             )
 
-    def reduce(self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float) -> None:
+    def reduce(
+        self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         if self.size > 1:
             self._pipe.run(
-                "reduce", deadline, _reduce.reduce, buf, op, root, self.call, deadline, "reduce"
+                "reduce", deadline, _reduce.reduce, buf, op, root, call, deadline, "reduce"
             )
 
-    def reduce_scatter(self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def reduce_scatter(
+        self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         if self.size == 1:
             np.copyto(out, buf)
             return
         self._pipe.run("reduce_scatter", deadline, _reduce.reduce_scatter, buf, out, op, deadline)
 
     # -- data movement -------------------------------------------------------
-    def broadcast(self, buf: Any, root: int, seq: int, deadline: float) -> None:
+    def broadcast(
+        self, buf: Any, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         if self.size > 1:
             self._pipe.run("broadcast", deadline, _move.broadcast, _bytes(buf), root, deadline)
 
-    def all_gather(self, out: Any, seq: int, deadline: float) -> None:
+    def all_gather(self, out: Any, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         if self.size > 1:
             self._pipe.run("all_gather", deadline, _move.all_gather, _bytes(out), deadline)
 
-    def gather(self, buf: Any, out: Any | None, root: int, seq: int, deadline: float) -> None:
+    def gather(
+        self,
+        buf: Any,
+        out: Any | None,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
         if self.size == 1:
             if out is not None:
                 np.copyto(out, buf)
@@ -157,7 +175,16 @@ class ShmEngine(Engine):
         dst = None if out is None or self.rank != root else _bytes(out)
         self._pipe.run("gather", deadline, _move.gather, _bytes(buf), dst, root, deadline)
 
-    def scatter(self, buf: Any | None, out: Any, root: int, seq: int, deadline: float) -> None:
+    def scatter(
+        self,
+        buf: Any | None,
+        out: Any,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
         if self.size == 1:
             if buf is not None:
                 np.copyto(out, buf)
@@ -165,7 +192,9 @@ class ShmEngine(Engine):
         src = _bytes(buf) if self.rank == root else None
         self._pipe.run("scatter", deadline, _move.scatter, src, _bytes(out), root, deadline)
 
-    def all_to_all(self, buf: Any, out: Any, seq: int, deadline: float) -> None:
+    def all_to_all(
+        self, buf: Any, out: Any, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         if self.size == 1:
             np.copyto(out, buf)
             return
@@ -176,20 +205,16 @@ class ShmEngine(Engine):
         if self.size > 1:
             self._pipe.run(call.op, deadline, SlotPipeline.agree, call, deadline)
 
-    def barrier(self, seq: int, deadline: float) -> None:
+    def barrier(self, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         if self.size > 1:
             self._pipe.run("barrier", deadline, SlotPipeline.barrier, deadline)
 
     # -- point to point --------------------------------------------------------
-    def send(self, buf: Any, dst: int, tag: int, deadline: float) -> None:
-        engine = self._p2p_engine("send")
-        engine.call = self.call
-        engine.send(buf, dst, tag, deadline)
+    def send(self, buf: Any, dst: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
+        self._p2p_engine("send").send(buf, dst, tag, deadline, call=call)
 
-    def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
-        engine = self._p2p_engine("recv")
-        engine.call = self.call
-        engine.recv(buf, src, tag, deadline)
+    def recv(self, buf: Any, src: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
+        self._p2p_engine("recv").recv(buf, src, tag, deadline, call=call)
 
     def last_send(self, dst: int, tag: int) -> int:
         return self._p2p.last_send(dst, tag) if self._p2p is not None else 0

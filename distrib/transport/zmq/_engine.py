@@ -158,7 +158,9 @@ class ZmqEngine(Engine):
 
     # -- collectives -----------------------------------------------------------
 
-    def all_reduce(self, buf: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def all_reduce(
+        self, buf: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         if self.size == 1:
             return
         fn = ufunc(op)
@@ -190,7 +192,9 @@ class ZmqEngine(Engine):
         if r < extra:
             self._send(r + p2, seq, buf)
 
-    def broadcast(self, buf: Any, root: int, seq: int, deadline: float) -> None:
+    def broadcast(
+        self, buf: Any, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         if self.size == 1:
             return
         if buf.nbytes <= TREE_MAX:
@@ -221,7 +225,9 @@ class ZmqEngine(Engine):
                 self._send((v + mask + root) % n, seq, buf)
             mask >>= 1
 
-    def reduce(self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float) -> None:
+    def reduce(
+        self, buf: Any, op: ReduceOp, root: int, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         if self.size == 1:
             return
         fn, n, r = ufunc(op), self.size, self.rank
@@ -244,12 +250,14 @@ class ZmqEngine(Engine):
                     self._send((r + 1) % n, seq, seg)
         self.links.flush("reduce", deadline)
 
-    def all_gather(self, out: Any, seq: int, deadline: float) -> None:
+    def all_gather(self, out: Any, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         if self.size > 1:
             self._ring_all_gather(_blocks(out, self.size), seq, "all_gather", deadline)
             self.links.flush("all_gather", deadline)
 
-    def reduce_scatter(self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float) -> None:
+    def reduce_scatter(
+        self, buf: Any, out: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         if self.size == 1:
             np.copyto(out, buf)
             return
@@ -259,7 +267,16 @@ class ZmqEngine(Engine):
         np.copyto(out, blocks[self.rank])
         self.links.flush("reduce_scatter", deadline)
 
-    def gather(self, buf: Any, out: Any | None, root: int, seq: int, deadline: float) -> None:
+    def gather(
+        self,
+        buf: Any,
+        out: Any | None,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
         if self.rank != root:
             for seg in _segments(buf):
                 self._send(root, seq, seg)
@@ -272,7 +289,16 @@ class ZmqEngine(Engine):
                         self._recv_into(peer, seq, seg, "gather", deadline)
         self.links.flush("gather", deadline)
 
-    def scatter(self, buf: Any | None, out: Any, root: int, seq: int, deadline: float) -> None:
+    def scatter(
+        self,
+        buf: Any | None,
+        out: Any,
+        root: int,
+        seq: int,
+        deadline: float,
+        *,
+        call: CallDesc | None,
+    ) -> None:
         if self.rank == root:
             blocks = _blocks(cast(np.ndarray, buf), self.size)
             for peer in range(self.size):
@@ -285,7 +311,9 @@ class ZmqEngine(Engine):
                 self._recv_into(root, seq, seg, "scatter", deadline)
         self.links.flush("scatter", deadline)
 
-    def all_to_all(self, buf: Any, out: Any, seq: int, deadline: float) -> None:
+    def all_to_all(
+        self, buf: Any, out: Any, seq: int, deadline: float, *, call: CallDesc | None
+    ) -> None:
         n, r = self.size, self.rank
         ins, outs = _blocks(buf, n), _blocks(out, n)
         # Send to r+1, r+2, ... and receive from r-1, r-2, ...: no two ranks hammer one peer.
@@ -298,7 +326,7 @@ class ZmqEngine(Engine):
                 self._recv_into((r - k) % n, seq, seg, "all_to_all", deadline)
         self.links.flush("all_to_all", deadline)
 
-    def barrier(self, seq: int, deadline: float) -> None:
+    def barrier(self, seq: int, deadline: float, *, call: CallDesc | None) -> None:
         # Dissemination barrier: ceil(log2 n) rounds of one empty message each way.
         n, r, dist = self.size, self.rank, 1
         empty = np.empty(0, np.uint8)
@@ -307,13 +335,13 @@ class ZmqEngine(Engine):
             self._recv_into((r - dist) % n, seq, empty, "barrier", deadline)
             dist <<= 1
 
-    def send(self, buf: Any, dst: int, tag: int, deadline: float) -> None:
-        """Send ``buf`` with its descriptor; the receiver checks it before writing and
-        answers (``confirm_send`` waits for that answer)."""
-        call = self.call or CallDesc("send", (int(buf.shape[0]),), buf.dtype.str)
+    def send(self, buf: Any, dst: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
+        """Send ``buf`` with its descriptor ``call`` (``None``: one built from ``buf``); the
+        receiver checks it before writing and answers (``confirm_send`` waits for that)."""
+        desc = call or CallDesc("send", (int(buf.shape[0]),), buf.dtype.str)
         key = (dst, tag)
         self._sent[key] = self._sent.get(key, 0) + 1
-        self.links.send(dst, P2P, tag, pack(call), buf)
+        self.links.send(dst, P2P, tag, pack(desc), buf)
         self.links.flush("send", deadline)
 
     def last_send(self, dst: int, tag: int) -> int:
@@ -337,8 +365,11 @@ class ZmqEngine(Engine):
             raise p2p_mismatch_error(g[self.rank], g[dst], call, unpack(verdict), tag, g[self.rank])
         return True
 
-    def recv(self, buf: Any, src: int, tag: int, deadline: float) -> None:
-        posted = self.call or CallDesc("recv", (int(buf.shape[0]),), buf.dtype.str)
+    def recv(self, buf: Any, src: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
+        """Receive into ``buf`` after comparing the sender's descriptor with ``call``
+        (``None``: one built from ``buf``); the verdict goes back to the sender and a
+        mismatch raises here too, before any byte is written."""
+        posted = call or CallDesc("recv", (int(buf.shape[0]),), buf.dtype.str)
         desc, frame = self.links.recv_with_desc(src, P2P, tag, "recv", deadline)
         key = (src, tag)
         count = self._received[key] = self._received.get(key, 0) + 1
