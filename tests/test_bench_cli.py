@@ -119,6 +119,7 @@ def test_command_prints_header_mode_and_memory_fraction(mode):
     assert re.search(rf"^# all_reduce .*buffers={mode}$", out, re.M), out
     head = next(line for line in out.splitlines() if line.lstrip().startswith("size"))
     assert "bufs" in head and "%mem" in head
+    assert "skipped" not in out, out
     rows = _rows(out)
     assert [r[0] for r in rows] == ["4K", "64K"], out
     for r in rows:
@@ -160,3 +161,15 @@ def test_gloo_peer_rotates_buffers_from_the_plan():
     plan = [{"op": "all_gather", "sizes": [4096], "dtype": "float32", "buffers": [5]}]
     res = run_gloo(sys.executable, 2, plan, timeout=120)
     assert res[0][0] == "all_gather" and res[0][1][0][0] == 4096 and res[0][1][0][1] > 0
+
+
+@pytest.mark.slow
+def test_compare_runs_every_column_in_rotate_mode():
+    # CI installs torch and Open MPI with mpi4py: all four columns must run.
+    out = _bench("--compare", "--nproc", "2", "--ops", "all_reduce", "--sizes", "4K")
+    head = next(line for line in out.splitlines() if line.lstrip().startswith("size"))
+    for column in ("distrib us", "gloo us", "mpi4py us", "memcpy 1 proc us"):
+        assert column in head, out
+    assert "skipped" not in out and "n/a" not in out, out
+    assert len(_rows(out)) == 1, out
+

@@ -88,11 +88,12 @@ def copy_rate_column(args: Any, plan: list[dict[str, Any]]) -> list[list[Any]]:
     """
     sizes = sorted({s for step in plan for s in step["sizes"]})
     times = {}
-    hw = args.machine  # distrib.bench._cli.Machine
+    head = args.machine  # distrib.bench._cli.Header
+    hw = head.machine
     for s in sizes:
         sets = 1
-        if hw.mode is BufferMode.ROTATE:
-            sets = rotation_count(2 * s, hw.llc.size, hw.memory, 1)
+        if head.mode is BufferMode.ROTATE:
+            sets = rotation_count(2 * s, hw.llc_bytes, hw.memory_bytes, 1)
         times[s] = copy_seconds(s, sets)
     return [[step["op"], [[s, times[s]] for s in step["sizes"]]] for step in plan]
 
