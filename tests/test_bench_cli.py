@@ -172,4 +172,3 @@ def test_compare_runs_every_column_in_rotate_mode():
         assert column in head, out
     assert "skipped" not in out and "n/a" not in out, out
     assert len(_rows(out)) == 1, out
-
