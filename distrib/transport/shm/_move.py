@@ -25,18 +25,13 @@ def broadcast(pipe: SlotPipeline, data: np.ndarray, root: int, deadline: float) 
     """Root's ``data`` into every rank's ``data``, one half per step."""
     r, sync, name = pipe.rank, pipe.sync, "broadcast"
     src = pipe.seg.slots(np.dtype(np.uint8))[root]
-    step = pipe.half_bytes
-    for start in range(0, data.size, step):
-        chunk = data[start : start + step]
-        k = pipe.begin(name, deadline)
-        h = k & 1
+    for start, c, k, h in pipe.chunks(name, data.size, pipe.half_bytes, deadline):
+        chunk = data[start : start + c]
         if r == root:
-            np.copyto(src[h][: chunk.size], chunk)
+            np.copyto(src[h][:c], chunk)
         else:
             sync.wait(root, 2 * k + 1, name, deadline)
-            np.copyto(chunk, src[h][: chunk.size])
-        sync.signal(2 * k + 2)
-        pipe.step = k + 1
+            np.copyto(chunk, src[h][:c])
 
 
 def all_gather(pipe: SlotPipeline, data: np.ndarray, deadline: float) -> None:
@@ -44,19 +39,13 @@ def all_gather(pipe: SlotPipeline, data: np.ndarray, deadline: float) -> None:
     n, r, sync, name = pipe.size, pipe.rank, pipe.sync, "all_gather"
     slots = pipe.seg.slots(np.dtype(np.uint8))
     m = data.size // n
-    step = pipe.half_bytes
-    for start in range(0, m, step):
-        c = min(step, m - start)
-        k = pipe.begin(name, deadline)
-        h = k & 1
+    for start, c, k, h in pipe.chunks(name, m, pipe.half_bytes, deadline):
         np.copyto(slots[r][h][:c], data[r * m + start : r * m + start + c])
         sync.signal(2 * k + 1)
         for q in range(n):
             if q != r:
                 sync.wait(q, 2 * k + 1, name, deadline)
                 np.copyto(data[q * m + start : q * m + start + c], slots[q][h][:c])
-        sync.signal(2 * k + 2)
-        pipe.step = k + 1
 
 
 def gather(
@@ -66,22 +55,16 @@ def gather(
     n, r, sync, name = pipe.size, pipe.rank, pipe.sync, "gather"
     slots = pipe.seg.slots(np.dtype(np.uint8))
     m = data.size
-    step = pipe.half_bytes
-    for start in range(0, m, step):
-        c = min(step, m - start)
-        k = pipe.begin(name, deadline)
-        h = k & 1
+    for start, c, k, h in pipe.chunks(name, m, pipe.half_bytes, deadline):
         if r != root:
             np.copyto(slots[r][h][:c], data[start : start + c])
-        else:
-            assert out is not None
-            np.copyto(out[r * m + start : r * m + start + c], data[start : start + c])
-            for q in range(n):
-                if q != r:
-                    sync.wait(q, 2 * k + 1, name, deadline)
-                    np.copyto(out[q * m + start : q * m + start + c], slots[q][h][:c])
-        sync.signal(2 * k + 2)
-        pipe.step = k + 1
+            continue
+        assert out is not None
+        np.copyto(out[r * m + start : r * m + start + c], data[start : start + c])
+        for q in range(n):
+            if q != r:
+                sync.wait(q, 2 * k + 1, name, deadline)
+                np.copyto(out[q * m + start : q * m + start + c], slots[q][h][:c])
 
 
 def scatter(
@@ -92,23 +75,18 @@ def scatter(
     slots = pipe.seg.slots(np.dtype(np.uint8))
     m = out.size
     part = pipe.part_bytes
-    for start in range(0, m, part):
-        c = min(part, m - start)
-        k = pipe.begin(name, deadline)
-        h = k & 1
-        if r == root:
-            assert data is not None
-            for q in range(n):
-                src = data[q * m + start : q * m + start + c]
-                if q == r:
-                    np.copyto(out[start : start + c], src)
-                else:
-                    np.copyto(slots[r][h][q * part : q * part + c], src)
-        else:
+    for start, c, k, h in pipe.chunks(name, m, part, deadline):
+        if r != root:
             sync.wait(root, 2 * k + 1, name, deadline)
             np.copyto(out[start : start + c], slots[root][h][r * part : r * part + c])
-        sync.signal(2 * k + 2)
-        pipe.step = k + 1
+            continue
+        assert data is not None
+        for q in range(n):
+            src = data[q * m + start : q * m + start + c]
+            if q == r:
+                np.copyto(out[start : start + c], src)
+            else:
+                np.copyto(slots[r][h][q * part : q * part + c], src)
 
 
 def all_to_all(pipe: SlotPipeline, data: np.ndarray, out: np.ndarray, deadline: float) -> None:
@@ -117,10 +95,7 @@ def all_to_all(pipe: SlotPipeline, data: np.ndarray, out: np.ndarray, deadline: 
     slots = pipe.seg.slots(np.dtype(np.uint8))
     m = data.size // n
     part = pipe.part_bytes
-    for start in range(0, m, part):
-        c = min(part, m - start)
-        k = pipe.begin(name, deadline)
-        h = k & 1
+    for start, c, k, h in pipe.chunks(name, m, part, deadline):
         mine = slots[r][h]
         for q in range(n):
             src = data[q * m + start : q * m + start + c]
@@ -135,5 +110,3 @@ def all_to_all(pipe: SlotPipeline, data: np.ndarray, out: np.ndarray, deadline: 
                 np.copyto(
                     out[q * m + start : q * m + start + c], slots[q][h][r * part : r * part + c]
                 )
-        sync.signal(2 * k + 2)
-        pipe.step = k + 1

@@ -19,6 +19,9 @@ So every algorithm runs each of its steps in this order::
     ... wait for a peer's 2k+1, read its half
     pipe.sync.signal(2k+2); pipe.step = k + 1
 
+``SlotPipeline.chunks`` is that loop for an algorithm that moves a buffer a
+chunk per step: it begins each step, yields it, and ends it.
+
 ``SlotPipeline`` is that shared state of one group's local ranks: the segment
 mapping, ``PhaseSync``, the step counter, part sizes, the optional C step and
 cross-process reader, and the steps every collective shares (call agreement,
@@ -37,8 +40,8 @@ lives until the last local rank unmaps it or exits). After ``close`` every
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,7 +58,17 @@ from ._native import NativeStep
 from ._segment import SharedSegment
 from ._sync import PhaseSync
 
-__all__ = ["SlotPipeline"]
+__all__ = ["Chunk", "SlotPipeline"]
+
+
+class Chunk(NamedTuple):
+    """One step of ``SlotPipeline.chunks``: items ``[start, start + length)`` in step
+    ``k``, which uses half ``half`` of every slot."""
+
+    start: int
+    length: int
+    k: int
+    half: int
 
 
 class SlotPipeline:
@@ -133,6 +146,20 @@ class SlotPipeline:
             # started step k-1 (signalled 2k-1), i.e. finished step k-2.
             self.sync.wait_all(2 * k - 1, op, deadline)
         return k
+
+    def chunks(self, op: str, total: int, chunk: int, deadline: float) -> Iterator[Chunk]:
+        """The steps of a collective that moves ``total`` items ``chunk`` at a time.
+
+        Each step is yielded as a ``Chunk`` for the caller to write, signal ``2k+1``
+        and read; when the caller asks for the next one, the step ends here (signal
+        ``2k+2``, advance). An exception in the caller leaves the step unfinished,
+        as the abort that follows expects.
+        """
+        for start in range(0, total, chunk):
+            k = self.begin(op, deadline)
+            yield Chunk(start, min(chunk, total - start), k, k & 1)
+            self.sync.signal(2 * k + 2)
+            self.step = k + 1
 
     def run(self, op: str, deadline: float, body: Callable[..., None], *args: Any) -> None:
         """Run the algorithm ``body(self, *args)``; abort everyone on failure (but a

@@ -362,10 +362,7 @@ def reduce_scatter(pipe: SlotPipeline, buf: Any, out: Any, op: ReduceOp, deadlin
     slots = pipe.seg.slots(buf.dtype)
     part = pipe.part(buf.dtype)
     m = out.size
-    for start in range(0, m, part):
-        c = min(part, m - start)
-        k = pipe.begin(name, deadline)
-        h = k & 1
+    for start, c, k, h in pipe.chunks(name, m, part, deadline):
         mine = slots[r][h]
         for q in range(n):
             if q != r:
@@ -378,5 +375,3 @@ def reduce_scatter(pipe: SlotPipeline, buf: Any, out: Any, op: ReduceOp, deadlin
             for q in range(n)
         ]
         _fold(fn, _in_rank_order(pipe, parts, k, name, deadline), out[start : start + c])
-        sync.signal(2 * k + 2)
-        pipe.step = k + 1
