@@ -176,3 +176,19 @@ def test_more_ranks_than_cores() -> None:
     results = run_local_ranks(_oversubscribed, world, timeout=90, env={"DISTRIB_TRANSPORT": "shm"})
     assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
     assert {r.value for r in results} == {float(sum(q + 299 for q in range(world)))}
+
+
+def _bad_op(rank: int, world: int) -> str:
+    try:
+        dist.all_reduce(np.ones(4, np.float32), op=[1])  # unhashable: never a cache key
+    except dist.DistError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_op_gets_the_general_roads_error() -> None:
+    results = run_local_ranks(_bad_op, 2, timeout=45, env={"DISTRIB_TRANSPORT": "shm"})
+    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
+    for r in results:
+        assert "unknown reduce op [1]" in r.value, r.value

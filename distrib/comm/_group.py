@@ -391,7 +391,7 @@ class ProcessGroup:
         a cache lookup, a lock, the C call and the flight record.
         """
         small = self._small
-        if small is None:
+        if small is None or type(op) is not ReduceOp:  # other ops: the general road checks
             return False
         key = (tensor.shape, tensor.dtype, op)
         known = self._small_calls.get(key)
@@ -451,15 +451,13 @@ class ProcessGroup:
             return True
 
     def _describe_small(
-        self, tensor: np.ndarray, op: Any, codes: dict[ReduceOp, int]
+        self, tensor: np.ndarray, op: ReduceOp, codes: dict[ReduceOp, int]
     ) -> _SmallCall:
-        op_code = codes.get(op, -1) if type(op) is ReduceOp else -1
         # The general road's descriptor (collectives -> _call.issue), so digests agree.
-        reduce = op.name if type(op) is ReduceOp else ""
         call = CallDesc(
-            "all_reduce", tuple(tensor.shape), tensor.dtype.str, reduce, -1, self.group_key
+            "all_reduce", tuple(tensor.shape), tensor.dtype.str, op.name, -1, self.group_key
         )
-        return _SmallCall(op_code, call, digest(call))
+        return _SmallCall(codes.get(op, -1), call, digest(call))
 
     def submit_giving_way(self, op: str, step: Callable[[float, Callable[[], bool]], bool]) -> Work:
         """Run ``step(deadline, give_way)`` after every earlier operation until it returns
