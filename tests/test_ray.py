@@ -164,7 +164,6 @@ def _collectives(n_elems: int) -> dict[str, Any]:
         "bcast": b,
         "gathered": np.stack(gathered),
         "max": int(mx[0]),
-        "niceness": os.getpriority(os.PRIO_PROCESS, 0),
     }
     print(f"rank {rank} of {world} done")
     distrib.destroy_process_group()
@@ -243,12 +242,6 @@ def test_one_rank_per_node_is_a_flat_zmq_ring(clean):
 def test_one_node_uses_shared_memory_and_prefixes_output(clean, capsys):
     res = distrib.ray.run(_collectives, num_workers=2, placement="STRICT_PACK", args=(1000,))
     assert {r["engine"] for r in res} == {"ShmEngine"} and res[0]["hosts"] == 1
-    # Ray starts workers at niceness 15; ranks take the driver's where the OS allows
-    mine = os.getpriority(os.PRIO_PROCESS, 0)
-    if os.geteuid() == 0:
-        assert {r["niceness"] for r in res} == {mine}
-    else:
-        assert all(mine <= r["niceness"] <= 15 for r in res)
     out = capsys.readouterr().out
     assert "[0]: rank 0 of 2 done" in out and "[1]: rank 1 of 2 done" in out
 

@@ -95,7 +95,6 @@ class RankHost:
         cwd = spec.get("cwd")
         if cwd and os.path.isdir(cwd):
             os.chdir(cwd)  # this process exists only for this rank
-        _take_niceness(int(spec.get("niceness", 0)))  # the rank inherits it
         w = Worker(
             spec["rank"],
             spec["local_rank"],
@@ -201,18 +200,3 @@ class RankHost:
                 pass
             reap_group(w.proc.pid)
         shutil.rmtree(self._tmp, ignore_errors=True)
-
-
-def _take_niceness(target: int) -> None:
-    """Run at the driver's niceness, as ranks under ``distrib-run`` do.
-
-    Ray starts its workers at niceness 15 (its ``worker_niceness``), so with more
-    ranks than cores every wake-up of Ray's own daemons, at niceness 0, preempts
-    a rank the others wait for. Lowering niceness needs ``CAP_SYS_NICE`` or a
-    high enough ``RLIMIT_NICE``; without either the rank keeps Ray's.
-    """
-    try:
-        if os.getpriority(os.PRIO_PROCESS, 0) > target:
-            os.setpriority(os.PRIO_PROCESS, 0, target)
-    except (OSError, AttributeError):
-        pass

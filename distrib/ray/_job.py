@@ -11,7 +11,6 @@ actors are ended and the placement group removed before the attempt returns.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -256,7 +255,6 @@ class _Attempt:
                         "group_rank": s.group_rank,
                         "env": env,
                         "grace": spec.grace_period,
-                        "niceness": _niceness(),
                         "payload": spec.payload,
                         "command": spec.command,
                         "cwd": spec.cwd,
@@ -440,11 +438,3 @@ def launch(spec: JobSpec, auth_token: str) -> list[Any]:
             ) from None
         finally:
             job.close()
-
-
-def _niceness() -> int:
-    """The driver's scheduling niceness, which every rank asks for (``RankHost.start``)."""
-    try:
-        return os.getpriority(os.PRIO_PROCESS, 0)
-    except (OSError, AttributeError):
-        return 0
