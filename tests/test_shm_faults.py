@@ -71,6 +71,91 @@ def test_receiver_attaches_after_sender_exited(method, kind, tmp_path, monkeypat
         _wait_until(lambda: not os.listdir(tmp_path), 15, "named segments to be unlinked")
 
 
+# -- kill -9 the moment a named file exists: the daemon already knows its name --
+_KILLED_WHILE_CREATING = textwrap.dedent(
+    """
+    import os, signal
+    import distrib.shm as shm
+    from distrib.shm import _client
+
+    shm.set_sharing_strategy("file_system")
+    first = shm.zeros(1_000_000)  # starts the daemon
+    print(_client._current().spawned[0], flush=True)
+    real_open = os.open
+
+    def open_then_die(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_CREAT and os.path.basename(path).startswith("distrib_"):
+            os.kill(os.getpid(), signal.SIGKILL)  # before create_segment's next line
+        return fd
+
+    os.open = open_then_die
+    shm.zeros(1_000_000)
+    """
+)
+
+
+def test_kill_9_right_after_a_named_file_is_created_leaves_nothing(tmp_path):
+    env = dict(os.environ, DISTRIB_SHM_DIR=str(tmp_path))
+    job = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WHILE_CREATING],
+        env=env,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        daemon = psutil.Process(int(job.stdout.readline()))
+        assert job.wait(WAIT_S) == -signal.SIGKILL
+        _wait_until(lambda: not os.listdir(tmp_path), 20, "named segments to be unlinked")
+        _wait_until(lambda: not daemon.is_running(), 30, "the cleanup daemon to exit")
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(WAIT_S)
+        job.stdout.close()
+
+
+_NAME_TAKEN = textwrap.dedent(
+    """
+    import os, sys
+    import distrib.shm as shm
+    from distrib import ShmError
+    from distrib.shm import _client, _segment
+
+    shm.set_sharing_strategy("file_system")
+    shm.zeros(1_000_000)  # starts the daemon
+    print(_client._current().spawned[0], flush=True)
+    _segment.secrets.token_hex = lambda n: "ab" * n  # the next name is known...
+    taken = os.path.join(sys.argv[1], f"distrib_{os.getpid()}_" + "ab" * 12)
+    with open(taken, "w") as f:  # ...and already somebody else's
+        f.write("not ours")
+    try:
+        shm.zeros(1_000_000)
+    except ShmError as exc:
+        print("refused:", exc, flush=True)
+    """
+)
+
+
+def test_a_name_already_taken_is_refused_and_left_alone(tmp_path):
+    env = dict(os.environ, DISTRIB_SHM_DIR=str(tmp_path))
+    job = subprocess.run(
+        [sys.executable, "-c", _NAME_TAKEN, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+    assert job.returncode == 0, job.stderr
+    daemon_pid, refused = job.stdout.splitlines()
+    assert (
+        refused.startswith("refused: cannot create shared-memory file") and "File exists" in refused
+    )
+    _wait_until(lambda: not psutil.pid_exists(int(daemon_pid)), 30, "the cleanup daemon to exit")
+    (left,) = os.listdir(tmp_path)  # our own segment is gone, the other file stays
+    assert (tmp_path / left).read_text() == "not ours"
+
+
 # -- kill -9 of everything: the cleanup daemon unlinks -------------------------
 _KILLED_JOB = textwrap.dedent(
     """

@@ -116,6 +116,11 @@ class Daemon:
             waiting = [[s, n] for s, n in msg[1] if not self._consume(cid, s, n)]
             return ["unrefs", waiting] if waiting else None
         seg_id = msg[1]
+        if op == "forget":
+            seg = self.segs.get(seg_id)
+            if seg is not None and seg.holders == {cid} and seg.tickets == 0 and seg.fd is None:
+                del self.segs[seg_id]  # never created: leave the path alone
+            return None
         if op == "release":
             seg = self.segs.get(seg_id)
             if seg is not None:

@@ -7,6 +7,9 @@ starts a daemon lazily; a process that received a handle reuses that daemon.
 
 Messages (msgpack lists, one per packet):
   ["track", seg_id, path]                 creator of a named segment is a holder
+                                          (sent before the file is created)
+  ["forget", seg_id]                      the tracked file could not be created:
+                                          drop it without unlinking the path
   ["refs", [[seg_id, kind, size, path, n, has_fd], ...]] (+fds)
                                           handles were pickled: n more tickets each;
                                           an fd rides along the first time this
@@ -40,7 +43,17 @@ from .._config import config
 from .._errors import ShmError, ShmFdLimitError
 from . import _limits
 
-__all__ = ["batch", "daemon_address", "flush", "ref", "release", "take", "track", "unref"]
+__all__ = [
+    "batch",
+    "daemon_address",
+    "flush",
+    "forget",
+    "ref",
+    "release",
+    "take",
+    "track",
+    "unref",
+]
 
 _DEFAULT_TIMEOUT = 60.0
 # How long a daemon keeps tickets alive once no process is connected: a
@@ -250,6 +263,18 @@ def track(seg_id: str, path: str) -> str:
         _send(st, address, ["track", seg_id, path])
         st.holding.add((address, seg_id))
     return address
+
+
+def forget(seg_id: str) -> None:
+    """Withdraw a ``track`` whose file was never created (its name may be another's)."""
+    st = _current()
+    with st.lock:
+        for key in [k for k in st.holding if k[1] == seg_id]:
+            st.holding.discard(key)
+            try:
+                _send(st, key[0], ["forget", seg_id])
+            except ShmError:
+                pass  # daemon gone: it tracks nothing any more
 
 
 class _Batch:

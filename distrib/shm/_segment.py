@@ -151,20 +151,23 @@ def create_segment(
     directory = config().shm_dir or _DEFAULT_DIR
     _limits.check_named_space(size, directory)
     path = os.path.join(directory, f"distrib_{os.getpid()}_{seg_id}")
+    # Name the file to the daemon before it exists: a kill -9 at any point after
+    # the open below then leaves nothing behind (the daemon unlinks the path once
+    # this process is gone, and ignores a path that was never created).
+    daemon = _client.track(seg_id, path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
+        _client.forget(seg_id)  # the name was not made here: the daemon must not unlink it
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             raise _fd_limit_error("creating a shared-memory segment") from exc
         raise ShmError(f"cannot create shared-memory file {path}: {exc}", op="shm.alloc") from exc
-    # Tell the daemon before anything can fail or we can be killed: from here on
-    # it unlinks the file once this process is gone.
     try:
-        daemon = _client.track(seg_id, path)
         _reserve(fd, size, data)
     except BaseException as exc:
         os.close(fd)
         _unlink_quietly(path)
+        _client.release(seg_id)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
             raise _limits.named_oom(size, directory) from exc
         raise
@@ -172,6 +175,7 @@ def create_segment(
         seg = Segment(seg_id, kind, size, fd, path)  # closes fd if it cannot map
     except BaseException:
         _unlink_quietly(path)  # nothing maps it: the name must not outlive this call
+        _client.release(seg_id)
         raise
     seg.daemon = daemon
     return seg
