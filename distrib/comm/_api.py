@@ -14,6 +14,7 @@ from typing import Any
 from .._config import config
 from .._errors import DistUsageError
 from ..store import PrefixStore, Store, to_seconds
+from ..store._leave import leave
 from ..store._rendezvous import rendezvous
 from ._call import resolve_group
 from ._group import NON_GROUP_MEMBER, ProcessGroup
@@ -273,6 +274,9 @@ def destroy_process_group(group: Any = None) -> None:
         sub.close()
     world.group.close()
     if world.owns_store:
+        if world.group.failure is None:
+            # A clean end: the rank hosting the store (rank 0) stops serving last.
+            leave(world.store, world.group.size())
         world.store.close()
     _world = None
     ProcessGroup.default = None

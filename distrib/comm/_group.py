@@ -579,6 +579,11 @@ class ProcessGroup:
                 self._running_ticket += 1
                 self._cond.notify_all()
 
+    @property
+    def failure(self) -> DistError | None:
+        """The error that ended this group (its own or another rank's), if any."""
+        return self._failure
+
     def _fail(self, exc: BaseException, seq: int) -> BaseException:
         """Make ``exc``, raised by operation ``seq``, the group's failure (published,
         the engine aborted); return what to raise. Other exceptions pass unchanged."""

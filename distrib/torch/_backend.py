@@ -33,6 +33,7 @@ from .._config import config
 from .._errors import DistUsageError
 from ..comm._group import ProcessGroup as _Group
 from ..store import PrefixStore, TCPStore
+from ..store._leave import leave
 from ..store._rendezvous import _bind_host_towards
 from ._tensors import Staged, as_array, reduce_op
 
@@ -407,17 +408,23 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
 
     # -- lifecycle ---------------------------------------------------------------
     def shutdown(self) -> None:
-        """Finish queued work, close the distrib group and its store."""
+        """Finish queued work, close the distrib group and its store (rank 0, which
+        hosts it, last: ``distrib.store._leave``)."""
+        self._close(linger=True)
+
+    def abort(self) -> None:
+        self._close(linger=False)
+
+    def _close(self, linger: bool) -> None:
         if self._closed:
             return
         self._closed = True
         try:
             self._group.close()
+            if linger and self._group.failure is None:
+                leave(self._store, self._group.size())
         finally:
             self._store.close()
-
-    def abort(self) -> None:
-        self.shutdown()
 
 
 def _settle_when_all_done(
