@@ -8,8 +8,9 @@ of the rollout (as in the A3C paper), computes the gradients by hand (no
 autograd) and applies them to the shared parameters without locks.
 The main process only monitors: it shows a progress bar, stops the workers
 once the 100-episode mean return reaches the env's threshold (475 for
-CartPole-v1) or time runs out, evaluates the final policy greedily and plots
-the learning curve.
+CartPole-v1) or time runs out, evaluates the policy greedily (as it was when
+the threshold was reached, before the workers saw the stop) and plots the
+learning curve.
 
     python examples/a3c_cartpole.py                      # CartPole-v1, 2 workers
     python examples/a3c_cartpole.py --env Acrobot-v1 --max-seconds 60
@@ -288,6 +289,7 @@ def train(
     ]
     returns: list[float] = []
     times: list[float] = []
+    final: dict[str, np.ndarray] | None = None
     bar = _progress_bar(progress, settings, threshold)
     try:
         for p in procs:
@@ -305,6 +307,9 @@ def train(
                 and len(returns) >= 100
                 and mean100 >= threshold
             ):
+                # The policy that solved it, before the updates the workers make
+                # until they see the stop flag (on a busy machine, many).
+                final = {k: np.array(v) for k, v in params.items()}
                 break
             if now - t0 >= max_seconds:
                 break
@@ -336,9 +341,9 @@ def train(
         returns=returns,
         times=times,
     )
-    result.greedy_returns = greedy_evaluate(
-        {k: np.array(v) for k, v in params.items()}, settings.env, 20, settings.seed
-    )
+    if final is None:  # out of time: the parameters as the workers left them
+        final = {k: np.array(v) for k, v in params.items()}
+    result.greedy_returns = greedy_evaluate(final, settings.env, 20, settings.seed)
     return result
 
 

@@ -38,6 +38,9 @@ def _rank(rank: int, port: int, how: str, timeout: float, out) -> None:
     except distrib.DistError as exc:
         error = type(exc).__name__
     if rank == 0:
+        if how == "no_teardown":  # the interpreter's exit is rank 0's teardown
+            out.put(("rank0", error, 0.0))
+            return
         t0 = time.monotonic()
         distrib.destroy_process_group()
         out.put(("rank0", error, time.monotonic() - t0))
@@ -51,7 +54,8 @@ def _rank(rank: int, port: int, how: str, timeout: float, out) -> None:
         reached = "reached"
     except distrib.DistError as exc:
         reached = f"{type(exc).__name__}: {exc}"
-    distrib.destroy_process_group()
+    if how != "no_teardown":
+        distrib.destroy_process_group()
     out.put(("rank1", reached, 0.0))
 
 
@@ -63,7 +67,7 @@ def _run(how: str, timeout: float) -> dict[str, tuple[str, float]]:
     for p in procs:
         p.start()
     try:
-        want = 2 if how == "clean" else 1
+        want = 2 if how in ("clean", "no_teardown") else 1
         got = {}
         while len(got) < want:
             who, what, seconds = out.get(timeout=60)
@@ -84,6 +88,11 @@ def test_rank0_serves_the_store_until_the_others_have_left():
     assert got["rank1"][0] == "reached"  # the store was still there after rank 0's destroy began
     error, waited = got["rank0"]
     assert error == "" and 0.8 < waited < 10.0, got
+
+
+def test_without_destroy_process_group_rank0_still_leaves_last_at_exit():
+    got = _run("no_teardown", 60.0)
+    assert got["rank1"][0] == "reached", got
 
 
 def test_a_rank_that_exits_without_teardown_holds_rank0_up_only_until_the_timeout():

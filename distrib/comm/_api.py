@@ -7,6 +7,7 @@ its own.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,17 @@ def _current() -> _World | None:
     if _world is not None and _world.pid != os.getpid():
         return None  # inherited through fork: not ours
     return _world
+
+
+def _leave_at_exit() -> None:
+    """A default group still up at interpreter exit (no ``destroy_process_group``)
+    leaves as ``destroy_process_group`` would: rank 0, hosting the store, last."""
+    world = _current()
+    if world is not None and world.owns_store and world.group.failure is None:
+        leave(world.store, world.group.size())
+
+
+atexit.register(_leave_at_exit)
 
 
 def _require(op: str) -> _World:
