@@ -30,11 +30,11 @@ def leave(store: Store, world_size: int, wait_s: float = LEAVE_WAIT_S) -> None:
     most ``wait_s``, and never past the store's timeout) until the other
     ``world_size - 1`` ranks have counted themselves out. Never raises a store error:
     a host that is already gone has nothing left to be told."""
-    if world_size <= 1:
-        return
-    wait_s = min(wait_s, getattr(store, "timeout", wait_s))
+    if world_size <= 1 or not isinstance(store, TCPStore):
+        return  # only a store that one of the ranks serves needs an order
+    wait_s = min(wait_s, store.timeout)
     try:
-        if isinstance(store, TCPStore) and store.server is not None:
+        if store.server is not None:
             deadline = time.monotonic() + wait_s
             delay = 0.001
             while store.add(_LEFT_KEY, 0) < world_size - 1 and time.monotonic() < deadline:
@@ -43,5 +43,5 @@ def leave(store: Store, world_size: int, wait_s: float = LEAVE_WAIT_S) -> None:
         else:
             store.set_timeout(wait_s)  # an unreachable host must not hold this rank up
             store.add(_LEFT_KEY, 1)
-    except DistError:
+    except (DistError, OSError):
         pass

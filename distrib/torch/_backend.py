@@ -90,6 +90,8 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         else:
             port = int(store.get(_ADDR_KEY).decode())
             self._store = TCPStore(host, port, timeout=seconds)
+            # named if the connection drops: the group's rank 0 died
+            self._store.hosted_by = f"rank {global_ranks[0] if global_ranks else 0}"
         bind_host = "127.0.0.1" if host.startswith("127.") else _bind_host_towards(host, 0)
         try:
             self._group = _Group(
