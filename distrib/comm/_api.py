@@ -89,15 +89,14 @@ def _current() -> _World | None:
     return _world
 
 
-def _leave_at_exit() -> None:
-    """A default group still up at interpreter exit (no ``destroy_process_group``)
-    leaves as ``destroy_process_group`` would: rank 0, hosting the store, last."""
-    world = _current()
+def _leave(world: _World | None) -> None:
+    """After a clean run, leave the job's own store in order: rank 0, hosting it, last."""
     if world is not None and world.owns_store and world.group.failure is None:
         leave(world.store, world.group.size())
 
 
-atexit.register(_leave_at_exit)
+# A default group still up at interpreter exit (no destroy_process_group) leaves too.
+atexit.register(lambda: _leave(_current()))
 
 
 def _require(op: str) -> _World:
@@ -285,10 +284,8 @@ def destroy_process_group(group: Any = None) -> None:
     for sub in world.subgroups:
         sub.close()
     world.group.close()
+    _leave(world)
     if world.owns_store:
-        if world.group.failure is None:
-            # A clean end: the rank hosting the store (rank 0) stops serving last.
-            leave(world.store, world.group.size())
         world.store.close()
     _world = None
     ProcessGroup.default = None

@@ -267,14 +267,7 @@ def track(seg_id: str, path: str) -> str:
 
 def forget(seg_id: str) -> None:
     """Withdraw a ``track`` whose file was never created (its name may be another's)."""
-    st = _current()
-    with st.lock:
-        for key in [k for k in st.holding if k[1] == seg_id]:
-            st.holding.discard(key)
-            try:
-                _send(st, key[0], ["forget", seg_id])
-            except ShmError:
-                pass  # daemon gone: it tracks nothing any more
+    _let_go(seg_id, "forget")
 
 
 class _Batch:
@@ -443,13 +436,16 @@ def _flush_locked(st: _State) -> None:
 
 def release(seg_id: str) -> None:
     """Tell every daemon holding ``seg_id`` for us that this process let go."""
+    _let_go(seg_id, "release")
+
+
+def _let_go(seg_id: str, op: str) -> None:
+    """Send ``[op, seg_id]`` to every daemon holding ``seg_id`` for this process."""
     st = _current()
-    if st.pid != os.getpid():
-        return
     with st.lock:
         for key in [k for k in st.holding if k[1] == seg_id]:
             st.holding.discard(key)
             try:
-                _send(st, key[0], ["release", seg_id])
+                _send(st, key[0], [op, seg_id])
             except ShmError:
-                pass  # daemon gone: nothing left to release
+                pass  # daemon gone: it holds nothing for us any more
