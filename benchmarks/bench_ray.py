@@ -38,7 +38,9 @@ import json, sys
 import distrib
 from distrib.bench._worker import time_op
 distrib.init_process_group()
-res = time_op("all_reduce", [int(s) for s in sys.argv[1].split(",")], "float32")
+sizes = [int(s) for s in sys.argv[1].split(",")]
+time_op("all_reduce", sizes, "float32")  # warm-up pass, untimed (as under Ray)
+res = time_op("all_reduce", sizes, "float32")
 if distrib.get_rank() == 0:
     with open(sys.argv[2], "w") as f:
         json.dump(res, f)
@@ -87,6 +89,9 @@ def _allreduce_rank(sizes: list[int]) -> Any:
 
     distrib.init_process_group()
     try:
+        # A warm-up pass first, on both sides: the first second after start-up also
+        # carries the launcher's own work (Ray registers and reports new workers).
+        time_op("all_reduce", sizes, "float32")
         return time_op("all_reduce", sizes, "float32")
     finally:
         distrib.destroy_process_group()

@@ -5,6 +5,8 @@ its own process group, stdout/stderr pipes, an error file for the traceback), so
 the driver learns the exact exit code or signal, every output line, and can stop
 the rank and everything it started. The actor itself only relays: ``poll``
 returns new output and, at the end, the exit record and the return value.
+Calls run on a few threads (``max_concurrency``), so ``stop`` and ``shutdown``
+act at once while a ``poll`` is waiting for news.
 
 This class becomes a Ray actor in ``_job`` (``ray.remote(RankHost)``); it is
 imported by Ray workers, so it imports Ray only inside methods.
