@@ -12,9 +12,12 @@ overhead over the single-rank run (1 - t1/tN).
     flock /tmp/distrib-bench.lock python benchmarks/bench_ddp.py
     python benchmarks/bench_ddp.py --ranks 1 2 4 8 16 --steps 20
 
-torch DDP runs twice in the same run: over gloo, and over distrib's torch
-backend (``import distrib.torch``; ``init_process_group("distrib")``), same
-model, data and settings. torch comes from this interpreter when it has it,
+torch DDP runs three times in the same run: over gloo, over distrib's torch
+backend (``import distrib.torch``; ``init_process_group("distrib")``), and
+with a no-op communication hook (``register_comm_hook``: buckets are filled
+and copied back as usual, but nothing is all-reduced), same model, data and
+settings. The last is the ceiling of any backend: DDP's step with the
+all-reduce free. torch comes from this interpreter when it has it,
 else from ``--peer-python`` ($DISTRIB_PEER_PYTHON by default; the
 "distrib" backend then needs this checkout on that interpreter's path, which
 the benchmark sets); without torch the torch columns are skipped.
@@ -38,6 +41,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 LAYERS = [1024, 2048, 2048, 2048, 10]
 # One thread per rank for every BLAS/OpenMP runtime either side may load.
+# torch DDP columns: over gloo, over distrib's backend, and with no all-reduce at all.
+TORCH_BACKENDS = ("gloo", "distrib", "nocomm")
 THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
@@ -122,7 +127,7 @@ torch.set_num_threads(1)
 layers, steps, warmup, batch, cap, backend = json.loads(sys.argv[1])
 if backend == "distrib":
     import distrib.torch  # registers the "distrib" backend
-dist.init_process_group(backend)
+dist.init_process_group("gloo" if backend == "nocomm" else backend)
 rank = dist.get_rank()
 torch.manual_seed(rank)
 mods = []
@@ -131,6 +136,12 @@ for i, (a, b) in enumerate(zip(layers[:-1], layers[1:])):
     if i < len(layers) - 2:
         mods.append(torch.nn.ReLU())
 model = DDP(torch.nn.Sequential(*mods), bucket_cap_mb=cap)
+if backend == "nocomm":
+    def skip(state, bucket):  # the bucket's gradients stay as they are
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+    model.register_comm_hook(None, skip)
 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 x = torch.randn(batch, layers[0])
 y = torch.randint(0, layers[-1], (batch,))
@@ -149,7 +160,7 @@ el = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
 dist.all_reduce(el)
 if rank == 0:
     print(json.dumps({"step_s": el.item() / dist.get_world_size() / steps}), flush=True)
-if backend == "gloo":
+if backend != "distrib":
     # torch 2.13's gloo sometimes aborts in its teardown ("terminate called without
     # an active exception") after the run is over: leave without it.
     dist.barrier()
@@ -281,18 +292,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{'ovh %':>6}"
     )
     if torch_ok:
-        for name in ("gloo", "distrib"):
+        for name in TORCH_BACKENDS:
             head += f" | {'torch/' + name + ' samp/s':>20} {'eff':>5} {'step ms':>8} {'ovh %':>6}"
     print(head)
     print("-" * len(head), flush=True)
     base_ours = 0.0
-    base_torch = {"gloo": 0.0, "distrib": 0.0}
+    base_torch = dict.fromkeys(TORCH_BACKENDS, 0.0)
     torch_sps: dict[tuple[str, int], float] = {}
     for n in sorted(ranks):
         # Alternate the three and keep each one's fastest run: on a shared machine
         # the minimum is the least disturbed measurement of the same work.
         ours_runs: list[dict] = []
-        torch_runs: dict[str, list[dict]] = {"gloo": [], "distrib": []}
+        torch_runs: dict[str, list[dict]] = {name: [] for name in TORCH_BACKENDS}
         for _ in range(args.repeat):
             ours_runs.append(run_distrib(n, args))
             if torch_ok:
@@ -320,11 +331,19 @@ def main(argv: list[str] | None = None) -> int:
     if torch_ok:
         for n in sorted(ranks):
             ratio = torch_sps["distrib", n] / torch_sps["gloo", n]
-            print(f"# torch DDP at {n} ranks: over distrib / over gloo = {ratio:.2f}x samples/s")
+            ceiling = torch_sps["nocomm", n] / torch_sps["gloo", n]
+            print(
+                f"# torch DDP at {n} ranks: over distrib / over gloo = {ratio:.2f}x samples/s "
+                f"(no all-reduce at all / over gloo = {ceiling:.2f}x)"
+            )
     print(
         "# eff = samples/s at N / (N x samples/s at 1); wait % = time blocked in "
         "synchronize(); ovh % = 1 - t1/tN"
     )
+    if torch_ok:
+        print(
+            "# torch/nocomm = torch DDP with a no-op communication hook: every cost but the all-reduce"
+        )
     return 0
 
 
