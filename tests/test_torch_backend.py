@@ -180,6 +180,27 @@ def _every_collective(rank, world, gloo):
     dist.broadcast(a, 0)
     dist.broadcast(b, 0, group=gloo)
     check("broadcast bfloat16", a, b)
+    # a tensor that requires grad (a parameter), and complex tensors (summed; moved as pairs)
+    a, b = _pair(lambda: _inputs(rank, n, torch.float32, 42).requires_grad_())
+    dist.all_reduce(a)
+    dist.all_reduce(b, group=gloo)
+    check("all_reduce requires_grad", a.detach(), b.detach())
+    a, b = _pair(
+        lambda: torch.complex(
+            _inputs(rank, n, torch.float32, 43), _inputs(rank, n, torch.float32, 44)
+        )
+    )
+    dist.all_reduce(a)
+    dist.all_reduce(b, group=gloo)
+    check("all_reduce complex64", torch.view_as_real(a), torch.view_as_real(b))
+    a, b = _pair(
+        lambda: torch.complex(
+            _inputs(rank, n, torch.float32, 45), _inputs(rank, n, torch.float32, 46)
+        )
+    )
+    dist.broadcast(a, 0)
+    dist.broadcast(b, 0, group=gloo)
+    check("broadcast complex64", torch.view_as_real(a), torch.view_as_real(b))
     # point to point and objects (built on the collectives above)
     if world > 1:
         nxt, prv = (rank + 1) % world, (rank - 1) % world

@@ -133,10 +133,15 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         if not getattr(opts, "asyncOp", True):
             # Issue every part before waiting on any: a send completes once its receiver
             # accepted it, so each rank's receives must be queued behind its sends.
-            pending = [work for work in (call(False) for call in calls) if work is not None]
-            for work in pending:  # point-to-point parts of a composite call
+            pending = []
+            for call in calls:
+                work = call(False)
+                if work is not None:  # point-to-point parts of a composite call
+                    pending.append(work)
+            for work in pending:
                 work.wait()
-            staged.finish()
+            if staged.copy_back:
+                staged.finish()
             fut.set_result(outputs)
             return _create_work_from_future(fut)
         works = [work for work in (call(True) for call in calls) if work is not None]
