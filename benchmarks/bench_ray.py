@@ -155,7 +155,9 @@ def _allreduce_distrib_run(n: int, sizes: list[int], tmp: str) -> list[tuple[int
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", type=int, default=4, help="workers / ranks (default 4)")
-    p.add_argument("--repeat", type=int, default=9, help="all-reduce runs per side, interleaved (default 9)")
+    p.add_argument(
+        "--repeat", type=int, default=9, help="all-reduce runs per side, interleaved (default 9)"
+    )
     p.add_argument("--startup-repeat", type=int, default=5, help="start-up runs (default 5)")
     p.add_argument("--sizes", default="64K,1M,16M,64M", help="all-reduce sizes in bytes")
     p.add_argument("--cpus", type=int, default=None, help="Ray logical CPUs (default nproc+1)")
