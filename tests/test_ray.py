@@ -260,6 +260,28 @@ def test_a_rank_that_raises_stops_the_job_with_one_report(clean, capsys):
     assert "[1]: ValueError: boom on rank 1" in capsys.readouterr().err
 
 
+def _rank_1_raises_the_others_sleep(stamp: str) -> None:
+    if os.environ["RANK"] == "1":
+        with open(stamp, "w") as f:
+            f.write(repr(time.time()))
+        raise ValueError("boom on rank 1")
+    time.sleep(300)  # outside any collective: only the driver's stop ends it
+
+
+def test_stop_reaches_a_rank_while_its_actor_waits_in_a_poll(clean, monkeypatch, tmp_path):
+    # An idle poll blocks in its actor for this long; the driver's stop must not
+    # queue behind it (it did before actors took concurrent calls: ~25 s here,
+    # SIGKILL escalation and all, instead of ~1 s).
+    monkeypatch.setattr(distrib.ray._job, "_IDLE_POLL_S", 150.0)
+    stamp = str(tmp_path / "failed_at")
+    with pytest.raises(distrib.DistError) as info:
+        distrib.ray.run(_rank_1_raises_the_others_sleep, num_workers=3, args=(stamp,), timeout=170)
+    with open(stamp) as f:
+        assert time.time() - float(f.read()) < 10
+    assert info.value.rank == 1
+    assert "ValueError: boom on rank 1" in str(info.value)
+
+
 def test_an_actor_killed_mid_collective_is_named_within_the_timeout(clean):
     t0 = time.monotonic()
     with pytest.raises(distrib.DistError) as info:
