@@ -140,8 +140,7 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
                     pending.append(work)
             for work in pending:
                 work.wait()
-            if staged.copy_back:
-                staged.finish()
+            staged.finish()
             fut.set_result(outputs)
             return _create_work_from_future(fut)
         works = [work for work in (call(True) for call in calls) if work is not None]

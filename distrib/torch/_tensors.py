@@ -119,45 +119,50 @@ class Staged:
 
 def as_array(t: Any, arg: str, where: str, staged: Staged, arithmetic: bool) -> np.ndarray:
     """A numpy view of CPU tensor ``t`` (a staged float32 copy for bfloat16 reductions)."""
-    if type(t) is torch.Tensor and not t.requires_grad:
-        # The common case, on every call: torch's own .numpy() checks device and
-        # dtype and raises for the rest (CUDA, bfloat16, conjugate views...),
-        # which the general path below then handles or explains.
-        try:
-            arr = t.numpy()
-        except (TypeError, RuntimeError):
-            pass
-        else:
-            if arr.dtype.kind == "c" and not arithmetic:
-                return torch.view_as_real(t).numpy()
-            if arr.nbytes >= _HUGE_MIN:
-                _huge_pages.note(t.data_ptr(), arr.nbytes)
-            return arr
-    return _as_array(t, arg, where, staged, arithmetic)
-
-
-def _as_array(t: Any, arg: str, where: str, staged: Staged, arithmetic: bool) -> np.ndarray:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{where}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise DistUsageError(
-            f"{where}: {arg} is on {t.device}; the 'distrib' torch backend runs CPU tensors "
-            "only. For CUDA tensors use a 'nccl' process group (dist.new_group(backend='nccl')"
-            "), or distrib's own collectives on cupy arrays (distrib.all_reduce)",
-            op=where,
-        )
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        if not arithmetic:
-            return t.view(torch.int16).numpy()
-        copy = t.float()
-
-        def back(t: torch.Tensor = t, copy: torch.Tensor = copy) -> None:
-            t.copy_(copy)
-
-        staged.copy_back.append(back)
-        return copy.numpy()
-    _huge_pages.note(t.data_ptr(), t.numel() * t.element_size())
-    if t.is_complex() and not arithmetic:
+    arr = _plain_view(t)
+    if arr is None:  # not a plain CPU tensor: say why, or detach / stage it
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise DistUsageError(
+                f"{where}: {arg} is on {t.device}; the 'distrib' torch backend runs CPU "
+                "tensors only. For CUDA tensors use a 'nccl' process group (dist.new_group("
+                "backend='nccl')), or distrib's own collectives on cupy arrays "
+                "(distrib.all_reduce)",
+                op=where,
+            )
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            return _bfloat16(t, staged, arithmetic)
+        arr = t.numpy()
+    _huge_pages.note(t.data_ptr(), arr.nbytes)
+    if arr.dtype.kind == "c" and not arithmetic:
         return torch.view_as_real(t).numpy()
-    return t.numpy()
+    return arr
+
+
+def _plain_view(t: Any) -> np.ndarray | None:
+    """``t.numpy()`` for the common case, a plain CPU tensor without grad, else None.
+
+    torch's own ``.numpy()`` checks device and dtype, so this costs one call; what it
+    refuses (CUDA, bfloat16, conjugate views...) goes the long way in ``as_array``.
+    """
+    if type(t) is not torch.Tensor or t.requires_grad:
+        return None
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError):
+        return None
+
+
+def _bfloat16(t: torch.Tensor, staged: Staged, arithmetic: bool) -> np.ndarray:
+    """bfloat16, which numpy lacks: raw 16-bit words to move, a float32 copy to reduce."""
+    if not arithmetic:
+        return t.view(torch.int16).numpy()
+    copy = t.float()
+
+    def back(t: torch.Tensor = t, copy: torch.Tensor = copy) -> None:
+        t.copy_(copy)
+
+    staged.copy_back.append(back)
+    return copy.numpy()
