@@ -1,17 +1,14 @@
 """distrib on Ray: start-up time, and all-reduce through Ray-placed ranks vs distrib-run.
 
-1. All-reduce bus bandwidth (nccl-tests' busbw) of N ranks placed by Ray on one
-   node (STRICT_PACK) beside the same N ranks under ``distrib-run --nproc N``,
-   runs interleaved (which side goes first alternates), best of ``--repeat`` per
-   size; each run makes an untimed pass over the sizes before the timed one, on
-   both sides, and first waits (at most 60 s) until the machine's CPUs are under
-   15% busy. It runs before Ray Train has run anything: Ray Train leaves actors
-   running after ``fit()``.
-2. Start-up: wall time of ``distrib.ray.run`` of a trivial N-worker function
+1. Start-up: wall time of ``distrib.ray.run`` of a trivial N-worker function
    (each rank joins the process group, passes a barrier and returns its rank)
    from the call to its results, beside Ray Train's ``TorchTrainer`` with N
    workers running an empty training function (its workers join a torch gloo
    group) on the same Ray instance. Median and best of ``--startup-repeat`` runs.
+2. All-reduce bus bandwidth (nccl-tests' busbw) of N ranks placed by Ray on one
+   node (STRICT_PACK) beside the same N ranks under ``distrib-run --nproc N``,
+   runs interleaved, best of ``--repeat`` per size; each run makes an untimed
+   pass over the sizes before the timed one, on both sides.
 
 A private single-node Ray instance on 127.0.0.1 is started (``--cpus`` logical CPUs).
 
@@ -132,29 +129,6 @@ def _startup_torchtrainer(n: int, storage: str, i: int) -> float:
     return time.perf_counter() - t0
 
 
-def _cpu_busy(interval: float) -> float:
-    """Fraction of the machine's CPU time spent busy over ``interval`` seconds (/proc/stat)."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
-
-    total0, idle0 = sample()
-    time.sleep(interval)
-    total1, idle1 = sample()
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def _settle(limit_s: float = 60.0, busy: float = 0.15) -> None:
-    """Wait until the machine is quiet (under ``busy`` of its CPU time in use over
-    half a second), at most ``limit_s``: the previous run's processes may still be
-    exiting, Ray registering or reaping workers."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline and _cpu_busy(0.5) >= busy:
-        pass
-
-
 def _allreduce_ray(n: int, sizes: list[int]) -> list[tuple[int, float]]:
     import distrib.ray
 
@@ -205,39 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(_machine())
         n = args.nproc
-        # ---- all-reduce, first: Ray Train leaves actors running after fit() (its
-        # controller, a dataset manager, an autoscaling coordinator; each wakes ~160
-        # times a second), at the niceness of Ray's workers, so of Ray-placed ranks,
-        # not of distrib-run's. Each run waits for a quiet machine (_settle).
-        best: dict[str, dict[int, float]] = {"ray": {}, "run": {}}
-        with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
-            sides = {
-                "ray": lambda: _allreduce_ray(n, sizes),
-                "run": lambda: _allreduce_distrib_run(n, sizes, tmp),
-            }
-            for i in range(args.repeat):
-                for name in ("ray", "run") if i % 2 == 0 else ("run", "ray"):  # alternate
-                    _settle()
-                    for size, sec in sides[name]():
-                        best[name][size] = min(best[name].get(size, float("inf")), sec)
-        factor = 2.0 * (n - 1) / n
-        print(
-            f"\nall_reduce float32, {n} ranks on one node, best of {args.repeat} interleaved runs"
-        )
-        print(
-            "| size | distrib-run us | busbw GB/s | distrib.ray us | busbw GB/s | ray/run busbw |"
-        )
-        print("|---|---|---|---|---|---|")
-        worst = float("inf")
-        for size in sizes:
-            tr, ty = best["run"][size], best["ray"][size]
-            bw_r, bw_y = size / tr * factor / 1e9, size / ty * factor / 1e9
-            worst = min(worst, bw_y / bw_r)
-            print(
-                f"| {_fmt_size(size)} | {tr * 1e6:.1f} | {bw_r:.3f} | {ty * 1e6:.1f} | "
-                f"{bw_y:.3f} | {bw_y / bw_r:.2f} |"
-            )
-        print(f"lowest ray/run busbw ratio: {worst:.2f} (target >= 0.90)")
         # ---- start-up
         ours = [_startup_distrib(n) for _ in range(args.startup_repeat)]
         theirs: list[float] = []
@@ -266,6 +207,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"TorchTrainer / distrib.ray.run (median): {ratio:.2f}x (target >= 1)")
         else:
             print(f"TorchTrainer not measured: {why or '--no-torchtrainer'}")
+        # ---- all-reduce
+        best: dict[str, dict[int, float]] = {"ray": {}, "run": {}}
+        with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
+            for _ in range(args.repeat):
+                for name, res in (
+                    ("ray", _allreduce_ray(n, sizes)),
+                    ("run", _allreduce_distrib_run(n, sizes, tmp)),
+                ):
+                    for size, sec in res:
+                        best[name][size] = min(best[name].get(size, float("inf")), sec)
+        factor = 2.0 * (n - 1) / n
+        print(
+            f"\nall_reduce float32, {n} ranks on one node, best of {args.repeat} interleaved runs"
+        )
+        print(
+            "| size | distrib-run us | busbw GB/s | distrib.ray us | busbw GB/s | ray/run busbw |"
+        )
+        print("|---|---|---|---|---|---|")
+        worst = float("inf")
+        for size in sizes:
+            tr, ty = best["run"][size], best["ray"][size]
+            bw_r, bw_y = size / tr * factor / 1e9, size / ty * factor / 1e9
+            worst = min(worst, bw_y / bw_r)
+            print(
+                f"| {_fmt_size(size)} | {tr * 1e6:.1f} | {bw_r:.3f} | {ty * 1e6:.1f} | "
+                f"{bw_y:.3f} | {bw_y / bw_r:.2f} |"
+            )
+        print(f"lowest ray/run busbw ratio: {worst:.2f} (target >= 0.90)")
     finally:
         ray.shutdown()
     return 0
