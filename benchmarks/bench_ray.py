@@ -5,14 +5,18 @@
    from the call to its results, beside Ray Train's ``TorchTrainer`` with N
    workers running an empty training function (its workers join a torch gloo
    group) on the same Ray instance. Median and best of ``--startup-repeat`` runs.
-2. All-reduce bus bandwidth (nccl-tests' busbw) of N ranks placed by Ray on one
-   node (STRICT_PACK) beside the same N ranks under ``distrib-run --nproc N``,
+2. All-reduce bus bandwidth (nccl-tests' busbw) of M ranks placed by Ray on one
+   node (STRICT_PACK) beside the same M ranks under ``distrib-run --nproc M``,
    runs interleaved, best of ``--repeat`` per size; each run makes an untimed
-   pass over the sizes before the timed one, on both sides.
+   pass over the sizes before the timed one, on both sides. M is one rank per
+   usable core, at most N (``--allreduce-nproc``): with more ranks than cores,
+   every wait in a collective is a sleep and a wake-up, and what is measured
+   is how the OS scheduler treats Ray's own processes, not distrib's transport.
 
 A private single-node Ray instance on 127.0.0.1 is started (``--cpus`` logical CPUs).
 
-    python benchmarks/bench_ray.py [--nproc 4] [--repeat 9] [--sizes 64K,1M,16M,64M]
+    python benchmarks/bench_ray.py [--nproc 4] [--allreduce-nproc M] [--repeat 9]
+        [--sizes 64K,1M,16M,64M]
 """
 
 from __future__ import annotations
@@ -154,7 +158,13 @@ def _allreduce_distrib_run(n: int, sizes: list[int], tmp: str) -> list[tuple[int
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--nproc", type=int, default=4, help="workers / ranks (default 4)")
+    p.add_argument("--nproc", type=int, default=4, help="start-up workers (default 4)")
+    p.add_argument(
+        "--allreduce-nproc",
+        type=int,
+        default=None,
+        help="all-reduce ranks (default: one per usable core, at most --nproc)",
+    )
     p.add_argument(
         "--repeat", type=int, default=9, help="all-reduce runs per side, interleaved (default 9)"
     )
@@ -163,14 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, default=None, help="Ray logical CPUs (default nproc+1)")
     p.add_argument("--no-torchtrainer", action="store_true", help="skip Ray Train's start-up")
     args = p.parse_args(argv)
-    if args.nproc < 1 or args.repeat < 1 or args.startup_repeat < 1:
+    if args.allreduce_nproc is None:
+        args.allreduce_nproc = max(2, min(args.nproc, machine().usable_cores))
+    if min(args.nproc, args.repeat, args.startup_repeat) < 1:
         p.error("--nproc, --repeat and --startup-repeat must be >= 1")
+    if args.allreduce_nproc < 2:
+        p.error("--allreduce-nproc must be >= 2 (an all-reduce of one rank moves nothing)")
     sizes = [_parse_size(s) for s in args.sizes.split(",") if s.strip()]
     import ray
 
     ray.init(
         address="local",  # a new private instance, never someone else's
-        num_cpus=args.cpus or args.nproc + 1,
+        num_cpus=args.cpus or max(args.nproc, args.allreduce_nproc) + 1,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         log_to_driver=False,
@@ -208,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"TorchTrainer not measured: {why or '--no-torchtrainer'}")
         # ---- all-reduce
+        n = args.allreduce_nproc
         best: dict[str, dict[int, float]] = {"ray": {}, "run": {}}
         with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
             for _ in range(args.repeat):

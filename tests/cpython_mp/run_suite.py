@@ -78,7 +78,8 @@ def _thread_pool_terminate_fix() -> None:
     """
     if sys.version_info >= (3, 13):
         return
-    from test import _test_multiprocessing as suite, support
+    from test import _test_multiprocessing as suite
+    from test import support
 
     def test_terminate(self):
         seconds = 1 if self.TYPE == "threads" else support.LONG_TIMEOUT
