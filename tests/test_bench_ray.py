@@ -1,0 +1,66 @@
+"""benchmarks/bench_ray.py runs end to end on a private Ray instance: the start-up row
+for --nproc workers and the all-reduce table at one rank per usable core."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from distrib._machine import machine
+
+pytest.importorskip("ray", reason="CI installs ray (pip install '.[ray]')")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "bench_ray.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=REPO,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_bench_ray_reports_start_up_and_all_reduce_at_one_rank_per_core():
+    common = ["--repeat", "1", "--startup-repeat", "1", "--no-torchtrainer"]
+    out = _run("--nproc", "3", "--sizes", "64K,1M", *common)
+    assert re.search(r"start-up to results, 3 workers", out), out
+    assert re.search(r"\| distrib\.ray\.run .* \| [\d.]+ \| [\d.]+ \| 1 \|", out), out
+    ranks = max(2, min(3, machine().usable_cores))
+    assert f"all_reduce float32, {ranks} ranks on one node" in out, out
+    rows = re.findall(
+        r"^\| (64K|1M) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M
+    )
+    assert [r[0] for r in rows] == ["64K", "1M"], out
+    for row in rows:
+        assert all(float(x) > 0 for x in row[1:]), row
+    assert re.search(r"lowest ray/run busbw ratio: [\d.]+", out), out
+
+
+def test_bench_ray_rejects_an_all_reduce_of_one_rank():
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "benchmarks", "bench_ray.py"),
+            "--allreduce-nproc",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "--allreduce-nproc must be >= 2" in out.stderr
