@@ -170,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--startup-repeat", type=int, default=5, help="start-up runs (default 5)")
     p.add_argument("--sizes", default="64K,1M,16M,64M", help="all-reduce sizes in bytes")
-    p.add_argument("--cpus", type=int, default=None, help="Ray logical CPUs (default nproc+1)")
+    p.add_argument(
+        "--cpus",
+        type=int,
+        default=None,
+        help="Ray logical CPUs (default: the larger rank count + 1)",
+    )
     p.add_argument("--no-torchtrainer", action="store_true", help="skip Ray Train's start-up")
     args = p.parse_args(argv)
     if args.allreduce_nproc is None:
