@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
+from _util import run_benchmark
 
 pytestmark = pytest.mark.timeout(300)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_bench_ddp_reports_every_column_and_the_ceiling():
-    script = os.path.join(REPO, "benchmarks", "bench_ddp.py")
     args = ["--ranks", "1", "2", "--steps", "1", "--warmup", "1", "--repeat", "1"]
-    out = subprocess.run(
-        [sys.executable, script, *args],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=REPO,
-        check=False,
-    )
+    out = run_benchmark("bench_ddp.py", *args, timeout=280)
     assert out.returncode == 0, out.stderr[-3000:]
     head = next(line for line in out.stdout.splitlines() if line.startswith("ranks"))
     for column in ("distrib samp/s", "torch/gloo", "torch/distrib", "torch/nocomm"):

@@ -4,12 +4,10 @@ for --nproc workers and the all-reduce table at one rank per usable core."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 
 import pytest
+from _util import run_benchmark
 
 from distrib._machine import machine
 
@@ -20,18 +18,9 @@ if importlib.util.find_spec("ray") is None:
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _run(*args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "bench_ray.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=REPO,
-        check=False,
-    )
+    out = run_benchmark("bench_ray.py", *args, timeout=280)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -53,18 +42,6 @@ def test_bench_ray_reports_start_up_and_all_reduce_at_one_rank_per_core():
 
 
 def test_bench_ray_rejects_an_all_reduce_of_one_rank():
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "benchmarks", "bench_ray.py"),
-            "--allreduce-nproc",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
-    )
+    out = run_benchmark("bench_ray.py", "--allreduce-nproc", "1", timeout=60)
     assert out.returncode == 2
     assert "--allreduce-nproc must be >= 2" in out.stderr

@@ -185,19 +185,16 @@ def _every_collective(rank, world, gloo):
     dist.all_reduce(a)
     dist.all_reduce(b, group=gloo)
     check("all_reduce requires_grad", a.detach(), b.detach())
-    a, b = _pair(
-        lambda: torch.complex(
-            _inputs(rank, n, torch.float32, 43), _inputs(rank, n, torch.float32, 44)
-        )
-    )
+
+    def complex64(seed):  # real and imaginary parts from two seeds
+        f32 = torch.float32
+        return torch.complex(_inputs(rank, n, f32, seed), _inputs(rank, n, f32, seed + 1))
+
+    a, b = _pair(lambda: complex64(43))
     dist.all_reduce(a)
     dist.all_reduce(b, group=gloo)
     check("all_reduce complex64", torch.view_as_real(a), torch.view_as_real(b))
-    a, b = _pair(
-        lambda: torch.complex(
-            _inputs(rank, n, torch.float32, 45), _inputs(rank, n, torch.float32, 46)
-        )
-    )
+    a, b = _pair(lambda: complex64(45))
     dist.broadcast(a, 0)
     dist.broadcast(b, 0, group=gloo)
     check("broadcast complex64", torch.view_as_real(a), torch.view_as_real(b))

@@ -51,16 +51,14 @@ _OPS = {
 def reduce_op(op: Any, where: str) -> ReduceOp:
     """distrib's ReduceOp for torch's (``opts.reduceOp``)."""
     kind = getattr(op, "op", op)  # a ReduceOp wraps its RedOpType
-    try:
-        if not isinstance(kind, _RED):
-            raise TypeError(kind)
-        return _OPS[kind.value]
-    except (KeyError, TypeError):
+    ours = _OPS.get(kind.value) if isinstance(kind, _RED) else None
+    if ours is None:
         raise DistUsageError(
             f"{where}: the 'distrib' backend has no reduction {op!r} (PREMUL_SUM and custom "
             "ops are NCCL-only); use SUM and scale the tensor yourself",
             op=where,
-        ) from None
+        )
+    return ours
 
 
 _HUGE_MIN = 4 << 20  # numpy's own threshold for asking for huge pages
