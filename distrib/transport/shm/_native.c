@@ -19,7 +19,15 @@
  * A signal stores the counter with a full fence, then wakes the futex of my
  * counter if some rank's "waiting on" word names me (the lost-wake-up
  * protocol of _sync.py).
+ *
+ * Stage 0's copy into my slot uses ordinary or streaming (non-temporal)
+ * stores as `stream` says (_stores.py chooses): the slot's lines were read by
+ * the peers one step earlier, and where the cores that read and write them do
+ * not share a cache, ordinary stores must first take every line back from
+ * the peer (read-for-ownership), which was measured to make that copy 4-5x
+ * slower; streaming stores write whole lines to memory without taking them.
  */
+#include <emmintrin.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <stdint.h>
@@ -39,6 +47,31 @@ static int spin_until(volatile uint32_t *w, uint32_t target, long spin) {
         cpu_relax();
     }
     return reached(__atomic_load_n(w, __ATOMIC_ACQUIRE), target);
+}
+
+/* memcpy with streaming stores (SSE2, present on every x86-64): 16-byte
+ * aligned stores to the destination, unaligned loads, then a store fence, so
+ * the data is in memory before the caller signals that it is there. */
+void distrib_stream_copy(char *dst, const char *src, size_t n) {
+    size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    if (head > n) head = n;
+    memcpy(dst, src, head);
+    dst += head;
+    src += head;
+    n -= head;
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+    }
+    memcpy(dst + i, src + i, n - i);
+    _mm_sfence();
 }
 
 #define OP_SUM(a, b) ((a) + (b))
@@ -114,15 +147,22 @@ static int spin_all(uint32_t *const *ctrs, int n, int rank, uint32_t target, lon
 int distrib_shm_step(int stage, int dtype, int op, char *own, char *const *slots, long count,
                      long itemsize, int n, int rank, uint32_t *const *ctrs,
                      uint32_t *const *waiting, uint32_t k, long spin, int verify,
-                     int *blocked) {
+                     int stream, int *blocked) {
     char *src[64];
     if (dtype < 0 || dtype > 1 || op < 0 || op > 1 || n < 2 || n > 64) return -1;
     switch (stage) {
     case 0:
         for (int q = 0; q < n; q++) {
             long lo = bound(count, n, q), hi = bound(count, n, q + 1);
-            if (q != rank && hi > lo)
-                memcpy(slots[rank] + lo * itemsize, own + lo * itemsize, (size_t)(hi - lo) * itemsize);
+            if (q != rank && hi > lo) {
+                char *dst = slots[rank] + lo * itemsize;
+                const char *src = own + lo * itemsize;
+                size_t len = (size_t)(hi - lo) * itemsize;
+                if (stream)
+                    distrib_stream_copy(dst, src, len);
+                else
+                    memcpy(dst, src, len);
+            }
         }
         signal_all(ctrs[rank], waiting, n, rank, 2 * k + 1);
         /* fall through */
@@ -132,8 +172,20 @@ int distrib_shm_step(int stage, int dtype, int op, char *own, char *const *slots
         /* fall through */
     case 2:
         for (int q = 0; q < n; q++) src[q] = q == rank ? own : slots[q];
-        REDUCERS[dtype][op](src, n, slots[rank], own, bound(count, n, rank),
-                            bound(count, n, rank + 1));
+        if (!stream) {
+            REDUCERS[dtype][op](src, n, slots[rank], own, bound(count, n, rank),
+                                bound(count, n, rank + 1));
+        } else {
+            /* the result into my buffer, then a block at a time (still in L1)
+             * into my slot with streaming stores */
+            long hi = bound(count, n, rank + 1);
+            for (long lo = bound(count, n, rank); lo < hi; lo += BLOCK) {
+                long end = hi - lo < BLOCK ? hi : lo + BLOCK;
+                REDUCERS[dtype][op](src, n, own, own, lo, end);
+                distrib_stream_copy(slots[rank] + lo * itemsize, own + lo * itemsize,
+                                    (size_t)(end - lo) * itemsize);
+            }
+        }
         signal_all(ctrs[rank], waiting, n, rank, 2 * k + 2);
         /* fall through */
     case 3:

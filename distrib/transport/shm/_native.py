@@ -23,14 +23,14 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..._config import config
 from ..._reduce_op import ReduceOp
 
-__all__ = ["NativeStep", "load"]
+__all__ = ["NativeLib", "NativeStep", "load"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native.c")
 _DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
@@ -95,16 +95,23 @@ def _prune(cache: str, keep: str) -> None:
             pass  # gone already, or not ours to remove
 
 
-def load() -> Any:
-    """The compiled step function, or ``None`` (no compiler, disabled, not x86-64)."""
+class NativeLib(NamedTuple):
+    """The compiled library's two functions (ctypes, the GIL released during calls)."""
+
+    step: Any  # distrib_shm_step: one pipeline step of the all-reduce
+    stream_copy: Any  # distrib_stream_copy: memcpy with streaming stores
+
+
+def load() -> NativeLib | None:
+    """The compiled library, or ``None`` (no compiler, disabled, not x86-64)."""
     if config().native is False or platform.machine() not in ("x86_64", "AMD64"):
         return None
     if not sys.platform.startswith("linux"):
         return None
     with _lock:
-        if "fn" in _loaded:
-            return _loaded["fn"]
-        fn = None
+        if "lib" in _loaded:
+            return _loaded["lib"]
+        native = None
         try:
             with open(_SOURCE, "rb") as f:
                 source = f.read()
@@ -129,19 +136,24 @@ def load() -> Any:
                     ctypes.c_uint32,  # k
                     ctypes.c_long,  # spin
                     ctypes.c_int,  # verify
+                    ctypes.c_int,  # stream: stage 0 copies with streaming stores
                     ctypes.c_void_p,  # out: the rank blocked on
                 ]
+                copy = lib.distrib_stream_copy
+                copy.restype = None
+                copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+                native = NativeLib(fn, copy)
         except OSError:
-            fn = None
-        _loaded["fn"] = fn
-        return fn
+            native = None
+        _loaded["lib"] = native
+        return native
 
 
 class NativeStep:
     """The C step bound to one engine's segment: pointer tables built once.
 
     Args:
-        fn: what ``load`` returned.
+        lib: what ``load`` returned.
         slot_addrs: ``slot_addrs[h][q]``: address of half ``h`` of rank ``q``'s slot.
         counters, waiting: addresses of every rank's counter and "waiting on" word.
         rank: this local rank.
@@ -151,7 +163,7 @@ class NativeStep:
 
     def __init__(
         self,
-        fn: Any,
+        lib: NativeLib,
         slot_addrs: list[list[int]],
         counters: list[int],
         waiting: list[int],
@@ -159,7 +171,8 @@ class NativeStep:
     ) -> None:
         n = len(counters)
         ptrs = ctypes.c_void_p * n
-        self._fn = fn
+        self._fn = lib.step
+        self._copy = lib.stream_copy
         self._n = n
         self._rank = rank
         self._slots = [ptrs(*half) for half in slot_addrs]
@@ -167,6 +180,10 @@ class NativeStep:
         self._waiting = ptrs(*waiting)
         self._blocked = ctypes.c_int(-1)
         self._blocked_ref = ctypes.byref(self._blocked)
+
+    def stream_copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """``np.copyto(dst, src)`` for contiguous arrays of one dtype, with streaming stores."""
+        self._copy(dst.ctypes.data, src.ctypes.data, dst.nbytes)
 
     @staticmethod
     def supports(dtype: np.dtype, op: ReduceOp) -> bool:
@@ -187,6 +204,7 @@ class NativeStep:
         k: int,
         spin: int,
         verify: bool,
+        stream: bool = False,
     ) -> int:
         return int(
             self._fn(
@@ -204,6 +222,7 @@ class NativeStep:
                 k & 0xFFFFFFFF,
                 spin,
                 1 if verify else 0,
+                1 if stream else 0,
                 self._blocked_ref,
             )
         )

@@ -56,6 +56,7 @@ from .._calldesc import MAX_PACKED, CallDesc, CallsDiffer, digest, pack, unpack
 from ._cma import RemoteReader
 from ._native import NativeStep
 from ._segment import SharedSegment
+from ._stores import StoreChooser
 from ._sync import PhaseSync
 
 __all__ = ["Chunk", "SlotPipeline"]
@@ -89,8 +90,8 @@ class SlotPipeline:
         check_failed: raises a failure another rank published (polled while waiting).
         cma: every local rank can ``process_vm_readv`` every other (probed at
             rendezvous): large all-reduces then read peers' buffers directly.
-        native: the C step's function from ``_native.load`` (agreed by every
-            local rank at rendezvous), or ``None`` for the numpy path.
+        native: the C library from ``_native.load`` (agreed by every local
+            rank at rendezvous), or ``None`` for the numpy path.
     """
 
     def __init__(
@@ -124,6 +125,10 @@ class SlotPipeline:
             ]
             counters, waiting = self.sync.native_words()
             self.native = NativeStep(native, halves, counters, waiting, rank)
+        # How the two staged all-reduce paths write into the segment (_stores):
+        # each path's messages differ in size, so each measures its own costs.
+        self.native_stores = StoreChooser(streaming=self.native is not None)
+        self.pull_stores = StoreChooser(streaming=self.native is not None)
         self.part_bytes = segment.layout.part_bytes
         self.half_bytes = segment.layout.half_bytes
         self.step = 0  # pipeline steps completed; identical on every local rank

@@ -21,7 +21,8 @@ inputs, and compares the others' before writing any byte of the caller's buffer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from ..._reduce_op import ReduceOp, ufunc
 from .._calldesc import CallDesc, digest
 from ._native import NativeStep
 from ._pipeline import SlotPipeline
+from ._stores import StoreKind
 
 __all__ = ["reduce", "reduce_scatter"]
 
@@ -109,12 +111,16 @@ def _reduce_part(pipe: SlotPipeline, nbytes: int, dtype: np.dtype) -> int:
 
 
 def _staged_steps(
-    pipe: SlotPipeline, buf: Any, deadline: float, name: str
+    pipe: SlotPipeline, buf: Any, deadline: float, name: str, stores: StoreKind
 ) -> Iterator[tuple[int, Any, list[int], int, int]]:
     """Begin each pipeline step of a reduction of ``buf``; yield ``(start, chunk,
     bounds, k, half)`` once this rank has copied into its slot half the parts
-    of the chunk the other ranks reduce. The caller finishes step ``k``."""
+    of the chunk the other ranks reduce, with ``stores`` (``_stores``). The
+    caller finishes step ``k``."""
     n, r = pipe.size, pipe.rank
+    copy: Callable[[Any, Any], None] = np.copyto
+    if stores is StoreKind.STREAMING and pipe.native is not None:
+        copy = pipe.native.stream_copy
     slots = pipe.seg.slots(buf.dtype)
     step = n * _reduce_part(pipe, buf.nbytes, buf.dtype)
     for start in range(0, buf.size, step):
@@ -125,7 +131,7 @@ def _staged_steps(
         mine = slots[r][h]
         for q in range(n):
             if q != r and b[q] < b[q + 1]:
-                np.copyto(mine[b[q] : b[q + 1]], chunk[b[q] : b[q + 1]])
+                copy(mine[b[q] : b[q + 1]], chunk[b[q] : b[q + 1]])
         yield start, chunk, b, k, h
 
 
@@ -213,7 +219,7 @@ def _staged(
     """Any size, dtype and op: every part goes through the segment twice (in, out)."""
     n, r, sync = pipe.size, pipe.rank, pipe.sync
     # 1. (in _staged_steps) publish the parts the other ranks reduce
-    for start, chunk, b, k, h in _staged_steps(pipe, buf, deadline, name):
+    for start, chunk, b, k, h in _staged_steps(pipe, buf, deadline, name, StoreKind.CACHED):
         mine = slots[r][h]
         check = call if start == 0 else None  # agree on the call in the first step
         if check is not None:
@@ -255,6 +261,9 @@ def _native_all_reduce(
     """
     native, sync = pipe.native, pipe.sync
     assert native is not None
+    stores = pipe.native_stores.pick()
+    stream = stores is StoreKind.STREAMING
+    began = time.perf_counter()
     dtype = buf.dtype
     spin = _NATIVE_SPIN if sync.spins else 0
     step = pipe.size * _reduce_part(pipe, buf.nbytes, dtype)
@@ -266,7 +275,7 @@ def _native_all_reduce(
         verify = check is not None
         if check is not None:
             sync.publish_digest(h, digest(check))
-        stage = native(0, dtype, op, chunk, h, k, spin, verify)
+        stage = native(0, dtype, op, chunk, h, k, spin, verify, stream)
         while stage != 0:
             if stage == 1:  # a peer has not published its inputs yet
                 sync.wait(native.blocked_on, 2 * k + 1, name, deadline)
@@ -282,8 +291,9 @@ def _native_all_reduce(
                     op=name,
                 )
             # resuming at 1 re-checks every peer, then stops again at 2 to verify
-            stage = native(stage, dtype, op, chunk, h, k, spin, verify and stage == 1)
+            stage = native(stage, dtype, op, chunk, h, k, spin, verify and stage == 1, stream)
         pipe.step = k + 1
+    pipe.native_stores.record(stores, time.perf_counter() - began, buf.nbytes)
 
 
 def _pull_all_reduce(
@@ -315,7 +325,9 @@ def _pull_all_reduce(
     itemsize = buf.itemsize
     base = buf.ctypes.data
     addrs: list[int] = []
-    for start, chunk, b, k, h in _staged_steps(pipe, buf, deadline, name):
+    stores = pipe.pull_stores.pick()
+    began = time.perf_counter()
+    for start, chunk, b, k, h in _staged_steps(pipe, buf, deadline, name, stores):
         mine = slots[r][h]
         first = start == 0
         check = call if first else None  # agree on the call in the first step
@@ -351,6 +363,7 @@ def _pull_all_reduce(
         pipe.step = k + 1
     # nobody's buffer may change (return to its caller) while others still read it
     pipe.barrier(deadline, name)
+    pipe.pull_stores.record(stores, time.perf_counter() - began, buf.nbytes)
 
 
 # -- reduce-scatter --------------------------------------------------------------

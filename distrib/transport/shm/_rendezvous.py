@@ -111,16 +111,16 @@ def connect_local(
             if q != local_rank
         )
         # The C step is used only if every local rank loaded it.
-        native_fn = load_native() if use_native else None
+        native_lib = load_native() if use_native else None
         # second round: everyone has probed (token_buf may go) and agrees on CMA
         # and on the native step
-        flags = (b"1" if cma_ok else b"0") + (b"1" if native_fn is not None else b"0")
+        flags = (b"1" if cma_ok else b"0") + (b"1" if native_lib is not None else b"0")
         store.set(f"{prefix}/cma/{local_rank}", flags)
         cma_keys = [f"{prefix}/cma/{q}" for q in range(local_size)]
         _wait_keys(store, cma_keys, deadline, op)
         agreed = [store.get(k) for k in cma_keys]
         cma = all(a[:1] == b"1" for a in agreed)
-        native = native_fn if all(a[1:2] == b"1" for a in agreed) else None
+        native = native_lib if all(a[1:2] == b"1" for a in agreed) else None
     except BaseException:
         if seg is not None:
             seg.close()
