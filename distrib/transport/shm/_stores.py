@@ -16,7 +16,8 @@ were fast, because the peers then read the data from memory, not cache.
 Neither is best all the time and nothing in the machine's description says
 which state it is in, so ``StoreChooser`` measures: it times whole calls
 with each kind of store and uses the cheaper, trying the other one in calls
-2, 4, 8 and then every ``explore_every`` calls. Every local rank makes the same sequence of calls
+2, 4, 8, ... and then every ``explore_every`` calls (64: trying the slower
+kind costs about 1% of the time then). Every local rank makes the same sequence of calls
 on a path, so all of them try the other kind in the same call and each
 measures the group under one setting. Only how this rank writes changes,
 never what it writes, so ranks that choose differently still agree on
@@ -44,11 +45,13 @@ class StoreChooser:
         streaming: whether streaming stores are available (the C library is
             loaded); without them every call is ``CACHED``.
         explore_every: every this many calls use the other kind, to notice
-            when the machine's state changes (and, before that, calls 2, 4,
-            8, ... so that short jobs learn both costs early).
-        weight: weight of the newest call in each kind's running cost
-            (an exponentially weighted average of seconds per byte, each call
-            counted as at most twice that average).
+            when it has become the cheaper one (and, before that, calls 2,
+            4, 8, ... so that short jobs learn both costs early). The kind in
+            use is measured in every call, so when *it* slows down the
+            choice changes at once.
+        weight: weight of the newest call in the running cost of the kind in
+            use (an exponentially weighted average of seconds per byte, each
+            call counted as at most twice that average).
         margin: switch only when the other kind is cheaper by this fraction,
             so two near-equal costs do not make the choice flip every call.
         fixed: always this kind, measuring nothing (benchmarks and tests
@@ -58,7 +61,7 @@ class StoreChooser:
     def __init__(
         self,
         streaming: bool,
-        explore_every: int = 16,
+        explore_every: int = 64,
         weight: float = 0.25,
         margin: float = 0.05,
         fixed: StoreKind | None = None,
@@ -98,9 +101,12 @@ class StoreChooser:
         if old is None:
             self.cost[kind] = per_byte
         else:
-            # one call counts at most as if it took twice the average: a call
-            # disturbed by something else on the machine must not flip the choice
-            self.cost[kind] = old + self.weight * min(per_byte - old, old)
+            # A call of the kind in use is one sample of many; a tried call is the
+            # only fresh news of the other kind and replaces its cost. Either counts
+            # at most as twice the old cost: a call disturbed by something else
+            # on the machine must not flip the choice.
+            weight = self.weight if kind is self.current else 1.0
+            self.cost[kind] = old + weight * min(per_byte - old, old)
         mine, theirs = self.cost[self.current], self.cost[_other(self.current)]
         if mine is not None and theirs is not None and theirs < mine * (1.0 - self.margin):
             self.current = _other(self.current)

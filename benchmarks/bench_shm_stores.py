@@ -1,0 +1,150 @@
+"""Large shared-memory all-reduces with ordinary stores, streaming stores, and distrib's choice.
+
+Run ``python benchmarks/bench_shm_stores.py`` (wrap it in
+``flock /tmp/distrib-bench.lock``). Ranks are forked processes driving the
+engine directly, as in ``tune_shm_thresholds.py``. For each size (float32
+sum, buffers rotating through at least twice the last-level cache) the
+rounds interleave three settings of how a rank writes the data its peers
+read next (distrib/transport/shm/_stores.py):
+
+- ``cached``: ordinary stores;
+- ``streaming``: non-temporal stores, straight to memory;
+- ``chosen``: what the engine does by default: it measures both and uses
+  the cheaper (one chooser per size, kept across the rounds as in a job).
+
+Which of the first two wins depends on the machine's state, not its model:
+on a virtual machine whose virtual CPUs the host moves between core
+complexes, ordinary stores into lines a peer just read can become several
+times slower for minutes at a time. The ``cached/streaming`` columns show
+the ratio's lowest and highest round, so a run that saw both states says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from distrib._machine import machine
+from distrib._reduce_op import ReduceOp
+from distrib.store._file_store import FileStore
+from distrib.transport.shm._rendezvous import connect_local
+from distrib.transport.shm._stores import StoreChooser, StoreKind
+
+_SETTINGS = ("cached", "streaming", "chosen")
+
+
+def _choosers(name: str) -> tuple[StoreChooser, StoreChooser]:
+    """(C step, single-copy path) choosers for one setting."""
+    fixed = {"cached": StoreKind.CACHED, "streaming": StoreKind.STREAMING}.get(name)
+    return StoreChooser(True, fixed=fixed), StoreChooser(True, fixed=fixed)
+
+
+def _rank(path: str, rank: int, n: int, sizes: list[int], rounds: int, out: Any) -> None:
+    eng = connect_local(FileStore(path), "stores", rank, n, list(range(n)), time.monotonic() + 60)
+    assert eng is not None
+    pipe = eng._pipe
+    res: dict[str, dict[int, list[float]]] = {s: {size: [] for size in sizes} for s in _SETTINGS}
+    if pipe.native is None:
+        out.put((rank, None))
+        eng.close()
+        return
+    llc = machine().llc_bytes
+    try:
+        for size in sizes:
+            bufs = [np.ones(size // 4, np.float32) for _ in range(max(2, -(-2 * llc // size)))]
+            choosers = {s: _choosers(s) for s in _SETTINGS}  # "chosen" learns across rounds
+            reps = int(min(50, max(4, 4e8 // size)))
+            i = 0
+            for name in _SETTINGS:  # warm-up: the pages of every buffer touched
+                pipe.native_stores, pipe.pull_stores = choosers[name]
+                for buf in bufs:
+                    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60, call=None)
+            # Rounds interleave the settings, so a change of the machine's state
+            # falls on all three columns alike.
+            for _ in range(rounds):
+                for name in _SETTINGS:
+                    for buf in bufs:
+                        buf.fill(1.0)  # sums double per call: start every round from 1
+                    pipe.native_stores, pipe.pull_stores = choosers[name]
+                    eng.barrier(0, time.monotonic() + 60, call=None)
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        buf = bufs[i % len(bufs)]
+                        i += 1
+                        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60, call=None)
+                    res[name][size].append((time.perf_counter() - t0) / reps)
+    finally:
+        eng.close()
+    out.put((rank, res))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print all-reduce time per setting and size (median round, max over ranks)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--sizes", default="1M,4M,16M,32M,64M")
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds; medians shown")
+    args = ap.parse_args(argv)
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = [
+        int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s) for s in args.sizes.split(",")
+    ]
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(target=_rank, args=(path, r, args.nproc, sizes, args.rounds, out))
+            for r in range(args.nproc)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            results = dict(out.get(timeout=900) for _ in procs)
+        finally:
+            for p in procs:
+                p.join(30)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    if any(r is None for r in results.values()):
+        print("streaming stores need the C library (a C compiler); nothing to compare")
+        return
+    n = args.nproc
+    factor = 2 * (n - 1) / n
+    print(
+        f"# all_reduce float32 sum, {n} ranks, engine only, median of {args.rounds} "
+        "interleaved rounds; time us (busbw GB/s)"
+    )
+    print(f"# machine: {machine().describe()}")
+    head = f"{'size':>6} |" + "".join(f"{s:>20}" for s in _SETTINGS)
+    head += f" | {'cached/streaming min..max':>26}"
+    print(head)
+    print("-" * len(head))
+    for size in sizes:
+        # a round's time is its slowest rank's
+        rounds = {
+            s: [max(ts) for ts in zip(*(results[r][s][size] for r in results), strict=True)]
+            for s in _SETTINGS
+        }
+        line = f"{size >> 20:>5}M |"
+        for s in _SETTINGS:
+            t = float(np.median(rounds[s]))
+            line += f"{t * 1e6:>11.0f} ({size / t * factor / 1e9:>5.2f})"
+        ratios = [c / s for c, s in zip(rounds["cached"], rounds["streaming"], strict=True)]
+        line += f" | {min(ratios):>12.2f} .. {max(ratios):<11.2f}"
+        print(line)
+    print(
+        "# cached/streaming > 1: ordinary stores were the slower kind in that round; "
+        "'chosen' should follow the faster"
+    )
+
+
+if __name__ == "__main__":
+    main()
