@@ -20,12 +20,14 @@
  * counter if some rank's "waiting on" word names me (the lost-wake-up
  * protocol of _sync.py).
  *
- * Stage 0's copy into my slot uses ordinary or streaming (non-temporal)
- * stores as `stream` says (_stores.py chooses): the slot's lines were read by
- * the peers one step earlier, and where the cores that read and write them do
- * not share a cache, ordinary stores must first take every line back from
- * the peer (read-for-ownership), which was measured to make that copy 4-5x
- * slower; streaming stores write whole lines to memory without taking them.
+ * Everything written into my slot (stage 0's inputs, stage 2's result) is
+ * written with ordinary or streaming (non-temporal) stores as `stream` says
+ * (_stores.py chooses by measurement): the slot's lines were read by the
+ * peers a step earlier, and where the cores that read and write them do not
+ * share a cache, ordinary stores must first take every line back from the
+ * peer (read-for-ownership), which was measured to make the copy into the
+ * slot about 5x slower; streaming stores write whole lines to memory without
+ * taking them.
  */
 #include <emmintrin.h>
 #include <limits.h>
