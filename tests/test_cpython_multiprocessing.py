@@ -89,6 +89,11 @@ def test_cpython_multiprocessing_suite(tmp_path):
         assert len(outcomes) >= result["loaded"] > 300, (method, result["loaded"])
         counts[method] = {o: list(outcomes.values()).count(o) for o in set(outcomes.values())}
     print("distrib under CPython's suite:", json.dumps(counts, sort_keys=True))
+    for method, result in full.items():  # where the time went, when CI gets slow
+        slowest = sorted(result["seconds"].items(), key=lambda kv: -kv[1])[:5]
+        print(
+            f"slowest under {method}:", ", ".join(f"{t.split('.', 1)[1]} {s} s" for t, s in slowest)
+        )
     # Reproduce each failure alone with distrib, then ask the standard module.
     again = _run_all(tmp_path, alias=True, ids={m: _failed(r) for m, r in full.items()})
     stuck = {m: _failed(r) for m, r in again.items()}

@@ -19,6 +19,16 @@ class _Recorder(unittest.TextTestResult):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.outcomes: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}  # how long each test took (CI time goes here)
+        self._began = 0.0
+
+    def startTest(self, test):
+        self._began = time.monotonic()
+        super().startTest(test)
+
+    def stopTest(self, test):
+        super().stopTest(test)
+        self.seconds[test.id()] = round(time.monotonic() - self._began, 2)
 
     def addSuccess(self, test):
         super().addSuccess(test)
@@ -107,6 +117,7 @@ def main() -> int:
                 "multiprocessing": which,
                 "loaded": suite.countTestCases(),
                 "outcomes": result.outcomes,
+                "seconds": result.seconds,
             },
             f,
         )
