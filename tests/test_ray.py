@@ -19,9 +19,8 @@ import numpy as np
 import psutil
 import pytest
 
-# Ray must stay on loopback: without this it resolves 127.0.0.1 to the machine's address.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-
+# Ray stays on loopback: tests/conftest.py sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# before any test module can import Ray (it reads the variable at import).
 ray = pytest.importorskip("ray", reason="CI installs ray (pip install '.[ray]')")
 cloudpickle = pytest.importorskip("cloudpickle")
 
