@@ -22,18 +22,15 @@ the ratio's lowest and highest round, so a run that saw both states says so.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
+from _engine_ranks import run_engine_ranks
 
 from distrib._machine import machine
 from distrib._reduce_op import ReduceOp
-from distrib.store._file_store import FileStore
-from distrib.transport.shm._rendezvous import connect_local
+from distrib.bench._cli import parse_size
 from distrib.transport.shm._stores import StoreChooser, StoreKind
 
 _SETTINGS = ("cached", "streaming", "chosen")
@@ -45,43 +42,36 @@ def _choosers(name: str) -> tuple[StoreChooser, StoreChooser]:
     return StoreChooser(True, fixed=fixed), StoreChooser(True, fixed=fixed)
 
 
-def _rank(path: str, rank: int, n: int, sizes: list[int], rounds: int, out: Any) -> None:
-    eng = connect_local(FileStore(path), "stores", rank, n, list(range(n)), time.monotonic() + 60)
-    assert eng is not None
+def _rank(eng: Any, rank: int, sizes: list[int], rounds: int) -> dict | None:
     pipe = eng._pipe
     res: dict[str, dict[int, list[float]]] = {s: {size: [] for size in sizes} for s in _SETTINGS}
     if pipe.native is None:
-        out.put((rank, None))
-        eng.close()
-        return
+        return None
     llc = machine().llc_bytes
-    try:
-        for size in sizes:
-            bufs = [np.ones(size // 4, np.float32) for _ in range(max(2, -(-2 * llc // size)))]
-            choosers = {s: _choosers(s) for s in _SETTINGS}  # "chosen" learns across rounds
-            reps = int(min(50, max(4, 4e8 // size)))
-            i = 0
-            for name in _SETTINGS:  # warm-up: the pages of every buffer touched
-                pipe.native_stores, pipe.pull_stores = choosers[name]
+    for size in sizes:
+        bufs = [np.ones(size // 4, np.float32) for _ in range(max(2, -(-2 * llc // size)))]
+        choosers = {s: _choosers(s) for s in _SETTINGS}  # "chosen" learns across rounds
+        reps = int(min(50, max(4, 4e8 // size)))
+        i = 0
+        for name in _SETTINGS:  # warm-up: the pages of every buffer touched
+            pipe.native_stores, pipe.pull_stores = choosers[name]
+            for buf in bufs:
+                eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60, call=None)
+        # Rounds interleave the settings, so a change of the machine's state
+        # falls on all three columns alike.
+        for _ in range(rounds):
+            for name in _SETTINGS:
                 for buf in bufs:
+                    buf.fill(1.0)  # sums double per call: start every round from 1
+                pipe.native_stores, pipe.pull_stores = choosers[name]
+                eng.barrier(0, time.monotonic() + 60, call=None)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    buf = bufs[i % len(bufs)]
+                    i += 1
                     eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60, call=None)
-            # Rounds interleave the settings, so a change of the machine's state
-            # falls on all three columns alike.
-            for _ in range(rounds):
-                for name in _SETTINGS:
-                    for buf in bufs:
-                        buf.fill(1.0)  # sums double per call: start every round from 1
-                    pipe.native_stores, pipe.pull_stores = choosers[name]
-                    eng.barrier(0, time.monotonic() + 60, call=None)
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        buf = bufs[i % len(bufs)]
-                        i += 1
-                        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60, call=None)
-                    res[name][size].append((time.perf_counter() - t0) / reps)
-    finally:
-        eng.close()
-    out.put((rank, res))
+                res[name][size].append((time.perf_counter() - t0) / reps)
+    return res
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,28 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="1M,4M,16M,32M,64M")
     ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds; medians shown")
     args = ap.parse_args(argv)
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    sizes = [
-        int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s) for s in args.sizes.split(",")
-    ]
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "store")
-        procs = [
-            ctx.Process(target=_rank, args=(path, r, args.nproc, sizes, args.rounds, out))
-            for r in range(args.nproc)
-        ]
-        for p in procs:
-            p.start()
-        try:
-            results = dict(out.get(timeout=900) for _ in procs)
-        finally:
-            for p in procs:
-                p.join(30)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    results = run_engine_ranks(_rank, args.nproc, sizes, args.rounds)
     if any(r is None for r in results.values()):
         print("streaming stores need the C library (a C compiler); nothing to compare")
         return

@@ -19,18 +19,15 @@ step below ``_NATIVE_MAX`` (where it was built), then single-copy (from
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
+from _engine_ranks import run_engine_ranks
 
 from distrib._reduce_op import ReduceOp
-from distrib.store._file_store import FileStore
+from distrib.bench._cli import parse_size
 from distrib.transport.shm import _reduce as _shm_reduce
-from distrib.transport.shm._rendezvous import connect_local
 
 _PATHS = {
     # name: (one-shot max, single-copy min, C step allowed)
@@ -41,36 +38,31 @@ _PATHS = {
 }
 
 
-def _rank(path: str, rank: int, n: int, sizes: list[int], rounds: int, out: Any) -> None:
-    eng = connect_local(FileStore(path), "tune", rank, n, list(range(n)), time.monotonic() + 60)
-    assert eng is not None
+def _rank(eng: Any, rank: int, sizes: list[int], rounds: int) -> dict:
     res: dict[str, dict[int, list[float]]] = {name: {s: [] for s in sizes} for name in _PATHS}
     bufs = {size: np.zeros(size // 4, np.float32) for size in sizes}
     native = eng._native  # the C step (when built), shown as its own column
-    try:
-        # Rounds interleave the paths, so a noisy moment hits every column alike.
-        for _ in range(rounds):
-            for size in sizes:
-                buf = bufs[size]
-                reps = int(min(100, max(3, 2e8 // size)))
-                for name, (one_shot, cma_min, use_native) in _PATHS.items():
-                    if name == "single-copy" and eng._reader is None:
-                        continue
-                    if use_native and native is None:
-                        continue
-                    _shm_reduce._ONE_SHOT_MAX, _shm_reduce._CMA_MIN = one_shot, cma_min
-                    _shm_reduce._NATIVE_MAX = 1 << 62
-                    eng._native = native if use_native else None
-                    for _ in range(2):
-                        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60, call=None)
-                    eng.barrier(0, time.monotonic() + 60, call=None)
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60, call=None)
-                    res[name][size].append((time.perf_counter() - t0) / reps)
-    finally:
-        eng.close()
-    out.put((rank, res))
+    # Rounds interleave the paths, so a noisy moment hits every column alike.
+    for _ in range(rounds):
+        for size in sizes:
+            buf = bufs[size]
+            reps = int(min(100, max(3, 2e8 // size)))
+            for name, (one_shot, cma_min, use_native) in _PATHS.items():
+                if name == "single-copy" and eng._reader is None:
+                    continue
+                if use_native and native is None:
+                    continue
+                _shm_reduce._ONE_SHOT_MAX, _shm_reduce._CMA_MIN = one_shot, cma_min
+                _shm_reduce._NATIVE_MAX = 1 << 62
+                eng._native = native if use_native else None
+                for _ in range(2):
+                    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60, call=None)
+                eng.barrier(0, time.monotonic() + 60, call=None)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    eng.all_reduce(buf, ReduceOp.SUM, 0, time.monotonic() + 60, call=None)
+                res[name][size].append((time.perf_counter() - t0) / reps)
+    return res
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,23 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="4K,16K,64K,256K,1M,4M,16M,64M,256M")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians shown")
     args = ap.parse_args(argv)
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    sizes = [
-        int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s) for s in args.sizes.split(",")
-    ]
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "store")
-        procs = [
-            ctx.Process(target=_rank, args=(path, r, args.nproc, sizes, args.rounds, out))
-            for r in range(args.nproc)
-        ]
-        for p in procs:
-            p.start()
-        results = dict(out.get(timeout=600) for _ in procs)
-        for p in procs:
-            p.join(30)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    results = run_engine_ranks(_rank, args.nproc, sizes, args.rounds, timeout=600)
     n = args.nproc
     factor = 2 * (n - 1) / n
     print(
