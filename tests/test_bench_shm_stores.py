@@ -34,3 +34,14 @@ def test_bench_shm_stores_prints_every_setting_for_every_size():
         assert len(times) == 3 and all(t > 0 for t in times), line
         lo, hi = (float(x) for x in re.findall(r"([\d.]+) \.\. ([\d.]+)", line)[0])
         assert 0 < lo <= hi, line
+
+
+def test_bench_shm_stores_watch_prints_a_row_per_sample():
+    out = run_benchmark("bench_shm_stores.py", "--watch", "2", "--every", "0", timeout=170)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if re.match(r"\s+\d+ \|", line)]
+    assert len(rows) == 2, out.stdout
+    for row in rows:
+        state, times = row.split("|")[1:]
+        assert float(state) > 0, row
+        assert len(times.split()) == 3 and all(float(t) > 0 for t in times.split()), row
