@@ -10,6 +10,7 @@ runs is decided by PYTHONPATH (``alias/`` makes it ``distrib.multiprocessing``).
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 import unittest
@@ -104,6 +105,11 @@ def _thread_pool_terminate_fix() -> None:
 
 def main() -> int:
     method, out, *ids = sys.argv[1:]
+    # Started from a shell's background job (``cmd &``), a process begins with
+    # SIGINT ignored, and Python then keeps it ignored; the suite's tests send
+    # SIGINT and expect KeyboardInterrupt (test_wait_result waited 60 s and
+    # failed, under the standard module too). Interrupts raise, as in a terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     module = f"test_multiprocessing_{method}"
     _thread_pool_terminate_fix()
     loader = unittest.TestLoader()
