@@ -49,9 +49,9 @@ def _choosers(name: str) -> tuple[StoreChooser, StoreChooser]:
 
 def _rank(eng: Any, rank: int, sizes: list[int], rounds: int) -> dict | None:
     pipe = eng._pipe
-    res: dict[str, dict[int, list[float]]] = {s: {size: [] for size in sizes} for s in _SETTINGS}
     if pipe.native is None:
         return None
+    res: dict[str, dict[int, list[float]]] = {s: {size: [] for size in sizes} for s in _SETTINGS}
     llc = machine().llc_bytes
     for size in sizes:
         bufs = [np.ones(size // 4, np.float32) for _ in range(max(2, -(-2 * llc // size)))]

@@ -136,7 +136,7 @@ def load() -> NativeLib | None:
                     ctypes.c_uint32,  # k
                     ctypes.c_long,  # spin
                     ctypes.c_int,  # verify
-                    ctypes.c_int,  # stream: stage 0 copies with streaming stores
+                    ctypes.c_int,  # stream: write into the slot with streaming stores
                     ctypes.c_void_p,  # out: the rank blocked on
                 ]
                 copy = lib.distrib_stream_copy

@@ -1,18 +1,19 @@
-"""How large all-reduces write into the segment: ordinary or streaming stores, chosen by measurement.
+"""How large all-reduces write into the segment: ordinary or streaming stores, by measurement.
 
 In every step a rank writes into its slot what its peers read straight after
-(the parts they reduce; in the C step also its part of the result). The next time the rank writes those lines,
-the peers still hold copies of them. Where the two cores share a cache that
-costs nothing; where they do not (most likely: a virtual machine whose
-virtual CPUs the host places on different core complexes, and moves between
-them while a job runs), every ordinary store must first take its line back
-from the peer's cache. Measured on a 2-vCPU cloud VM: the copy into the segment of a
-32 MiB all-reduce took 1.2 ms one second and 6-7 ms the next, for minutes
-at a time, the whole call 4-5 ms and 10-12 ms. Streaming (non-temporal)
-stores write whole lines to memory without taking them first: the call
-stayed at 4-6 ms throughout, but all-reduces of 1-64 MiB took 30-70% longer
-with them whenever ordinary stores were fast, because the peers then read the
-data from memory, not cache (docs/performance.md has the tables).
+(the parts they reduce; in the C step also its part of the result). The next
+time the rank writes those lines, the peers still hold copies of them. Where
+the two cores share a cache that costs nothing; where they do not (most
+likely: a virtual machine whose virtual CPUs the host places on different
+core complexes, and moves between them while a job runs), every ordinary
+store must first take its line back from the peer's cache. Measured on a
+2-vCPU cloud VM: the copy into the segment of a 32 MiB all-reduce took 1.2 ms
+one second and 6-7 ms the next, for minutes at a time, the whole call 4-5 ms
+and 10-12 ms. Streaming (non-temporal) stores write whole lines to memory
+without taking them first: the call stayed at 4-6 ms throughout, but
+all-reduces of 1-64 MiB took 30-70% longer with them whenever ordinary stores
+were fast, because the peers then read the data from memory, not cache
+(docs/performance.md has the tables).
 
 Neither is best all the time and nothing in the machine's description says
 which state it is in, so ``StoreChooser`` measures: it times whole calls
@@ -20,9 +21,9 @@ with each kind of store and uses the cheaper, trying the other one in calls
 2, 4, 8, ... and then every ``explore_every`` calls (64: trying the slower
 kind then costs about 1% of the time). Every local rank makes the same
 sequence of calls on a path, so all of them try the other kind in the same
-call and each measures the group under one setting. Only how this rank writes changes,
-never what it writes, so ranks that choose differently still agree on
-every result, bit for bit.
+call and each measures the group under one setting. Only how this rank
+writes changes, never what it writes, so ranks that choose differently still
+agree on every result, bit for bit.
 """
 
 from __future__ import annotations
