@@ -56,8 +56,8 @@ def check_op_dtype(op: Any, dtype: np.dtype, *, rank: int | None, opname: str) -
     """Validate ``op`` for ``dtype``; return it as a ``ReduceOp``.
 
     Raises:
-        DistUsageError: unknown op, a bitwise op on a non-integer dtype, or
-            MIN/MAX on complex numbers (which have no order).
+        DistUsageError: unknown op, a bitwise op on a non-integer dtype, AVG
+            on bool, or MIN/MAX on complex numbers (which have no order).
     """
     if not isinstance(op, ReduceOp):
         try:
@@ -72,6 +72,13 @@ def check_op_dtype(op: Any, dtype: np.dtype, *, rank: int | None, opname: str) -
     if op in _BITWISE and not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
         raise DistUsageError(
             f"{opname}: {op!r} needs an integer or bool array, got dtype {dtype}",
+            rank=rank,
+            op=opname,
+        )
+    if op is ReduceOp.AVG and dtype == np.bool_:
+        raise DistUsageError(
+            f"{opname}: {op!r} is undefined for bool arrays (a mean of booleans is not a "
+            "bool); reduce an integer or float copy, or use BOR / BAND",
             rank=rank,
             op=opname,
         )

@@ -103,3 +103,47 @@ def test_a_rank_that_exits_without_teardown_holds_rank0_up_only_until_the_timeou
 def test_after_a_failure_rank0_does_not_wait_for_anyone():
     error, waited = _run("dies_mid_run", 30.0)["rank0"]
     assert error == "DistPeerLostError" and waited < 2.0, (error, waited)
+
+
+def _reinit_rank(rank: int, port: int, rounds: int, out) -> None:
+    for key in ("DISTRIB_AUTH_TOKEN", "DISTRIB_STORE_ADDR"):
+        os.environ.pop(key, None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2")  # fmt: skip
+    import distrib
+
+    sums = []
+    try:
+        for i in range(rounds):
+            distrib.init_process_group(timeout=20.0)
+            x = np.full(4, float(rank + i), np.float32)
+            distrib.all_reduce(x)
+            sums.append(float(x[0]))
+            distrib.destroy_process_group()  # and straight into the next round
+        out.put((rank, sums, ""))
+    except distrib.DistError as exc:
+        out.put((rank, sums, f"{type(exc).__name__}: {exc}"))
+
+
+def test_ranks_can_join_a_new_group_at_the_same_address_right_after_destroy():
+    # Each rank leaves and at once rendezvouses again on the same MASTER_PORT: a
+    # rank that returned from destroy_process_group before rank 0's old store
+    # closed would join that store and lose it mid-rendezvous.
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port, rounds = free_port(), 4
+    procs = [ctx.Process(target=_reinit_rank, args=(r, port, rounds, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict((r, (sums, err)) for r, sums, err in (out.get(timeout=60) for _ in procs))
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    want = [float(2 * i + 1) for i in range(rounds)]  # (0 + i) + (1 + i)
+    assert got == {0: (want, ""), 1: (want, "")}, got

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from _ranks import rank_values
 
-from distrib.testing import run_local_ranks
+from distrib.testing import free_port, run_local_ranks
 
 torch = pytest.importorskip("torch")  # CI installs torch 2.13.0 CPU: this runs there
 import torch.distributed as dist  # noqa: E402
@@ -246,6 +246,88 @@ def _errors(rank, world, gloo):
     return msgs
 
 
+def _outcome(fn):
+    try:
+        return f"ok {fn()}"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _failures(rank, world, gloo):
+    """At 2 ranks: how failed, timed-out and invalid calls end; each outcome is a string.
+    A mismatch fails its group for good (as an aborted NCCL communicator): each case
+    that makes one runs in a group of its own."""
+    import datetime
+    import time
+
+    peer = 1 - rank
+    out = {}
+    # a mismatched asynchronous receive: wait() raises on both ends, the Work says so
+    g = dist.new_group([0, 1], backend="distrib")
+    if rank == 0:
+        w = dist.isend(torch.ones(3), 1, group=g)
+    else:
+        w = dist.irecv(torch.zeros(2), 0, group=g)
+    out["irecv_wait"] = _outcome(w.wait)
+    out["irecv_state"] = (w.is_completed(), w.is_success(), type(w.exception()).__name__)
+    # ... and a blocking one raises from send/recv
+    g = dist.new_group([0, 1], backend="distrib")
+    out["recv"] = _outcome(
+        lambda: (
+            dist.send(torch.ones(3), 1, group=g)
+            if rank == 0
+            else dist.recv(torch.zeros(2), 0, group=g)
+        )
+    )
+    # a mismatched async all_reduce: wait() raises; its future fails (torch's C++ too)
+    g = dist.new_group([0, 1], backend="distrib")
+    w = dist.all_reduce(torch.ones(2 + rank), async_op=True, group=g)
+    out["allreduce_wait"] = _outcome(w.wait)
+    out["allreduce_future"] = _outcome(w.get_future().wait)
+    out["chained_future"] = _outcome(w.get_future().then(lambda f: f.value()).wait)
+    # Work.wait's own timeout: a finished call returns True, a pending one raises in time
+    w = dist.all_reduce(torch.ones(2), async_op=True)
+    out["wait_timeout_done"] = _outcome(lambda: w.wait(timeout=datetime.timedelta(seconds=30)))
+    dist.barrier()
+    if rank == 0:
+        pending = dist.irecv(torch.zeros(2), 1, tag=7)
+        t0 = time.monotonic()
+        out["wait_timeout_pending"] = _outcome(
+            lambda: pending.wait(timeout=datetime.timedelta(seconds=0.5))
+        )
+        out["waited_s"] = time.monotonic() - t0
+        dist.barrier(group=gloo)  # then rank 1 sends what it waits for
+        out["pending_later"] = _outcome(lambda: (pending.wait(), pending.result()[0].tolist()))
+    else:
+        dist.barrier(group=gloo)
+        dist.send(torch.full((2,), 5.0), 0, tag=7)
+    # invalid peers, roots and tags name the argument
+    out["bad_dst"] = _outcome(lambda: dist.isend(torch.ones(1), dst=5).wait())
+    out["bad_root"] = _outcome(lambda: dist.broadcast(torch.ones(1), src=5))
+    out["bad_tag"] = _outcome(lambda: dist.isend(torch.ones(1), dst=peer, tag=-1).wait())
+    out["sparse"] = _outcome(
+        lambda: dist.all_reduce(torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,)))
+    )
+    # a lazily negated view reduces as its values (gloo leaves it unchanged)
+    a = (torch.arange(4.0) + rank)._neg_view()
+    dist.all_reduce(a)
+    out["neg_view"] = a.resolve_neg().tolist()
+    # a "distrib" subgroup can be destroyed, and another made after it
+    sub = dist.new_group([0, 1], backend="distrib")
+    t = torch.ones(1)
+    dist.all_reduce(t, group=sub)
+    out["destroy_subgroup"] = _outcome(lambda: dist.destroy_process_group(sub))
+    sub2 = dist.new_group([0, 1], backend="distrib")
+    t = torch.ones(1)
+    dist.all_reduce(t, group=sub2)
+    out["after_destroy"] = t.item()
+    # the group still works after all of the above
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    out["still_works"] = t.item()
+    return out
+
+
 def _ddp(rank, world, gloo):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -293,6 +375,7 @@ def _everything(rank, world, gloo):
         out["huge_pages"] = _huge_pages()
     if world == 2:
         out["errors"] = _errors(rank, world, gloo)
+        out["failures"] = _failures(rank, world, gloo)
     if world in (2, 3):
         out["ddp"] = _ddp(rank, world, gloo)
     return out
@@ -323,6 +406,25 @@ def test_backend_against_gloo(world):
         assert "runs CPU tensors only" in msgs[0] and "nccl" in msgs[0], msgs[0]
         assert "PREMUL_SUM" in msgs[1] or "no reduction" in msgs[1], msgs[1]
         assert "monitored_barrier" in msgs[2] and "gloo" in msgs[2].lower(), msgs[2]
+        for rank, r in enumerate(results):  # failures reach wait(), recv and futures
+            f = r["failures"]
+            for key in ("irecv_wait", "recv", "allreduce_wait"):
+                assert f[key].startswith("DistMismatchError:"), (rank, key, f[key])
+            assert f["irecv_state"] == (True, False, "DistMismatchError"), f
+            for key in ("allreduce_future", "chained_future"):
+                assert f[key].startswith("RuntimeError:") and "DistMismatchError" in f[key], f
+            assert f["wait_timeout_done"] == "ok True", f
+            assert f["bad_dst"].startswith("DistUsageError: send: dst=5"), f
+            assert f["bad_root"].startswith("DistUsageError: broadcast: root=5"), f
+            assert f["bad_tag"].startswith("DistUsageError: send: tag must be"), f
+            assert f["sparse"].startswith("DistUsageError:") and "gloo" in f["sparse"], f
+            assert f["neg_view"] == [-1.0, -3.0, -5.0, -7.0], f
+            assert f["destroy_subgroup"] == "ok None", f
+            assert f["after_destroy"] == 2.0 and f["still_works"] == 2.0, f
+        f = results[0]["failures"]  # Work.wait's own timeout, then the late message
+        assert f["wait_timeout_pending"].startswith("DistTimeoutError:"), f
+        assert 0.4 < f["waited_s"] < 5.0, f
+        assert f["pending_later"] == "ok (True, [5.0, 5.0])", f
     if world in (2, 3):  # torch DDP over "distrib" trains to gloo's parameters
         start, ours0, _ = results[0]["ddp"]
         assert all(not np.allclose(p, q) for p, q in zip(start, ours0, strict=True))  # it trained
@@ -360,3 +462,52 @@ def test_env_init_under_distrib_run(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("result distrib 3 6.0") == 3, proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_destroy_then_init_again_without_a_launcher(tmp_path):
+    # env:// with rank 0 hosting torch's store, as in a hand-written job script: each
+    # rank destroys the group and at once initialises a new one at the same address.
+    script = tmp_path / "again.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import datetime, torch, torch.distributed as dist
+            import distrib.torch
+            for i in range(5):
+                dist.init_process_group("distrib", timeout=datetime.timedelta(seconds=60))
+                t = torch.full((4,), float(dist.get_rank() + i))
+                dist.all_reduce(t)
+                dist.destroy_process_group()
+                print("round", i, t[0].item(), flush=True)
+            """
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT, MASTER_ADDR="127.0.0.1", WORLD_SIZE="2")
+    env["MASTER_PORT"] = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    for r, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, f"rank {r}:\n{out}"
+        assert [ln for ln in out.splitlines() if ln.startswith("round")] == [
+            "round 0 1.0",
+            "round 1 3.0",
+            "round 2 5.0",
+            "round 3 7.0",
+            "round 4 9.0",
+        ], out

@@ -89,14 +89,15 @@ def _current() -> _World | None:
     return _world
 
 
-def _leave(world: _World | None) -> None:
-    """After a clean run, leave the job's own store in order: rank 0, hosting it, last."""
+def _leave(world: _World | None, at_exit: bool = False) -> None:
+    """After a clean run, leave the job's own store in order: rank 0, hosting it, last
+    (and, unless the process is exiting, see it close: it may join a new group next)."""
     if world is not None and world.owns_store and world.group.failure is None:
-        leave(world.store, world.group.size())
+        leave(world.store, world.group.size(), await_close=not at_exit)
 
 
 # A default group still up at interpreter exit (no destroy_process_group) leaves too.
-atexit.register(lambda: _leave(_current()))
+atexit.register(lambda: _leave(_current(), at_exit=True))
 
 
 def _require(op: str) -> _World:

@@ -120,10 +120,14 @@ class StoreServer:
             pass
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
+        # The listener first: a client that sees its connection close (a rank waiting
+        # in ``leave`` for this store to go) must find the port closed, not a new
+        # connection accepted into the backlog of a store about to vanish.
+        self._listener.close()
         for conn in list(self._conns.values()):
             conn.sock.close()
         self._conns.clear()
-        for s in (self._listener, self._wake_r, self._wake_w):
+        for s in (self._wake_r, self._wake_w):
             s.close()
         if self._spare is not None:
             os.close(self._spare)

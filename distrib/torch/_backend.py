@@ -24,9 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as _tdist
-from torch._C._distributed_c10d import (  # type: ignore[attr-defined]
-    _create_work_from_future,
-)
 
 from .. import comm as dcomm
 from .._config import config
@@ -36,6 +33,7 @@ from ..store import PrefixStore, TCPStore
 from ..store._leave import leave
 from ..store._rendezvous import _bind_host_towards
 from ._tensors import Staged, as_array, reduce_op
+from ._work import TorchWork
 
 # torch's stubs do not describe the Python ProcessGroup API this module uses.
 tdist: Any = _tdist
@@ -82,6 +80,7 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         group_name: str = "",
     ) -> None:
         super().__init__(rank, size)
+        self._group_name = group_name
         seconds = _seconds(timeout)
         host = _store_host(store)
         if rank == 0:
@@ -116,6 +115,15 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
     def name(self) -> str:
         return BACKEND_NAME
 
+    # torch keeps a group's name in its C++ backends, which a Python ProcessGroup has
+    # none of: kept here, destroy_process_group(group) finds the group by it.
+    @property
+    def group_name(self) -> str:
+        return self._group_name
+
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = name
+
     def __repr__(self) -> str:
         return f"<DistribProcessGroup rank {self.rank()}/{self.size()}>"
 
@@ -127,37 +135,60 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         calls: Sequence[Callable[..., Any]],
         outputs: list[torch.Tensor],
         staged: Staged,
-    ) -> Any:
+        source_rank: int | None = None,
+    ) -> TorchWork:
         """Run the distrib calls in order; a torch ``Work`` that resolves to ``outputs``."""
-        fut: torch.futures.Future = torch.futures.Future()
+        work = TorchWork(where, self._group.global_rank, outputs, source_rank)
         if not getattr(opts, "asyncOp", True):
             # Issue every part before waiting on any: a send completes once its receiver
             # accepted it, so each rank's receives must be queued behind its sends.
             pending = []
             for call in calls:
-                work = call(False)
-                if work is not None:  # point-to-point parts of a composite call
-                    pending.append(work)
-            for work in pending:
-                work.wait()
+                part = call(False)
+                if part is not None:  # point-to-point parts of a composite call
+                    pending.append(part)
+            for part in pending:
+                part.wait()
             staged.finish()
-            fut.set_result(outputs)
-            return _create_work_from_future(fut)
-        works = [work for work in (call(True) for call in calls) if work is not None]
-        _settle_when_all_done(works, fut, staged, outputs)
-        return _create_work_from_future(fut)
+            work.settle(None)
+            return work
+        parts = [part for part in (call(True) for call in calls) if part is not None]
+        _settle_when_all_done(parts, work, staged)
+        return work
 
     def _arrays(self, ts: list[Any], arg: str, where: str, staged: Staged, arith: bool) -> list:
-        return [as_array(t, f"{arg}[{i}]", where, staged, arith) for i, t in enumerate(ts)]
+        rank = self._group.global_rank
+        return [as_array(t, f"{arg}[{i}]", where, staged, arith, rank) for i, t in enumerate(ts)]
 
-    def _root(self, opts: Any) -> int:
-        return self._group.global_ranks[int(opts.rootRank)]
+    def _root(self, opts: Any, where: str) -> int:
+        return self._peer(opts.rootRank, "root", where)
+
+    def _peer(self, index: Any, arg: str, where: str) -> int:
+        """The global rank of group rank ``index`` (torch passes group ranks), checked."""
+        n = self._group.size()
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+            raise DistUsageError(
+                f"{where}: {arg}={index!r} is not a rank of this group of {n} "
+                f"(expected 0..{n - 1})",
+                rank=self._group.global_rank,
+                op=where,
+            )
+        return self._group.global_ranks[index]
+
+    def _tag(self, tag: Any, where: str) -> int:
+        if isinstance(tag, bool) or not isinstance(tag, int) or tag < 0:
+            raise DistUsageError(
+                f"{where}: tag must be a non-negative int, got {tag!r}",
+                rank=self._group.global_rank,
+                op=where,
+            )
+        return tag
 
     # -- collectives -------------------------------------------------------------
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
         opts = opts or tdist.AllreduceOptions()
         s = Staged()
-        op = reduce_op(opts.reduceOp, "allreduce")
+        op = reduce_op(opts.reduceOp, "allreduce", self._group.global_rank)
         arrs = self._arrays(tensors, "tensors", "allreduce", s, True)
         g = self._group
         calls = [lambda a_, a=a: dcomm.all_reduce(a, op, g, a_) for a in arrs]
@@ -170,16 +201,16 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         opts = opts or tdist.BroadcastOptions()
         s = Staged()
         arrs = self._arrays(tensors, "tensors", "broadcast", s, False)
-        root, g = self._root(opts), self._group
+        root, g = self._root(opts, "broadcast"), self._group
         calls = [lambda a_, a=a: dcomm.broadcast(a, root, g, a_) for a in arrs]
         return self._run("broadcast", opts, calls, tensors, s)
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
         opts = opts or tdist.ReduceOptions()
         s = Staged()
-        op = reduce_op(opts.reduceOp, "reduce")
+        op = reduce_op(opts.reduceOp, "reduce", self._group.global_rank)
         arrs = self._arrays(tensors, "tensors", "reduce", s, True)
-        root, g = self._root(opts), self._group
+        root, g = self._root(opts, "reduce"), self._group
         calls = [lambda a_, a=a: dcomm.reduce(a, root, op, g, a_) for a in arrs]
         return self._run("reduce", opts, calls, tensors, s)
 
@@ -205,7 +236,9 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         g = self._group
         calls = []
         for out_list, t in zip(output_lists, inputs, strict=True):
-            i = as_array(t, "input_tensor_list", "allgather_coalesced", s, False)
+            i = as_array(
+                t, "input_tensor_list", "allgather_coalesced", s, False, self._group.global_rank
+            )
             o = self._arrays(out_list, "output_tensor_lists", "allgather_coalesced", s, False)
             calls.append(lambda a_, o=o, i=i: dcomm.all_gather(o, i, g, a_))
         return self._run("allgather_coalesced", opts, calls, output_lists, s)  # type: ignore[arg-type]
@@ -242,13 +275,13 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
     ) -> Any:
         opts = opts or tdist.GatherOptions()
         s = Staged()
-        i = as_array(inputs[0], "tensor", "gather", s, False)
+        i = as_array(inputs[0], "tensor", "gather", s, False, self._group.global_rank)
         out = (
             self._arrays(output_lists[0], "gather_list", "gather", s, False)
             if output_lists
             else None
         )
-        root, g = self._root(opts), self._group
+        root, g = self._root(opts, "gather"), self._group
         calls = [lambda a_: dcomm.gather(i, out, root, g, a_)]
         return self._run("gather", opts, calls, output_lists, s)  # type: ignore[arg-type]
 
@@ -257,13 +290,13 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
     ) -> Any:
         opts = opts or tdist.ScatterOptions()
         s = Staged()
-        o = as_array(outputs[0], "tensor", "scatter", s, False)
+        o = as_array(outputs[0], "tensor", "scatter", s, False, self._group.global_rank)
         ins = (
             self._arrays(input_lists[0], "scatter_list", "scatter", s, False)
             if input_lists
             else None
         )
-        root, g = self._root(opts), self._group
+        root, g = self._root(opts, "scatter"), self._group
         calls = [lambda a_: dcomm.scatter(o, ins, root, g, a_)]
         return self._run("scatter", opts, calls, outputs, s)
 
@@ -272,11 +305,11 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
     ) -> Any:
         opts = opts or tdist.ReduceScatterOptions()
         s = Staged()
-        op = reduce_op(opts.reduceOp, "reduce_scatter")
+        op = reduce_op(opts.reduceOp, "reduce_scatter", self._group.global_rank)
         g = self._group
         calls = []
         for out, in_list in zip(outputs, input_lists, strict=True):
-            o = as_array(out, "output", "reduce_scatter", s, True)
+            o = as_array(out, "output", "reduce_scatter", s, True, self._group.global_rank)
             i = self._arrays(in_list, "input_list", "reduce_scatter", s, True)
             calls.append(lambda a_, o=o, i=i: dcomm.reduce_scatter(o, i, op, g, a_))
         return self._run("reduce_scatter", opts, calls, outputs, s)
@@ -303,7 +336,7 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
 
     def _scatter_single(self, outputs: list, inputs: list, opts: Any) -> Any:
         s = Staged()
-        op = reduce_op(opts.reduceOp, "reduce_scatter_single")
+        op = reduce_op(opts.reduceOp, "reduce_scatter_single", self._group.global_rank)
         o = self._arrays(outputs, "output", "reduce_scatter_single", s, True)
         i = self._arrays(inputs, "input", "reduce_scatter_single", s, True)
         g = self._group
@@ -335,8 +368,8 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
     ) -> Any:
         opts = opts or tdist.AllToAllOptions()
         s = Staged()
-        o = as_array(output, "output", "all_to_all_single", s, False)
-        i = as_array(input, "input", "all_to_all_single", s, False)
+        o = as_array(output, "output", "all_to_all_single", s, False, self._group.global_rank)
+        i = as_array(input, "input", "all_to_all_single", s, False, self._group.global_rank)
         outs, ins = list(output_split_sizes), list(input_split_sizes)
         if len(set(outs)) > 1 or len(set(ins)) > 1:  # uneven splits: pairwise exchange
             return self._exchange(
@@ -388,20 +421,23 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Any:
         s = Staged()
         arrs = self._arrays(tensors, "tensor", "send", s, False)
-        peer, g = self._group.global_ranks[dst], self._group
+        peer, g = self._peer(dst, "dst", "send"), self._group
+        tag = self._tag(tag, "send")
         calls = [lambda a_, a=a: dcomm.isend(a, peer, g, tag) for a in arrs]
         return self._run("send", None, calls, tensors, s)
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> Any:
         s = Staged()
         arrs = self._arrays(tensors, "tensor", "recv", s, False)
-        peer, g = self._group.global_ranks[src], self._group
+        peer, g = self._peer(src, "src", "recv"), self._group
+        tag = self._tag(tag, "recv")
         calls = [lambda a_, a=a: dcomm.irecv(a, peer, g, tag) for a in arrs]
-        return self._run("recv", None, calls, tensors, s)
+        return self._run("recv", None, calls, tensors, s, source_rank=src)
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> Any:
         raise DistUsageError(
             "recv: the 'distrib' backend has no receive from any source; pass src=<rank>",
+            rank=self._group.global_rank,
             op="recv",
         )
 
@@ -409,6 +445,7 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         raise DistUsageError(
             "monitored_barrier: torch only forwards it to gloo; call distrib.monitored_barrier() "
             "(same arguments, names the late ranks) or use a gloo group",
+            rank=self._group.global_rank,
             op="monitored_barrier",
         )
 
@@ -433,27 +470,22 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
             self._store.close()
 
 
-def _settle_when_all_done(
-    works: list[Any], fut: torch.futures.Future, staged: Staged, outputs: list[torch.Tensor]
-) -> None:
-    """Resolve ``fut`` once every part finished (a send's verdict can come after later
+def _settle_when_all_done(parts: list[Any], work: TorchWork, staged: Staged) -> None:
+    """Settle ``work`` once every part finished (a send's verdict can come after later
     receives), or with the first part's error."""
-    left = [len(works)]
+    left = [len(parts)]
     lock = threading.Lock()
 
     def settle(exc: BaseException | None) -> None:
         if exc is None:
             try:
                 staged.finish()
-            except Exception as e:  # a failed copy back must still resolve the future
+            except Exception as e:  # a failed copy back must still settle the work
                 exc = e
-        if exc is None:
-            fut.set_result(outputs)
-        else:
-            fut.set_exception(exc)
+        work.settle(exc)
 
-    def done(work: Any) -> None:
-        exc = work.exception()
+    def done(part: Any) -> None:
+        exc = part.exception()
         with lock:
             if left[0] <= 0:  # already settled by an earlier error
                 return
@@ -462,10 +494,10 @@ def _settle_when_all_done(
         if now:
             settle(exc)
 
-    if not works:
+    if not parts:
         settle(None)
-    for work in works:
-        work.add_done_callback(done)
+    for part in parts:
+        part.add_done_callback(done)
 
 
 def create(opts: Any, pg_options: Any = None) -> DistribProcessGroup:

@@ -48,7 +48,7 @@ _OPS = {
 }
 
 
-def reduce_op(op: Any, where: str) -> ReduceOp:
+def reduce_op(op: Any, where: str, rank: int | None = None) -> ReduceOp:
     """distrib's ReduceOp for torch's (``opts.reduceOp``)."""
     kind = getattr(op, "op", op)  # a ReduceOp wraps its RedOpType
     ours = _OPS.get(kind.value) if isinstance(kind, _RED) else None
@@ -56,6 +56,7 @@ def reduce_op(op: Any, where: str) -> ReduceOp:
         raise DistUsageError(
             f"{where}: the 'distrib' backend has no reduction {op!r} (PREMUL_SUM and custom "
             "ops are NCCL-only); use SUM and scale the tensor yourself",
+            rank=rank,
             op=where,
         )
     return ours
@@ -115,7 +116,9 @@ class Staged:
             fn()
 
 
-def as_array(t: Any, arg: str, where: str, staged: Staged, arithmetic: bool) -> np.ndarray:
+def as_array(
+    t: Any, arg: str, where: str, staged: Staged, arithmetic: bool, rank: int | None = None
+) -> np.ndarray:
     """A numpy view of CPU tensor ``t`` (a staged float32 copy for bfloat16 reductions)."""
     arr = _plain_view(t)
     if arr is None:  # not a plain CPU tensor: say why, or detach / stage it
@@ -127,9 +130,20 @@ def as_array(t: Any, arg: str, where: str, staged: Staged, arithmetic: bool) -> 
                 "tensors only. For CUDA tensors use a 'nccl' process group (dist.new_group("
                 "backend='nccl')), or distrib's own collectives on cupy arrays "
                 "(distrib.all_reduce)",
+                rank=rank,
+                op=where,
+            )
+        if t.layout != torch.strided:
+            raise DistUsageError(
+                f"{where}: {arg} is a {t.layout} tensor; the 'distrib' torch backend runs "
+                "dense tensors only. Pass t.to_dense(), or use a 'gloo' process group "
+                "(dist.new_group(backend='gloo')), which reduces sparse COO tensors",
+                rank=rank,
                 op=where,
             )
         t = t.detach()
+        if t.is_neg() or t.is_conj():  # lazy negation / conjugation: no memory to view
+            return _resolved(t, arg, where, staged, arithmetic, rank)
         if t.dtype == torch.bfloat16:
             return _bfloat16(t, staged, arithmetic)
         arr = t.numpy()
@@ -151,6 +165,19 @@ def _plain_view(t: Any) -> np.ndarray | None:
         return t.numpy()
     except (TypeError, RuntimeError):
         return None
+
+
+def _resolved(
+    t: torch.Tensor, arg: str, where: str, staged: Staged, arithmetic: bool, rank: int | None
+) -> np.ndarray:
+    """A lazily negated or conjugated view: run on a resolved copy, write results back."""
+    copy = t.resolve_neg().resolve_conj()
+
+    def back(t: torch.Tensor = t, copy: torch.Tensor = copy) -> None:
+        t.copy_(copy)
+
+    staged.copy_back.append(back)
+    return as_array(copy, arg, where, staged, arithmetic, rank)
 
 
 def _bfloat16(t: torch.Tensor, staged: Staged, arithmetic: bool) -> np.ndarray:

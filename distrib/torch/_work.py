@@ -1,0 +1,154 @@
+"""``TorchWork``: the torch ``Work`` a "distrib" backend call returns.
+
+torch's stock wrapper around a future (``_create_work_from_future``) cannot
+carry a failure: its ``wait()`` returns True whatever happened, a finite
+timeout is refused, and a Python future's ``set_exception`` is, to torch's
+C++ side, a successful future whose value is the exception. So a failed
+receive or asynchronous collective looked like success. This Work's
+``wait()`` raises the operation's error (a ``DistError`` naming rank, call
+and peer) or a ``DistTimeoutError`` when its own ``timeout`` runs out, and
+its future fails in torch's C++ too, so DistributedDataParallel's backward
+raises instead of training on stale gradients.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as _tdist
+
+from .._errors import DistTimeoutError, DistUsageError
+
+# torch's stubs do not describe the Python Work API this module uses.
+tdist: Any = _tdist
+
+__all__ = ["TorchWork"]
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What an operation ended with: its outputs, or the error it raised."""
+
+    outputs: list[Any]
+    error: BaseException | None
+
+
+def _unwrap(source: torch.futures.Future) -> Any:
+    """``then`` callback: the outputs, or raise, which marks the chained future as
+    failed in torch's C++ (the only way Python can)."""
+    outcome = source.value()
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.outputs
+
+
+def _wait_seconds(timeout: Any, op: str, rank: int) -> float | None:
+    """``Work.wait``'s timeout in seconds; None for torch's "no timeout" (0 or absent)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise DistUsageError(
+            f"{op}: Work.wait timeout must be a datetime.timedelta or seconds, "
+            f"got {type(timeout).__name__}",
+            rank=rank,
+            op=op,
+        )
+    if math.isnan(seconds) or seconds < 0:
+        raise DistUsageError(
+            f"{op}: Work.wait timeout must be >= 0 (0: no timeout), got {timeout!r}",
+            rank=rank,
+            op=op,
+        )
+    # torch's kNoTimeout is 0; an infinite one also means "until the operation ends",
+    # which its own group timeout bounds
+    return None if seconds == 0 or math.isinf(seconds) else seconds
+
+
+class TorchWork(tdist.Work):  # type: ignore[misc]
+    """Completion of one backend call: ``wait`` raises its error, the future carries it."""
+
+    def __init__(
+        self, op: str, rank: int, outputs: list[Any], source_rank: int | None = None
+    ) -> None:
+        super().__init__()
+        self._op = op
+        self._rank = rank
+        self._outputs = outputs
+        self._source_rank = source_rank
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._settled = threading.Lock()
+        self._source: torch.futures.Future = torch.futures.Future()
+        self._future = self._source.then(_unwrap)
+
+    def __repr__(self) -> str:
+        state = "pending" if not self._done.is_set() else "failed" if self._error else "completed"
+        return f"<TorchWork {self._op} {state}>"
+
+    def settle(self, error: BaseException | None) -> None:
+        """Finish with ``error`` (None: success); later calls are ignored."""
+        with self._settled:
+            if self._done.is_set() or self._source.done():
+                return
+            self._error = error
+            # the future first: a waiter woken by the event finds it resolved
+            self._source.set_result(_Outcome(self._outputs, error))
+            self._done.set()
+
+    # -- torch's Work API -------------------------------------------------------
+    def wait(self, timeout: Any = None) -> bool:
+        """Block until the call finished and re-raise its error; ``timeout`` (a
+        timedelta or seconds; 0 or none: until the call's own group timeout) bounds
+        this wait only, as gloo's does."""
+        seconds = _wait_seconds(timeout, self._op, self._rank)
+        start = time.monotonic()
+        if not self._done.wait(seconds):
+            raise DistTimeoutError(
+                f"rank {self._rank}: Work.wait: {self._op} did not complete within "
+                f"{time.monotonic() - start:.1f} s (the operation itself is still bounded "
+                "by the group timeout)",
+                rank=self._rank,
+                op=self._op,
+            )
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        """Resolves to the output tensors, or fails with the call's error."""
+        return self._future
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def is_success(self) -> bool:
+        return self._done.is_set() and self._error is None
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def result(self) -> list[Any]:
+        self.wait()
+        return self._outputs
+
+    def source_rank(self) -> int:
+        if self._source_rank is None:
+            raise DistUsageError(
+                f"{self._op}: source_rank() is only defined for a receive",
+                rank=self._rank,
+                op=self._op,
+            )
+        return self._source_rank
+
+    def synchronize(self) -> None:
+        """CPU work: nothing to order on a device stream."""
