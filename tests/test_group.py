@@ -101,7 +101,7 @@ def _single_rank_checks():
             dist.all_reduce(ro)
         with pytest.raises(dist.DistUsageError, match="needs an integer"):
             dist.all_reduce(np.zeros(2), op=dist.ReduceOp.BXOR)
-        with pytest.raises(dist.DistUsageError, match="AVG.*undefined for bool"):
+        with pytest.raises(dist.DistUsageError, match=r"AVG.*undefined for bool"):
             dist.all_reduce(np.zeros(2, bool), op=dist.ReduceOp.AVG)
         with pytest.raises(dist.DistUsageError, match="src=3 is not a member"):
             dist.broadcast(np.zeros(2), src=3)
