@@ -87,9 +87,11 @@ class TorchWork(tdist.Work):  # type: ignore[misc]
         self._source_rank = source_rank
         self._done = threading.Event()
         self._error: BaseException | None = None
-        self._settled = threading.Lock()
-        self._source: torch.futures.Future = torch.futures.Future()
-        self._future = self._source.then(_unwrap)
+        self._lock = threading.Lock()
+        # Made on the first get_future() (DDP asks for every bucket; a plain call
+        # never does, and two torch futures cost more than the rest of this Work).
+        self._source: torch.futures.Future | None = None
+        self._future: torch.futures.Future | None = None
 
     def __repr__(self) -> str:
         state = "pending" if not self._done.is_set() else "failed" if self._error else "completed"
@@ -97,13 +99,14 @@ class TorchWork(tdist.Work):  # type: ignore[misc]
 
     def settle(self, error: BaseException | None) -> None:
         """Finish with ``error`` (None: success); later calls are ignored."""
-        with self._settled:
-            if self._done.is_set() or self._source.done():
+        with self._lock:
+            if self._done.is_set():
                 return
             self._error = error
-            # the future first: a waiter woken by the event finds it resolved
-            self._source.set_result(_Outcome(self._outputs, error))
+            source = self._source
             self._done.set()
+        if source is not None:  # outside the lock: it runs the future's callbacks
+            source.set_result(_Outcome(self._outputs, error))
 
     # -- torch's Work API -------------------------------------------------------
     def wait(self, timeout: Any = None) -> bool:
@@ -126,6 +129,15 @@ class TorchWork(tdist.Work):  # type: ignore[misc]
 
     def get_future(self) -> torch.futures.Future:
         """Resolves to the output tensors, or fails with the call's error."""
+        with self._lock:
+            if self._future is None:
+                self._source = torch.futures.Future()
+                self._future = self._source.then(_unwrap)
+                settled = self._done.is_set()
+            else:
+                return self._future
+        if settled:  # finished before anyone asked: resolve it now
+            self._source.set_result(_Outcome(self._outputs, self._error))
         return self._future
 
     def is_completed(self) -> bool:
