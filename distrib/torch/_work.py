@@ -13,7 +13,6 @@ raises instead of training on stale gradients.
 
 from __future__ import annotations
 
-import datetime
 import math
 import threading
 import time
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as _tdist
 
 from .._errors import DistTimeoutError, DistUsageError
+from .._validate import WAIT, check_timeout
 
 # torch's stubs do not describe the Python Work API this module uses.
 tdist: Any = _tdist
@@ -48,30 +48,12 @@ def _unwrap(source: torch.futures.Future) -> Any:
     return outcome.outputs
 
 
-def _wait_seconds(timeout: Any, op: str, rank: int) -> float | None:
-    """``Work.wait``'s timeout in seconds; None for torch's "no timeout" (0 or absent)."""
-    if timeout is None:
+def _wait_seconds(timeout: Any, op: str) -> float | None:
+    """``Work.wait``'s timeout in seconds; None for torch's "no timeout" (0, absent or
+    infinite: until the call ends, which its own group timeout bounds)."""
+    if timeout is None or timeout == math.inf:
         return None
-    if isinstance(timeout, datetime.timedelta):
-        seconds = timeout.total_seconds()
-    elif isinstance(timeout, int | float) and not isinstance(timeout, bool):
-        seconds = float(timeout)
-    else:
-        raise DistUsageError(
-            f"{op}: Work.wait timeout must be a datetime.timedelta or seconds, "
-            f"got {type(timeout).__name__}",
-            rank=rank,
-            op=op,
-        )
-    if math.isnan(seconds) or seconds < 0:
-        raise DistUsageError(
-            f"{op}: Work.wait timeout must be >= 0 (0: no timeout), got {timeout!r}",
-            rank=rank,
-            op=op,
-        )
-    # torch's kNoTimeout is 0; an infinite one also means "until the operation ends",
-    # which its own group timeout bounds
-    return None if seconds == 0 or math.isinf(seconds) else seconds
+    return check_timeout(timeout, f"{op}: Work.wait timeout", DistUsageError, WAIT) or None
 
 
 class TorchWork(tdist.Work):  # type: ignore[misc]
@@ -113,7 +95,7 @@ class TorchWork(tdist.Work):  # type: ignore[misc]
         """Block until the call finished and re-raise its error; ``timeout`` (a
         timedelta or seconds; 0 or none: until the call's own group timeout) bounds
         this wait only, as gloo's does."""
-        seconds = _wait_seconds(timeout, self._op, self._rank)
+        seconds = _wait_seconds(timeout, self._op)
         start = time.monotonic()
         if not self._done.wait(seconds):
             raise DistTimeoutError(
