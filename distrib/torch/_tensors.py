@@ -109,11 +109,16 @@ class Staged:
     """Arrays handed to distrib for a list of tensors, and the copies back afterwards."""
 
     def __init__(self) -> None:
-        self.copy_back: list[Callable[[], None]] = []
+        self.copy_back: list[Callable[[], object]] = []
 
     def finish(self) -> None:
         for fn in self.copy_back:
             fn()
+
+    def stand_in(self, t: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+        """Run on ``copy`` instead of ``t``; ``finish`` writes it back into ``t``."""
+        self.copy_back.append(lambda: t.copy_(copy))
+        return copy
 
 
 def as_array(
@@ -171,12 +176,7 @@ def _resolved(
     t: torch.Tensor, arg: str, where: str, staged: Staged, arithmetic: bool, rank: int | None
 ) -> np.ndarray:
     """A lazily negated or conjugated view: run on a resolved copy, write results back."""
-    copy = t.resolve_neg().resolve_conj()
-
-    def back(t: torch.Tensor = t, copy: torch.Tensor = copy) -> None:
-        t.copy_(copy)
-
-    staged.copy_back.append(back)
+    copy = staged.stand_in(t, t.resolve_neg().resolve_conj())
     return as_array(copy, arg, where, staged, arithmetic, rank)
 
 
@@ -184,10 +184,4 @@ def _bfloat16(t: torch.Tensor, staged: Staged, arithmetic: bool) -> np.ndarray:
     """bfloat16, which numpy lacks: raw 16-bit words to move, a float32 copy to reduce."""
     if not arithmetic:
         return t.view(torch.int16).numpy()
-    copy = t.float()
-
-    def back(t: torch.Tensor = t, copy: torch.Tensor = copy) -> None:
-        t.copy_(copy)
-
-    staged.copy_back.append(back)
-    return copy.numpy()
+    return staged.stand_in(t, t.float()).numpy()
