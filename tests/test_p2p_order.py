@@ -1,5 +1,6 @@
-"""A send's verdict (the receiver's "your message matched my recv") never blocks work
-issued after the send.
+"""Point-to-point operations never wait on work issued after them: a send's verdict
+(the receiver's "your message matched my recv") and a receive posted before its send
+both step aside for later work, and receives still match sends in post order.
 
 An ``isend`` whose handle gets a done callback (the torch backend adds one to every
 send) asks for the verdict as soon as the data left. That question used to block the
@@ -10,6 +11,7 @@ receive is issued, on purpose, on both ranks.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -85,3 +87,79 @@ def test_verdict_still_reports_a_mismatch(transport: str) -> None:
     assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
     for r in results:
         assert "float32" in r.value and "int32" in r.value, r.value
+
+
+def _receives_first(rank: int, world: int) -> list[list[float]]:
+    """A ring where every receive is posted before the sends it waits for."""
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    got = [np.zeros(3, np.float32) for _ in range(6)]
+    mine = [np.full(3, 10 * rank + i, np.float32) for i in range(6)]
+    # irecv, a collective, then the send: the receive does not block the all-reduce
+    r0 = dist.irecv(got[0], src=prv)
+    total = np.ones(1, np.float32)
+    dist.all_reduce(total)
+    s0 = dist.isend(mine[0], dst=nxt)
+    # three receives with one tag, the last a blocking recv on a thread, then the sends:
+    # they take the messages in the order they were posted
+    r1 = dist.irecv(got[1], src=prv, tag=5)
+    r2 = dist.irecv(got[2], src=prv, tag=5)
+    time.sleep(0.05)  # r1 and r2 wait for their messages already
+    th = threading.Thread(target=dist.recv, args=(got[3], prv), kwargs={"tag": 5})
+    th.start()
+    time.sleep(0.05)
+    sends = [dist.isend(mine[i], dst=nxt, tag=5) for i in (1, 2, 3)]
+    # a blocking send on a thread while this thread receives (and the reverse)
+    tx = threading.Thread(target=dist.send, args=(mine[4], nxt))
+    tx.start()
+    dist.recv(got[4], src=prv)
+    tx.join(30)
+    # a batch listed receive first
+    for w in dist.batch_isend_irecv(
+        [dist.P2POp(dist.irecv, got[5], prv), dist.P2POp(dist.isend, mine[5], nxt)]
+    ):
+        w.wait()
+    th.join(30)
+    for w in [r0, s0, r1, r2, *sends]:
+        w.wait()
+    assert not th.is_alive() and not tx.is_alive()
+    assert total[0] == world
+    return [out.tolist() for out in got]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_receives_posted_before_their_sends_complete(transport: str, world: int) -> None:
+    start = time.monotonic()
+    results = run_local_ranks(
+        _receives_first,
+        world,
+        timeout=60,
+        group_timeout=20,
+        env={"DISTRIB_TRANSPORT": transport},
+    )
+    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
+    for rank, r in enumerate(results):
+        prv = (rank - 1) % world
+        assert r.value == [[10.0 * prv + i] * 3 for i in range(6)], (rank, r.value)
+    assert time.monotonic() - start < 15  # no receive waited out the group timeout
+
+
+def _late_send(rank: int, world: int) -> str:
+    """Rank 1 never sends: rank 0's posted receive times out, naming rank 1."""
+    if rank == 1:
+        time.sleep(4)
+        return "idle"
+    w = dist.irecv(np.zeros(2, np.float32), src=1)
+    try:
+        w.wait()
+    except dist.DistTimeoutError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.timeout(90)
+def test_a_receive_whose_send_never_comes_times_out() -> None:
+    results = run_local_ranks(_late_send, 2, timeout=60, group_timeout=2)
+    assert results[0].ok, results[0].describe()
+    assert "rank 1" in results[0].value and "timed out" in results[0].value, results[0].value

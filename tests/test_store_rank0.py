@@ -83,6 +83,7 @@ def test_a_group_polling_its_failure_key_reports_the_lost_store_host():
     import types
 
     import distrib
+    from distrib.comm._flight import MASK, FlightRecorder, State
     from distrib.comm._group import ProcessGroup
 
     class LostStore:
@@ -93,9 +94,15 @@ def test_a_group_polling_its_failure_key_reports_the_lost_store_host():
                 peer=0,
             )
 
+    flight = FlightRecorder([0, 1], 1)
+    entry = flight.ring[7 & MASK]
+    entry.seq, entry.op, entry.state = 7, "all_reduce", State.STARTED
+    flight.running = 7
     group = types.SimpleNamespace(
-        _fail_store=LostStore(), _fail_store_ok_after=0.0, global_rank=1, _watch=None
+        _fail_store=LostStore(), _fail_store_ok_after=0.0, global_rank=1, _watch=None, flight=flight
     )
     with pytest.raises(distrib.DistPeerLostError, match="hosted by rank 0") as info:
         ProcessGroup._check_failed(group)  # type: ignore[arg-type]
-    assert info.value.rank == 1 and info.value.peer == 0
+    # named after the collective the rank was in, not the store's request
+    assert str(info.value).startswith("all_reduce: rank 1 stopped: lost the connection"), info.value
+    assert info.value.rank == 1 and info.value.peer == 0 and info.value.op == "all_reduce"

@@ -236,6 +236,9 @@ def _errors(rank, world, gloo):
         lambda: dist.all_reduce(torch.ones(2, device="meta")),
         lambda: dist.all_reduce(torch.ones(2), op=dist.ReduceOp.PREMUL_SUM),
         lambda: dist.monitored_barrier(),
+        lambda: dist.all_reduce(torch.ones(2), op=dist._make_nccl_premul_sum(2.0)),
+        lambda: dist.new_group(backend="cpu:distrib,cuda:nccl"),
+        lambda: dist.group.WORLD._get_backend(torch.device("cuda")),
     ):
         try:
             call()
@@ -243,6 +246,10 @@ def _errors(rank, world, gloo):
         except Exception as exc:
             msgs.append(f"{type(exc).__name__}: {exc}")
     dist.barrier()
+    # torch's questions about the group's devices: it is its own CPU backend
+    world = dist.group.WORLD
+    msgs.append(world._get_backend(torch.device("cpu")) is world)
+    msgs.append(str(dist.distributed_c10d._get_pg_default_device()))
     return msgs
 
 
@@ -367,6 +374,45 @@ def _huge_pages():
     return seen, torch.equal(t, torch.arange(4 << 20, dtype=torch.float32))
 
 
+def _p2p_orders(rank, world, gloo):
+    """Receives posted before their sends, in a ring, over "distrib" and gloo: what each
+    ordering delivered, per group (a deadlock would time out the test)."""
+    import threading
+
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    out = {}
+    for name, group in (("distrib", None), ("gloo", gloo)):
+        got = [torch.zeros(4) for _ in range(5)]
+        mine = [torch.full((4,), 10.0 * rank + i) for i in range(5)]
+        # irecv, then isend, then wait (torch's docs' ring pattern)
+        w1 = dist.irecv(got[0], src=prv, group=group)
+        w2 = dist.isend(mine[0], dst=nxt, group=group)
+        w1.wait()
+        w2.wait()
+        # batch_isend_irecv with the receive listed first
+        for w in dist.batch_isend_irecv(
+            [
+                dist.P2POp(dist.irecv, got[1], prv, group),
+                dist.P2POp(dist.isend, mine[1], nxt, group),
+            ]
+        ):
+            w.wait()
+        # two receives with one tag posted before the sends: they match in post order
+        ra = dist.irecv(got[2], src=prv, group=group, tag=3)
+        rb = dist.irecv(got[3], src=prv, group=group, tag=3)
+        sa = dist.isend(mine[2], dst=nxt, group=group, tag=3)
+        sb = dist.isend(mine[3], dst=nxt, group=group, tag=3)
+        for w in (ra, rb, sa, sb):
+            w.wait()
+        # a blocking recv on a thread while this thread sends
+        th = threading.Thread(target=dist.recv, args=(got[4], prv, group))
+        th.start()
+        dist.send(mine[4], nxt, group=group)
+        th.join(60)
+        out[name] = [t[0].item() for t in got] + [th.is_alive()]
+    return out
+
+
 def _everything(rank, world, gloo):
     """Every check that needs ``world`` ranks, in one set of processes (spawning torch
     processes costs seconds each)."""
@@ -378,6 +424,7 @@ def _everything(rank, world, gloo):
         out["failures"] = _failures(rank, world, gloo)
     if world in (2, 3):
         out["ddp"] = _ddp(rank, world, gloo)
+        out["p2p_orders"] = _p2p_orders(rank, world, gloo)
     return out
 
 
@@ -404,8 +451,12 @@ def test_backend_against_gloo(world):
     if world == 2:  # what the backend cannot do is a clear error naming the alternative
         msgs = results[0]["errors"]
         assert "runs CPU tensors only" in msgs[0] and "nccl" in msgs[0], msgs[0]
-        assert "PREMUL_SUM" in msgs[1] or "no reduction" in msgs[1], msgs[1]
+        assert "PREMUL_SUM" in msgs[1], msgs[1]  # torch itself refuses the bare enum
         assert "monitored_barrier" in msgs[2] and "gloo" in msgs[2].lower(), msgs[2]
+        assert "no reduction PREMUL_SUM" in msgs[3], msgs[3]
+        assert msgs[4].startswith("DistUsageError:") and "(cuda:nccl)" in msgs[4], msgs[4]
+        assert msgs[5].startswith("DistUsageError:") and "CPU tensors only" in msgs[5], msgs[5]
+        assert msgs[6:] == [True, "cpu"], msgs[6:]
         for rank, r in enumerate(results):  # failures reach wait(), recv and futures
             f = r["failures"]
             for key in ("irecv_wait", "recv", "allreduce_wait"):
@@ -425,6 +476,11 @@ def test_backend_against_gloo(world):
         assert f["wait_timeout_pending"].startswith("DistTimeoutError:"), f
         assert 0.4 < f["waited_s"] < 5.0, f
         assert f["pending_later"] == "ok (True, [5.0, 5.0])", f
+    if world in (2, 3):  # receives posted ahead of their sends complete, as on gloo
+        for rank, r in enumerate(results):
+            prv = (rank - 1) % world
+            want = [10.0 * prv + i for i in range(5)] + [False]
+            assert r["p2p_orders"] == {"distrib": want, "gloo": want}, (rank, r["p2p_orders"])
     if world in (2, 3):  # torch DDP over "distrib" trains to gloo's parameters
         start, ours0, _ = results[0]["ddp"]
         assert all(not np.allclose(p, q) for p, q in zip(start, ours0, strict=True))  # it trained

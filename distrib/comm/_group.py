@@ -42,9 +42,10 @@ from ..transport._engine import Engine, EngineContext
 from ..transport._select import make_cpu_engine_for, make_gpu_engine_for
 from ._blocked import BlockWatch
 from ._flight import MASK, FlightRecorder, State
+from ._recv_order import ReceiveOrder
 from ._work import Work
 
-__all__ = ["NON_GROUP_MEMBER", "ProcessGroup", "host_id"]
+__all__ = ["GAVE_WAY", "NON_GROUP_MEMBER", "ProcessGroup", "host_id"]
 
 # What ``new_group`` returns to ranks outside the group (torch's
 # ``GroupMember.NON_GROUP_MEMBER``): calls on it are no-ops.
@@ -111,10 +112,13 @@ class _Job(NamedTuple):
     engine: Engine | None
     call: CallDesc | None
     action: Callable[[Any, CallDesc | None, int, float], Any]
+    # A step of submit_giving_way: whether running it now would get anywhere (None:
+    # never, it only waits).
+    ready: Callable[[], bool] | None = None
 
 
-# What a job started by ``submit_giving_way`` returns when it gave way to later work.
-_GAVE_WAY = object()
+# What a step run by ``submit_giving_way`` returns when it gave way to later work.
+GAVE_WAY: Any = object()
 
 
 class _SmallCall(NamedTuple):
@@ -185,11 +189,13 @@ class ProcessGroup:
         self._cond = threading.Condition(self._cond_lock)
         self._next_ticket = 0
         self._running_ticket = 0
-        self._giving_way = 0  # queued jobs of submit_giving_way (not running)
+        # Steps of submit_giving_way queued and not running, by ticket.
+        self._giving_way: dict[int, _Job] = {}
         self._seq = itertools.count()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.flight = FlightRecorder(self.global_ranks, self.global_rank)
+        self.receive_order = ReceiveOrder()  # point-to-point receives, matched in post order
         # Collectives of two groups waiting for each other (see _blocked): judged only
         # from the engines' slow path, through the job's store without our prefix.
         self._watch: BlockWatch | None = None
@@ -265,8 +271,18 @@ class ProcessGroup:
             blob = self._fail_store.get("failed")
         except DistPeerLostError as exc:
             # The store's host closed our connection: when rank 0 hosts it, rank 0 died.
-            exc.rank = self.global_rank
-            raise
+            # Named after the operation this rank was in, not the store's own request.
+            entry = self.flight.entry(self.flight.running)
+            op = entry.op if entry is not None and entry.state == State.STARTED else "wait"
+            why = exc.message.split(": ", 1)[-1]
+            peer = exc.peer
+            raise DistPeerLostError(
+                f"{op}: rank {self.global_rank} stopped: {why}",
+                rank=self.global_rank,
+                op=op,
+                peer=peer,
+                caused_by=peer if isinstance(peer, int) else None,
+            ) from None
         except DistError:
             # Store unreachable (its host may be the rank that died): ask less often.
             self._fail_store_ok_after = now + 2.0
@@ -459,47 +475,62 @@ class ProcessGroup:
         )
         return _SmallCall(codes.get(op, -1), call, digest(call))
 
-    def submit_giving_way(self, op: str, step: Callable[[float, Callable[[], bool]], bool]) -> Work:
+    def submit_giving_way(
+        self,
+        op: str,
+        step: Callable[[float, Callable[[], bool]], Any],
+        async_op: bool = True,
+        ready: Callable[[], bool] | None = None,
+    ) -> Any:
         """Run ``step(deadline, give_way)`` after every earlier operation until it returns
-        True; a ``Work``. A step that returns False, because ``give_way()`` said other work
-        was issued after it, runs again behind that work, under its first deadline.
+        something other than ``GAVE_WAY``; a ``Work`` when async, else what it returned.
+        A step returns ``GAVE_WAY`` when ``give_way()`` said other work was issued after
+        it: it runs again behind that work, under its first deadline. A synchronous step
+        runs on the caller's thread first, then, if it gave way, on the progress thread
+        while the caller waits. ``ready()`` says whether the step, queued, would get
+        anywhere if it ran now (a receive whose message is here); ``None``: it only waits.
 
-        For waits that a later operation may be what ends: a send's verdict comes when
-        the peer runs its matching receive, and the peer may be waiting, in turn, for a
-        receive this rank issued after the send.
+        For waits that a later operation may be what ends: a receive waits for a send
+        this rank (another thread) or its peer may issue only after it, and a send's
+        verdict comes when the peer runs its matching receive.
         """
         first: list[float] = []
 
         def action(_engine: Any, _call: CallDesc | None, seq: int, deadline: float) -> Any:
-            with self._cond:
-                self._giving_way -= 1
             if not first:
                 first.append(deadline)
-            return None if step(first[0], self._later_work_waiting) else _GAVE_WAY
+            return step(first[0], self._later_work_waiting)
 
-        with self._cond:
-            self._giving_way += 1
-        return self._enqueue(op, _Job(None, None, action), True, False, agree=False)
+        job = _Job(None, None, action, ready)
+        if async_op:
+            return self._enqueue(op, job, True, False, agree=False, gives_way=True)
+        result = self._run_inline(op, job)
+        if result is not GAVE_WAY:
+            return result
+        return self._enqueue(op, job, True, False, agree=False, gives_way=True).result()
 
     def _later_work_waiting(self) -> bool:
-        """Whether an operation other than a waiting ``submit_giving_way`` step was issued
-        after the one running now (jobs that only wait never need to go first)."""
-        return self._next_ticket - self._running_ticket - 1 > self._giving_way
+        """Whether work issued after the step running now could get somewhere: an
+        operation other than a ``submit_giving_way`` step, or a step that is ready (a
+        receive whose message arrived meanwhile). Called by that step, on its thread."""
+        steps = list(self._giving_way.values())
+        if self._next_ticket - self._running_ticket - 1 > len(steps):
+            return True
+        return any(job.ready is not None and job.ready() for job in steps)
 
     def _enqueue(
-        self, op: str, job: _Job, async_op: bool, collective: bool, agree: bool = True
+        self,
+        op: str,
+        job: _Job,
+        async_op: bool,
+        collective: bool,
+        agree: bool = True,
+        gives_way: bool = False,
     ) -> Any:
         """Take a ticket (and, for collectives, the next ``seq``: both under one lock, so
         the two orders agree when several threads issue), record the call, then run it
         here (synchronous) or on the progress thread (async)."""
-        if self._closed:
-            raise self._closed_error(op)
-        if self._failure is not None:
-            raise self._failure
-        with self._cond:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            seq = next(self._seq) if collective else -1
+        ticket, seq = self._take_ticket(op, collective, job if gives_way else None)
         if seq >= 0:  # the flight recorder's slot, written here: this is the hot path
             flight = self.flight
             e = flight.ring[seq & MASK]
@@ -522,6 +553,25 @@ class ProcessGroup:
         self._queue.put((ticket, seq, job, work))
         return work
 
+    def _take_ticket(self, op: str, collective: bool, step: _Job | None) -> tuple[int, int]:
+        """The next ticket (and ``seq`` for a collective), under one lock; ``step``, a job
+        of ``submit_giving_way``, is recorded among the waiting steps until it runs."""
+        if self._closed:
+            raise self._closed_error(op)
+        if self._failure is not None:
+            raise self._failure
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            if step is not None:
+                self._giving_way[ticket] = step
+            return ticket, (next(self._seq) if collective else -1)
+
+    def _run_inline(self, op: str, job: _Job) -> Any:
+        """Run a giving-way ``job`` on the caller's thread in its turn; its result."""
+        ticket, seq = self._take_ticket(op, False, job)
+        return self._execute(ticket, seq, job)
+
     def _closed_error(self, op: str) -> DistClosedError:
         return DistClosedError(
             f"{op}: the process group of rank {self.global_rank} was destroyed",
@@ -535,13 +585,13 @@ class ProcessGroup:
         except BaseException as exc:
             work._finish(exc)
             return
-        if result is not _GAVE_WAY:
+        if result is not GAVE_WAY:
             work._finish(None, result)
             return
         with self._cond:  # behind everything issued so far (the progress thread's queue)
             ticket = self._next_ticket
             self._next_ticket += 1
-            self._giving_way += 1
+            self._giving_way[ticket] = job
         self._queue.put((ticket, seq, job, work))
 
     def _execute(self, ticket: int, seq: int, job: _Job) -> Any:
@@ -550,6 +600,8 @@ class ProcessGroup:
             with self._cond:
                 while self._running_ticket != ticket:
                     self._cond.wait(1.0)
+        if self._giving_way:  # running now: no longer among the waiting steps
+            self._giving_way.pop(ticket, None)
         try:
             if self._failure is not None:
                 raise self._failure

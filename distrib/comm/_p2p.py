@@ -8,14 +8,17 @@ pair raises ``DistMismatchError`` on both ends: ``send`` (and ``isend``'s
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from .._errors import DistUsageError
+from .._errors import DistTimeoutError, DistUsageError
 from ..transport._calldesc import CallDesc
+from ..transport._engine import Engine
 from ._call import check_array, group_rank, resolve_group, shape_of, write_back
-from ._group import ProcessGroup
+from ._group import GAVE_WAY, ProcessGroup
 from ._work import Work
 
 __all__ = ["irecv", "isend", "recv", "send"]
@@ -27,18 +30,20 @@ class _Confirm:
     n = 0
 
 
-class _Verdict(NamedTuple):
-    """Two ways to wait for the receiver's verdict on a send: ``wait(deadline, seq)``
-    blocks (a job of ``submit``); ``wait_or_give_way(deadline, give_way)`` steps aside
-    for work issued later (a step of ``submit_giving_way``)."""
+class _SendSteps(NamedTuple):
+    """A send: ``body(deadline, seq)`` hands the data to the transport (a job of
+    ``submit``); ``verdict(deadline, give_way)`` waits for the receiver's answer, or
+    steps aside for work issued later (a step of ``submit_giving_way``)."""
 
-    wait: Callable[[float, int], None]
-    wait_or_give_way: Callable[[float, Callable[[], bool]], bool]
+    body: Callable[[float, int], list[Any]]
+    verdict: Callable[[float, Callable[[], bool]], Any]
 
 
-def _p2p(
+def _checked(
     pg: ProcessGroup, op: str, tensor: Any, peer: int, tag: int, sending: bool
-) -> tuple[Callable[[float, int], list[Any]], _Verdict]:
+) -> tuple[int, Engine, CallDesc]:
+    """The peer's group rank, the engine and the call descriptor, once the arguments
+    are checked."""
     if not isinstance(tag, int) or isinstance(tag, bool):
         raise TypeError(f"{op}: tag must be an int, got {tag!r}")
     check_array(pg, tensor, "tensor", op, writable=not sending)
@@ -51,39 +56,83 @@ def _p2p(
             op=op,
             peer=peer,
         )
-    engine = pg.engine_for(tensor)
     call = CallDesc(
         "send" if sending else "recv", shape_of(tensor), tensor.dtype.str, group=pg.group_key
     )
+    return peer_g, pg.engine_for(tensor), call
+
+
+def _send_steps(pg: ProcessGroup, op: str, tensor: Any, dst: int, tag: int) -> _SendSteps:
+    peer_g, engine, call = _checked(pg, op, tensor, dst, tag, True)
     which = _Confirm()
 
     def body(deadline: float, seq: int) -> list[Any]:
-        flat = tensor.ravel()
-        if sending:
-            engine.send(flat, peer_g, tag, deadline, call=call)
-            which.n = engine.last_send(peer_g, tag)
-        else:
-            engine.recv(flat, peer_g, tag, deadline, call=call)
-            write_back(tensor, flat)
+        engine.send(tensor.ravel(), peer_g, tag, deadline, call=call)
+        which.n = engine.last_send(peer_g, tag)
         return [tensor]
 
-    def confirm(deadline: float, seq: int) -> None:
-        if which.n:
-            engine.confirm_send(peer_g, tag, which.n, call, deadline)
+    def verdict(deadline: float, give_way: Callable[[], bool]) -> Any:
+        if not which.n or engine.confirm_send(peer_g, tag, which.n, call, deadline, give_way):
+            return None
+        return GAVE_WAY
 
-    def confirm_or_give_way(deadline: float, give_way: Callable[[], bool]) -> bool:
-        return not which.n or engine.confirm_send(peer_g, tag, which.n, call, deadline, give_way)
+    return _SendSteps(body, verdict)
 
-    return body, _Verdict(confirm, confirm_or_give_way)
+
+def _at_once() -> bool:
+    return True
+
+
+def _receive(pg: ProcessGroup, op: str, tensor: Any, src: int, tag: int, async_op: bool) -> Any:
+    """Post a receive; it waits for its message without holding up work issued after
+    it (a send of this rank, from another thread or later in a batch, may be what its
+    peer waits for before sending), and takes messages in post order."""
+    peer_g, engine, call = _checked(pg, op, tensor, src, tag, False)
+    order = pg.receive_order
+    token = order.post(peer_g, tag)
+
+    def step(deadline: float, give_way: Callable[[], bool]) -> Any:
+        if not order.is_next(peer_g, tag, token):  # an earlier receive takes the next message
+            if time.monotonic() < deadline:
+                return GAVE_WAY
+            raise DistTimeoutError(
+                f"{op}: rank {pg.global_rank} timed out behind an earlier receive from "
+                f"rank {src} with tag {tag}",
+                rank=pg.global_rank,
+                op=op,
+                peer=src,
+            )
+        try:
+            if not engine.await_p2p(peer_g, tag, deadline, give_way):
+                return GAVE_WAY  # still first in line when it runs again
+            flat = tensor.ravel()
+            engine.recv(flat, peer_g, tag, deadline, call=call)
+            write_back(tensor, flat)
+        except BaseException:
+            order.done(peer_g, tag, token)
+            raise
+        order.done(peer_g, tag, token)
+        return [tensor]
+
+    def ready() -> bool:  # asked by the step running now, on its thread
+        return order.is_next(peer_g, tag, token) and engine.await_p2p(
+            peer_g, tag, math.inf, _at_once
+        )
+
+    try:
+        return pg.submit_giving_way(op, step, async_op, ready)
+    except BaseException:
+        order.done(peer_g, tag, token)
+        raise
 
 
 class _SendWork(Work):
     """``isend``'s handle: it completes with the receiver's verdict. ``wait`` asks for the
     verdict on the caller's thread; a done callback (the torch backend's future) queues
-    the question behind everything issued so far, so receives issued after the send still
-    run first and a ring of sends and receives cannot wait on itself."""
+    the question behind everything issued so far. Either way the wait steps aside for
+    work issued later, so a ring of sends and receives cannot wait on itself."""
 
-    def __init__(self, inner: Work, pg: ProcessGroup, verdict: _Verdict) -> None:
+    def __init__(self, inner: Work, pg: ProcessGroup, verdict: Callable[..., Any]) -> None:
         super().__init__(inner.op, pg.global_rank)
         self._inner, self._pg, self._verdict = inner, pg, verdict
         self._asked = False  # the verdict was asked for (once, by whichever path is first)
@@ -104,7 +153,7 @@ class _SendWork(Work):
         self._inner.wait(timeout)
         if self._ask():
             try:
-                self._pg.submit(self.op, self._verdict.wait, False, False)
+                self._pg.submit_giving_way(self.op, self._verdict, False)
             except BaseException as exc:
                 self._finish(exc)
                 raise
@@ -119,8 +168,7 @@ class _SendWork(Work):
         if inner.exception() is not None or not self._ask():
             return  # _on_sent finished this handle, or the verdict is already asked for
         try:
-            # Queued now, perhaps before the receives issued next: it steps aside for them.
-            verdict = self._pg.submit_giving_way(self.op, self._verdict.wait_or_give_way)
+            verdict = self._pg.submit_giving_way(self.op, self._verdict)
         except BaseException as exc:  # the group failed or closed meanwhile
             self._finish(exc)
             return
@@ -144,16 +192,16 @@ def send(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> None:
     once the receiver accepted it."""
     pg = resolve_group(group, "send")
     if pg is not None:
-        body, verdict = _p2p(pg, "send", tensor, dst, tag, True)
-        pg.submit("send", body, False, False)
-        pg.submit("send", verdict.wait, False, False)
+        steps = _send_steps(pg, "send", tensor, dst, tag)
+        pg.submit("send", steps.body, False, False)
+        pg.submit_giving_way("send", steps.verdict, False)
 
 
 def recv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> int:
     """Receive into ``tensor`` from rank ``src``; returns ``src``."""
     pg = resolve_group(group, "recv")
     if pg is not None:
-        pg.submit("recv", _p2p(pg, "recv", tensor, src, tag, False)[0], False, False)
+        _receive(pg, "recv", tensor, src, tag, False)
     return src
 
 
@@ -162,15 +210,12 @@ def isend(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> Any:
     pg = resolve_group(group, "isend")
     if pg is None:
         return None
-    body, verdict = _p2p(pg, "isend", tensor, dst, tag, True)
-    return _SendWork(pg.submit("isend", body, True, False), pg, verdict)
+    steps = _send_steps(pg, "isend", tensor, dst, tag)
+    return _SendWork(pg.submit("isend", steps.body, True, False), pg, steps.verdict)
 
 
 def irecv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> Any:
-    """Asynchronous ``recv``; returns a ``Work``."""
+    """Asynchronous ``recv``; returns a ``Work``. It may be posted before the matching
+    send is issued, on this rank or its peer."""
     pg = resolve_group(group, "irecv")
-    return (
-        None
-        if pg is None
-        else pg.submit("irecv", _p2p(pg, "irecv", tensor, src, tag, False)[0], True, False)
-    )
+    return None if pg is None else _receive(pg, "irecv", tensor, src, tag, True)

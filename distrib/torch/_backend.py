@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -126,6 +127,26 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"<DistribProcessGroup rank {self.rank()}/{self.size()}>"
+
+    # torch asks a group for its per-device backends; this group is its own, on CPU.
+    supports_splitting = False
+    supports_coalescing = False
+    supports_time_estimate = False
+
+    @property
+    def _device_types(self) -> list[torch.device]:
+        return [torch.device("cpu")]
+
+    def _get_backend(self, device: Any) -> DistribProcessGroup:
+        kind = torch.device(device).type
+        if kind != "cpu":
+            raise DistUsageError(
+                f"_get_backend: the 'distrib' backend runs CPU tensors only, not {kind}; "
+                "create a separate group for them (dist.new_group(backend='nccl'))",
+                rank=self._group.global_rank,
+                op="_get_backend",
+            )
+        return self
 
     # -- issue -----------------------------------------------------------------
     def _run(
@@ -500,11 +521,36 @@ def _settle_when_all_done(parts: list[Any], work: TorchWork, staged: Staged) -> 
         part.add_done_callback(done)
 
 
+def _other_backends() -> dict[str, str]:
+    """The devices that the group being created maps to other backends than "distrib"
+    (``"cpu:distrib,cuda:nccl"``), read from torch's caller, which does not pass them."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        config = frame.f_locals.get("backend_config")
+        if isinstance(config, tdist.distributed_c10d.BackendConfig):
+            devices = config.get_device_backend_map()
+            return {d: str(b) for d, b in devices.items() if str(b).lower() != BACKEND_NAME}
+        frame = frame.f_back  # type: ignore[assignment]
+    return {}
+
+
 def create(opts: Any, pg_options: Any = None) -> DistribProcessGroup:
     """torch's backend creator (extended API): one ``DistribProcessGroup`` per torch group."""
     if pg_options is not None:
         raise DistUsageError(
             "init_process_group: the 'distrib' backend takes no pg_options", op="init_process_group"
+        )
+    others = _other_backends()
+    if others:
+        # torch replaces the whole group with a Python backend's: the others would be lost.
+        mixed = ",".join(f"{d}:{b}" for d, b in others.items())
+        raise DistUsageError(
+            f"init_process_group: the 'distrib' backend cannot share a group with other "
+            f"backends ({mixed}): torch lets a Python backend replace the whole group. Create "
+            f"them as separate groups, e.g. init_process_group('nccl') then "
+            f"dist.new_group(backend='distrib') for CPU tensors",
+            rank=opts.group_rank,
+            op="init_process_group",
         )
     return DistribProcessGroup(
         opts.store,

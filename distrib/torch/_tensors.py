@@ -53,8 +53,9 @@ def reduce_op(op: Any, where: str, rank: int | None = None) -> ReduceOp:
     kind = getattr(op, "op", op)  # a ReduceOp wraps its RedOpType
     ours = _OPS.get(kind.value) if isinstance(kind, _RED) else None
     if ours is None:
+        name = getattr(kind, "name", None) or type(op).__name__
         raise DistUsageError(
-            f"{where}: the 'distrib' backend has no reduction {op!r} (PREMUL_SUM and custom "
+            f"{where}: the 'distrib' backend has no reduction {name} (PREMUL_SUM and custom "
             "ops are NCCL-only); use SUM and scale the tensor yourself",
             rank=rank,
             op=where,

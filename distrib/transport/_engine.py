@@ -234,6 +234,13 @@ class Engine(ABC):
         global rank whose failure this rank's follows (``None``: this rank's own),
         ``cls_name`` the error class the peers should raise."""
 
+    def await_p2p(self, src: int, tag: int, deadline: float, give_way: Callable[[], bool]) -> bool:
+        """Wait until a point-to-point message from ``src`` with ``tag`` is here (True) or
+        ``give_way()`` is true (False): a receive posted before its send then steps aside
+        for work issued after it. An engine that cannot tell answers True at once (its
+        ``recv`` blocks)."""
+        return True
+
     def last_send(self, dst: int, tag: int) -> int:
         """Number of the latest ``send`` to ``dst`` with ``tag``; 0 when sends are not
         confirmed by this engine."""

@@ -219,6 +219,9 @@ class HierEngine(Engine):
         self._flat.recv(buf, src, tag, deadline, call=call)
 
     # -- lifecycle -------------------------------------------------------------------
+    def await_p2p(self, src: int, tag: int, deadline: float, give_way: Callable[[], bool]) -> bool:
+        return self._flat.await_p2p(src, tag, deadline, give_way)
+
     def last_send(self, dst: int, tag: int) -> int:
         return self._flat.last_send(dst, tag)
 

@@ -216,6 +216,9 @@ class ShmEngine(Engine):
     def recv(self, buf: Any, src: int, tag: int, deadline: float, *, call: CallDesc | None) -> None:
         self._p2p_engine("recv").recv(buf, src, tag, deadline, call=call)
 
+    def await_p2p(self, src: int, tag: int, deadline: float, give_way: Callable[[], bool]) -> bool:
+        return self._p2p is None or self._p2p.await_p2p(src, tag, deadline, give_way)
+
     def last_send(self, dst: int, tag: int) -> int:
         return self._p2p.last_send(dst, tag) if self._p2p is not None else 0
 

@@ -344,6 +344,9 @@ class ZmqEngine(Engine):
         self.links.send(dst, P2P, tag, pack(desc), buf)
         self.links.flush("send", deadline)
 
+    def await_p2p(self, src: int, tag: int, deadline: float, give_way: Callable[[], bool]) -> bool:
+        return self.links.await_message(src, P2P, tag, "recv", deadline, give_way)
+
     def last_send(self, dst: int, tag: int) -> int:
         """Number of the latest ``send`` to ``dst`` with ``tag`` (for ``confirm_send``)."""
         return self._sent.get((dst, tag), 0)

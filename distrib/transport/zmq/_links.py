@@ -214,6 +214,16 @@ class ZmqLinks:
             raise self._mismatch(peer, seq, "later")
         return found
 
+    def await_message(
+        self, peer: int, kind: int, seq: int, op: str, deadline: float, give_way: Callable[[], bool]
+    ) -> bool:
+        """Wait until a message from ``peer`` of ``kind`` with ``seq`` (a P2P tag) is
+        stashed, without taking it (True); False as soon as ``give_way()`` is true."""
+        while not any(k == kind and s == seq for k, s, _, _ in self._stash[peer]):
+            if not self._pump(peer, op, deadline, None, give_way):
+                return False
+        return True
+
     def take_ack(
         self,
         peer: int,
