@@ -163,3 +163,69 @@ def test_a_receive_whose_send_never_comes_times_out() -> None:
     results = run_local_ranks(_late_send, 2, timeout=60, group_timeout=2)
     assert results[0].ok, results[0].describe()
     assert "rank 1" in results[0].value and "timed out" in results[0].value, results[0].value
+
+
+def _send_behind_a_waiting_receive(rank: int, world: int) -> list[float]:
+    """Rank 0's blocking sends are confirmed while its earlier receive still waits: rank
+    1 sends the message that receive waits for only after taking both of rank 0's."""
+    x, z, y = (np.zeros(4, np.float32) for _ in range(3))
+    if rank == 0:
+        w = dist.irecv(y, src=1)
+        dist.send(np.full(4, 1.0, np.float32), 1)
+        dist.send(np.full(4, 2.0, np.float32), 1, tag=1)
+        w.wait()
+        return y.tolist()
+    dist.recv(x, 0)
+    dist.recv(z, 0, tag=1)
+    dist.send(x + z, 0)
+    return (x + z).tolist()
+
+
+def _many_tags(rank: int, world: int, n: int) -> list[float]:
+    """Rank 0 posts ``n`` receives with distinct tags; rank 1 sends them one at a time,
+    each send waiting for its receiver's answer."""
+    if rank == 0:
+        outs = [np.zeros(2, np.float32) for _ in range(n)]
+        works = [dist.irecv(out, src=1, tag=i) for i, out in enumerate(outs)]
+        for w in works:
+            w.wait()
+        return [float(out[0]) for out in outs]
+    for i in range(n):
+        dist.send(np.full(2, i, np.float32), 0, tag=i)
+    return []
+
+
+def _idle_while_waiting(rank: int, world: int, n: int) -> float:
+    """Rank 0's CPU time while ``n`` posted receives wait 2 s for rank 1's sends."""
+    if rank == 1:
+        time.sleep(2.0)
+        for i in range(n):
+            dist.send(np.zeros(1, np.float32), 0, tag=i)
+        return 0.0
+    start_cpu, start = time.process_time(), time.monotonic()
+    works = [dist.irecv(np.zeros(1, np.float32), src=1, tag=i) for i in range(n)]
+    works[0].wait()
+    cpu, wall = time.process_time() - start_cpu, time.monotonic() - start
+    for w in works:
+        w.wait()
+    return cpu / wall
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_waiting_receives_do_not_block_sends_or_each_other_or_spin(transport: str) -> None:
+    env = {"DISTRIB_TRANSPORT": transport}
+    start = time.monotonic()
+    results = run_local_ranks(
+        _send_behind_a_waiting_receive, 2, timeout=60, group_timeout=20, env=env
+    )
+    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
+    assert results[0].value == [3.0] * 4
+    results = run_local_ranks(_many_tags, 2, 20, timeout=60, group_timeout=20, env=env)
+    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
+    assert results[0].value == [float(i) for i in range(20)]
+    assert time.monotonic() - start < 15  # nothing waited out the group timeout
+    results = run_local_ranks(_idle_while_waiting, 2, 200, timeout=60, group_timeout=20, env=env)
+    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
+    # Waiting is asleep in poll(): a few percent of a core, not a busy loop.
+    assert results[0].value < 0.25, f"rank 0 used {results[0].value:.0%} of a core waiting"

@@ -170,6 +170,12 @@ class ProcessGroup:
         store.set(f"host/{rank}", host_id())
         hosts = [store.get(f"host/{r}").decode() for r in range(size)]
         self._zmq_engine: Engine | None = None
+        # Written when work is issued while a point-to-point wait may step aside for it
+        # (``_p2p_waiting``); that wait polls the read end beside its sockets.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._p2p_waiting = False
         self._ctx = EngineContext(
             store=store,
             rank=rank,
@@ -182,6 +188,7 @@ class ProcessGroup:
             check_failed=self._check_failed,
             make_zmq_engine=self._make_zmq_engine,
             diagnose_timeout=self._diagnose_timeout,
+            wake_fd=self._wake_r,
         )
         self.cpu_engine = make_cpu_engine_for(self._ctx)
         self._gpu_engine: Engine | None = None
@@ -499,7 +506,11 @@ class ProcessGroup:
         def action(_engine: Any, _call: CallDesc | None, seq: int, deadline: float) -> Any:
             if not first:
                 first.append(deadline)
-            return step(first[0], self._later_work_waiting)
+            self._p2p_waiting = True
+            try:
+                return step(first[0], self._later_work_waiting)
+            finally:
+                self._p2p_waiting = False
 
         job = _Job(None, None, action, ready)
         if async_op:
@@ -565,6 +576,11 @@ class ProcessGroup:
             self._next_ticket += 1
             if step is not None:
                 self._giving_way[ticket] = step
+            elif self._p2p_waiting:  # a wait that may step aside for this: wake it
+                try:
+                    os.write(self._wake_w, b"\0")
+                except OSError:  # the pipe is full (it is awake) or closed
+                    pass
             return ticket, (next(self._seq) if collective else -1)
 
     def _run_inline(self, op: str, job: _Job) -> Any:
@@ -692,6 +708,8 @@ class ProcessGroup:
             except Exception:
                 pass
         self._fail_store.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
 
 
 def _forget_in_child() -> None:

@@ -8,7 +8,6 @@ pair raises ``DistMismatchError`` on both ends: ``send`` (and ``isend``'s
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ class _SendSteps(NamedTuple):
 
     body: Callable[[float, int], list[Any]]
     verdict: Callable[[float, Callable[[], bool]], Any]
+    verdict_here: Callable[[], bool]  # the verdict came: the verdict step would finish
 
 
 def _checked(
@@ -76,11 +76,10 @@ def _send_steps(pg: ProcessGroup, op: str, tensor: Any, dst: int, tag: int) -> _
             return None
         return GAVE_WAY
 
-    return _SendSteps(body, verdict)
+    def verdict_here() -> bool:  # asked by the step running now: never reads the network
+        return not which.n or engine.has_verdict(peer_g, tag, which.n)
 
-
-def _at_once() -> bool:
-    return True
+    return _SendSteps(body, verdict, verdict_here)
 
 
 def _receive(pg: ProcessGroup, op: str, tensor: Any, src: int, tag: int, async_op: bool) -> Any:
@@ -114,10 +113,8 @@ def _receive(pg: ProcessGroup, op: str, tensor: Any, src: int, tag: int, async_o
         order.done(peer_g, tag, token)
         return [tensor]
 
-    def ready() -> bool:  # asked by the step running now, on its thread
-        return order.is_next(peer_g, tag, token) and engine.await_p2p(
-            peer_g, tag, math.inf, _at_once
-        )
+    def ready() -> bool:  # asked by the step running now: never reads the network
+        return order.is_next(peer_g, tag, token) and engine.has_p2p(peer_g, tag)
 
     try:
         return pg.submit_giving_way(op, step, async_op, ready)
@@ -132,9 +129,9 @@ class _SendWork(Work):
     the question behind everything issued so far. Either way the wait steps aside for
     work issued later, so a ring of sends and receives cannot wait on itself."""
 
-    def __init__(self, inner: Work, pg: ProcessGroup, verdict: Callable[..., Any]) -> None:
+    def __init__(self, inner: Work, pg: ProcessGroup, steps: _SendSteps) -> None:
         super().__init__(inner.op, pg.global_rank)
-        self._inner, self._pg, self._verdict = inner, pg, verdict
+        self._inner, self._pg, self._steps = inner, pg, steps
         self._asked = False  # the verdict was asked for (once, by whichever path is first)
         self._asked_lock = threading.Lock()
         inner.add_done_callback(self._on_sent)
@@ -153,7 +150,8 @@ class _SendWork(Work):
         self._inner.wait(timeout)
         if self._ask():
             try:
-                self._pg.submit_giving_way(self.op, self._verdict, False)
+                steps = self._steps
+                self._pg.submit_giving_way(self.op, steps.verdict, False, steps.verdict_here)
             except BaseException as exc:
                 self._finish(exc)
                 raise
@@ -168,7 +166,8 @@ class _SendWork(Work):
         if inner.exception() is not None or not self._ask():
             return  # _on_sent finished this handle, or the verdict is already asked for
         try:
-            verdict = self._pg.submit_giving_way(self.op, self._verdict)
+            steps = self._steps
+            verdict = self._pg.submit_giving_way(self.op, steps.verdict, True, steps.verdict_here)
         except BaseException as exc:  # the group failed or closed meanwhile
             self._finish(exc)
             return
@@ -194,7 +193,7 @@ def send(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> None:
     if pg is not None:
         steps = _send_steps(pg, "send", tensor, dst, tag)
         pg.submit("send", steps.body, False, False)
-        pg.submit_giving_way("send", steps.verdict, False)
+        pg.submit_giving_way("send", steps.verdict, False, steps.verdict_here)
 
 
 def recv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> int:
@@ -211,7 +210,7 @@ def isend(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> Any:
     if pg is None:
         return None
     steps = _send_steps(pg, "isend", tensor, dst, tag)
-    return _SendWork(pg.submit("isend", steps.body, True, False), pg, steps.verdict)
+    return _SendWork(pg.submit("isend", steps.body, True, False), pg, steps)
 
 
 def irecv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> Any:

@@ -58,6 +58,9 @@ class EngineContext:
         diagnose_timeout: ``(peer, seq) -> chain`` after timing out on ``peer`` in
             op ``seq``: records the wait and follows other ranks' recorded waits
             (briefly) to the rank that is really stuck; returns ``[peer, ..., culprit]``.
+        wake_fd: readable (a byte written) when an operation is issued to the group
+            while a point-to-point wait that may step aside for it runs: such waits
+            watch it beside their sockets and read it empty (``None``: no such fd).
     """
 
     store: Any
@@ -71,6 +74,7 @@ class EngineContext:
     check_failed: Callable[[], None] = field(default=lambda: None)
     make_zmq_engine: Callable[[], Engine] = field(default=lambda: _no_zmq())
     diagnose_timeout: Callable[[int, int], list[int]] = field(default=lambda peer, seq: [peer])
+    wake_fd: int | None = None
 
 
 class SmallPath(Protocol):
@@ -239,6 +243,17 @@ class Engine(ABC):
         ``give_way()`` is true (False): a receive posted before its send then steps aside
         for work issued after it. An engine that cannot tell answers True at once (its
         ``recv`` blocks)."""
+        return True
+
+    def has_p2p(self, src: int, tag: int) -> bool:
+        """Whether a point-to-point message from ``src`` with ``tag`` has been read off
+        the network already (never waits, never reads): a queued receive for it would
+        finish if it ran now. An engine that cannot tell answers True."""
+        return True
+
+    def has_verdict(self, dst: int, tag: int, n: int) -> bool:
+        """Whether the receiver's verdict on send number ``n`` to ``dst`` with ``tag``
+        has been read already (never waits, never reads); True where unknown."""
         return True
 
     def last_send(self, dst: int, tag: int) -> int:

@@ -222,6 +222,12 @@ class HierEngine(Engine):
     def await_p2p(self, src: int, tag: int, deadline: float, give_way: Callable[[], bool]) -> bool:
         return self._flat.await_p2p(src, tag, deadline, give_way)
 
+    def has_p2p(self, src: int, tag: int) -> bool:
+        return self._flat.has_p2p(src, tag)
+
+    def has_verdict(self, dst: int, tag: int, n: int) -> bool:
+        return self._flat.has_verdict(dst, tag, n)
+
     def last_send(self, dst: int, tag: int) -> int:
         return self._flat.last_send(dst, tag)
 

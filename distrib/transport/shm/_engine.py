@@ -219,6 +219,12 @@ class ShmEngine(Engine):
     def await_p2p(self, src: int, tag: int, deadline: float, give_way: Callable[[], bool]) -> bool:
         return self._p2p is None or self._p2p.await_p2p(src, tag, deadline, give_way)
 
+    def has_p2p(self, src: int, tag: int) -> bool:
+        return self._p2p is None or self._p2p.has_p2p(src, tag)
+
+    def has_verdict(self, dst: int, tag: int, n: int) -> bool:
+        return self._p2p is None or self._p2p.has_verdict(dst, tag, n)
+
     def last_send(self, dst: int, tag: int) -> int:
         return self._p2p.last_send(dst, tag) if self._p2p is not None else 0
 

@@ -347,6 +347,12 @@ class ZmqEngine(Engine):
     def await_p2p(self, src: int, tag: int, deadline: float, give_way: Callable[[], bool]) -> bool:
         return self.links.await_message(src, P2P, tag, "recv", deadline, give_way)
 
+    def has_p2p(self, src: int, tag: int) -> bool:
+        return self.links.has_message(src, P2P, tag)
+
+    def has_verdict(self, dst: int, tag: int, n: int) -> bool:
+        return self.links.has_ack(dst, tag, n)
+
     def last_send(self, dst: int, tag: int) -> int:
         """Number of the latest ``send`` to ``dst`` with ``tag`` (for ``confirm_send``)."""
         return self._sent.get((dst, tag), 0)

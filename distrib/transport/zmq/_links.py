@@ -68,8 +68,6 @@ ZERO_COPY_MIN = 65536
 DISCONNECT_GRACE_S = 0.5
 FAILURE_POLL_S = 0.2  # how often a blocked rank asks the store about failures elsewhere
 _POLL_SLICE_MS = 50
-# A wait that may give way to later work looks at that work this often.
-_GIVE_WAY_SLICE_MS = 2
 _QUIET_WAIT_S = 0.02  # waits shorter than this never consult the store or the monitors
 
 
@@ -106,6 +104,10 @@ class ZmqLinks:
         self._monitors: dict[Any, int] = {}
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
+        # Work issued while a receive or a send's verdict waits ends the wait's poll.
+        self._wake_fd = ctx.wake_fd
+        if self._wake_fd is not None:
+            self.poller.register(self._wake_fd, zmq.POLLIN)
         for peer in range(self.size):
             if peer == self.rank:
                 continue
@@ -219,10 +221,19 @@ class ZmqLinks:
     ) -> bool:
         """Wait until a message from ``peer`` of ``kind`` with ``seq`` (a P2P tag) is
         stashed, without taking it (True); False as soon as ``give_way()`` is true."""
-        while not any(k == kind and s == seq for k, s, _, _ in self._stash[peer]):
+        while not self.has_message(peer, kind, seq):
             if not self._pump(peer, op, deadline, None, give_way):
                 return False
         return True
+
+    def has_message(self, peer: int, kind: int, seq: int) -> bool:
+        """Whether a message from ``peer`` of ``kind`` with ``seq`` is stashed (reads
+        nothing: safe to ask from inside another wait's ``give_way``)."""
+        return any(k == kind and s == seq for k, s, _, _ in self._stash[peer])
+
+    def has_ack(self, peer: int, tag: int, n: int) -> bool:
+        """Whether the verdict on our ``n``-th P2P message to ``peer`` with ``tag`` is here."""
+        return (peer, tag, n) in self._acks
 
     def take_ack(
         self,
@@ -294,14 +305,15 @@ class ZmqLinks:
                 raise self._timeout_error(peer, op, seq)
             if give_way is not None and give_way():
                 return False
-            slice_ms = _POLL_SLICE_MS if give_way is None else _GIVE_WAY_SLICE_MS
-            wait_ms = max(1, min(slice_ms, int((deadline - now) * 1000) + 1))
+            wait_ms = max(1, min(_POLL_SLICE_MS, int((deadline - now) * 1000) + 1))
             try:
                 events = dict(self.poller.poll(wait_ms))
             except zmq.ZMQError as exc:
                 raise self._closed_error(op, exc) from None
             for sock in events:
-                if sock is not router:
+                if sock == self._wake_fd:
+                    _drain_fd(sock)  # new work: give_way() is asked again above
+                elif sock is not router:
                     self._read_monitor(sock)
             if router in events:
                 try:
@@ -466,3 +478,12 @@ def _rank_of(ident: bytes, size: int) -> int | None:
 def frame_array(payload: Any, dtype: np.dtype) -> np.ndarray:
     """A read-only numpy view of a received payload (a memoryview of zmq's frame, no copy)."""
     return np.frombuffer(payload, dtype=dtype)
+
+
+def _drain_fd(fd: int) -> None:
+    """Read a non-blocking pipe empty."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
