@@ -11,6 +11,7 @@ receive is issued, on purpose, on both ranks.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -229,3 +230,97 @@ def test_waiting_receives_do_not_block_sends_or_each_other_or_spin(transport: st
     assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
     # Waiting is asleep in poll(): a few percent of a core, not a busy loop.
     assert results[0].value < 0.25, f"rank 0 used {results[0].value:.0%} of a core waiting"
+
+
+def _threads_exchanging(rank: int, world: int, rounds: int, threads: int) -> list[str]:
+    """Several threads of each rank post a receive, then send, on one group, at once."""
+    peer = 1 - rank
+    outcome = ["not finished"] * threads
+
+    def exchange(tag: int) -> None:
+        got = np.zeros(3, np.float32)
+        for i in range(rounds):
+            w = dist.irecv(got, peer, tag=tag)
+            dist.send(np.full(3, i, np.float32), peer, tag=tag)
+            w.wait()
+            if got[0] != i:
+                outcome[tag] = f"round {i}: got {got[0]}"
+                return
+        outcome[tag] = "ok"
+
+    workers = [threading.Thread(target=exchange, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(40)
+    return outcome
+
+
+def _late_sender(rank: int, world: int) -> str:
+    """Both ranks keep all-reducing on the group where rank 0 posted a receive; rank 1
+    sends its message only after 5 s, past the group timeout (3 s)."""
+    got = np.zeros(2, np.float32)
+    w = dist.irecv(got, src=1) if rank == 0 else None
+    start = time.monotonic()
+    while time.monotonic() - start < 5.0:
+        dist.all_reduce(np.ones(2, np.float32))
+        time.sleep(0.01)
+    if rank == 1:
+        dist.send(np.full(2, 7.0, np.float32), 0)
+        return "sent"
+    assert w is not None
+    w.wait()
+    return f"got {got.tolist()}"
+
+
+def _dies_while_peer_works(rank: int, world: int) -> str:
+    """Rank 0 has a receive from rank 1 posted and keeps sending to rank 2 on the same
+    group; rank 1 dies."""
+    if rank == 1:
+        time.sleep(0.5)
+        os._exit(3)
+    buf = np.zeros(2, np.float32)
+    start = time.monotonic()
+    try:
+        if rank == 2:
+            for _ in range(2000):
+                dist.recv(buf, 0)
+            return "done"
+        w = dist.irecv(buf, src=1)
+        for _ in range(2000):
+            dist.send(np.ones(2, np.float32), 2)
+            time.sleep(0.01)
+        w.wait()
+    except dist.DistError as exc:
+        return f"{type(exc).__name__} after {time.monotonic() - start:.1f}s"
+    return "no error"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_threads_posting_receives_and_sending_at_once(transport: str) -> None:
+    results = run_local_ranks(
+        _threads_exchanging,
+        2,
+        100,
+        3,
+        timeout=90,
+        group_timeout=20,
+        env={"DISTRIB_TRANSPORT": transport},
+    )
+    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
+    assert all(r.value == ["ok"] * 3 for r in results), [r.value for r in results]
+
+
+@pytest.mark.timeout(120)
+def test_a_posted_receive_on_a_busy_rank() -> None:
+    # The timeout (3 s) bounds how long a receive holds its group up, not how long it
+    # stays posted while the group works: the message that comes at 5 s is received.
+    results = run_local_ranks(_late_sender, 2, timeout=60, group_timeout=3)
+    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
+    assert results[0].value == "got [7.0, 7.0]", results[0].value
+    # A peer that dies while the group works is reported at once, not at the timeout.
+    results = run_local_ranks(_dies_while_peer_works, 3, timeout=60, group_timeout=20)
+    assert results[0].ok, results[0].describe()
+    outcome, _, took = results[0].value.partition(" after ")
+    assert outcome == "DistPeerLostError" and float(took[:-1]) < 8.0, results[0].value

@@ -492,7 +492,9 @@ class ProcessGroup:
         """Run ``step(deadline, give_way)`` after every earlier operation until it returns
         something other than ``GAVE_WAY``; a ``Work`` when async, else what it returned.
         A step returns ``GAVE_WAY`` when ``give_way()`` said other work was issued after
-        it: it runs again behind that work, under its first deadline. A synchronous step
+        it: it runs again behind that work. Each run gets the group timeout afresh, so
+        the timeout bounds how long the step holds the group up, not how long a rank
+        that keeps working leaves a receive posted (gloo counts from ``wait()``). A synchronous step
         runs on the caller's thread first, then, if it gave way, on the progress thread
         while the caller waits. ``ready()`` says whether the step, queued, would get
         anywhere if it ran now (a receive whose message is here); ``None``: it only waits.
@@ -501,14 +503,11 @@ class ProcessGroup:
         this rank (another thread) or its peer may issue only after it, and a send's
         verdict comes when the peer runs its matching receive.
         """
-        first: list[float] = []
 
         def action(_engine: Any, _call: CallDesc | None, seq: int, deadline: float) -> Any:
-            if not first:
-                first.append(deadline)
             self._p2p_waiting = True
             try:
-                return step(first[0], self._later_work_waiting)
+                return step(deadline, self._later_work_waiting)
             finally:
                 self._p2p_waiting = False
 
@@ -541,28 +540,43 @@ class ProcessGroup:
         """Take a ticket (and, for collectives, the next ``seq``: both under one lock, so
         the two orders agree when several threads issue), record the call, then run it
         here (synchronous) or on the progress thread (async)."""
-        ticket, seq = self._take_ticket(op, collective, job if gives_way else None)
-        if seq >= 0:  # the flight recorder's slot, written here: this is the hot path
-            flight = self.flight
-            e = flight.ring[seq & MASK]
-            e.seq, e.op, e.state, e.t_enter = seq, op, State.ENTERED, time.monotonic()
-            e.call, e.sync = job.call, not async_op
-            flight.last_entered = seq
+        call = job.call
         if not agree:
             job = job._replace(call=None)
+        step = job if gives_way else None
         if not async_op:
             # Synchronous: run on the caller's thread, no Work to build (its Event
             # costs microseconds a small all-reduce cannot spare).
+            ticket, seq = self._take_ticket(op, collective, step)
+            self._record(seq, op, call, True)
             self._execute(ticket, seq, job)
             return None
-        work = _Work(op, self.global_rank, self.flight, seq)
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._progress, name=f"distrib-progress-{self.global_ranks}", daemon=True
-            )
-            self._thread.start()
-        self._queue.put((ticket, seq, job, work))
+            with self._cond:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._progress,
+                        name=f"distrib-progress-{self.global_ranks}",
+                        daemon=True,
+                    )
+                    self._thread.start()
+        # The queue must hold jobs in ticket order (the progress thread runs them as they
+        # come and waits for each one's turn): ticket and put under one lock.
+        with self._cond:
+            ticket, seq = self._take_ticket(op, collective, step)
+            self._record(seq, op, call, False)
+            work = _Work(op, self.global_rank, self.flight, seq)
+            self._queue.put((ticket, seq, job, work))
         return work
+
+    def _record(self, seq: int, op: str, call: CallDesc | None, sync: bool) -> None:
+        """Write collective ``seq``'s flight recorder slot (the hot path: kept short)."""
+        if seq >= 0:
+            flight = self.flight
+            e = flight.ring[seq & MASK]
+            e.seq, e.op, e.state, e.t_enter = seq, op, State.ENTERED, time.monotonic()
+            e.call, e.sync = call, sync
+            flight.last_entered = seq
 
     def _take_ticket(self, op: str, collective: bool, step: _Job | None) -> tuple[int, int]:
         """The next ticket (and ``seq`` for a collective), under one lock; ``step``, a job
@@ -604,11 +618,11 @@ class ProcessGroup:
         if result is not GAVE_WAY:
             work._finish(None, result)
             return
-        with self._cond:  # behind everything issued so far (the progress thread's queue)
+        with self._cond:  # behind everything issued so far, in ticket order (_enqueue)
             ticket = self._next_ticket
             self._next_ticket += 1
             self._giving_way[ticket] = job
-        self._queue.put((ticket, seq, job, work))
+            self._queue.put((ticket, seq, job, work))
 
     def _execute(self, ticket: int, seq: int, job: _Job) -> Any:
         """Wait for ``ticket``'s turn, agree on the call, run it; a failure fails the group."""

@@ -299,7 +299,9 @@ class ZmqLinks:
         started = time.monotonic()
         while frames is None:
             now = time.monotonic()
-            if now - started >= _QUIET_WAIT_S:  # short waits are normal: skip the store
+            # Short waits are normal: they skip the checks. A wait that may give way
+            # starts over after each step aside, so it always checks (rate-limited).
+            if give_way is not None or now - started >= _QUIET_WAIT_S:
                 self._poll_failures(op, peer, now)
             if now >= deadline:
                 raise self._timeout_error(peer, op, seq)
@@ -393,7 +395,8 @@ class ZmqLinks:
         return DistTimeoutError(
             f"{op}: {self.gname(self.rank)} (group rank {self.rank} of {self.size}) timed out "
             f"waiting for {self.gname(peer)}{via}; {self.gname(culprit)} is hung, dead or not "
-            "calling this collective (raise the timeout with the timeout argument of "
+            f"{'calling this collective' if seq is not None else 'making the matching call'} "
+            "(raise the timeout with the timeout argument of "
             "init_process_group/new_group or DISTRIB_TIMEOUT)",
             rank=self.global_ranks[self.rank],
             op=op,
