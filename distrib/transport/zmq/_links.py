@@ -86,6 +86,10 @@ class ZmqLinks:
         }
         self._trackers: list[tuple[int, Any]] = []
         self._acks: dict[tuple[int, int, int], bytes] = {}  # (peer, tag, n) -> verdict
+        # Positive acks dropped to bound memory: the highest such n per (peer, tag). Acks
+        # of one (peer, tag) arrive in order and negative ones are never dropped, so an
+        # n at or below it with no entry in _acks was a positive ack.
+        self._acked_upto: dict[tuple[int, int], int] = {}
         self._lost_since: dict[int, float] = {}
         self._connected: set[int] = set()
         self._next_failure_poll = 0.0
@@ -233,7 +237,7 @@ class ZmqLinks:
 
     def has_ack(self, peer: int, tag: int, n: int) -> bool:
         """Whether the verdict on our ``n``-th P2P message to ``peer`` with ``tag`` is here."""
-        return (peer, tag, n) in self._acks
+        return (peer, tag, n) in self._acks or n <= self._acked_upto.get((peer, tag), 0)
 
     def take_ack(
         self,
@@ -248,6 +252,8 @@ class ZmqLinks:
         ``None`` if ``give_way()`` turned true first (checked every few milliseconds)."""
         key = (peer, tag, n)
         while key not in self._acks:
+            if n <= self._acked_upto.get((peer, tag), 0):
+                return b""  # a positive ack, dropped to bound memory
             if not self._pump(peer, op, deadline, None, give_way):
                 return None
         return self._acks.pop(key)
@@ -341,8 +347,11 @@ class ZmqLinks:
         if kind == ABORT:
             raise self._aborted_by(src, bytes(payload), op)
         if kind == P2P_ACK:
-            if len(self._acks) >= _MAX_ACKS:  # nobody will ask for old positive acks
-                self._acks = {k: v for k, v in self._acks.items() if v}
+            if len(self._acks) >= _MAX_ACKS:  # unclaimed positive acks: keep a watermark
+                for peer, tag, n in [k for k, v in self._acks.items() if not v]:
+                    del self._acks[(peer, tag, n)]
+                    if n > self._acked_upto.get((peer, tag), 0):
+                        self._acked_upto[(peer, tag)] = n
             self._acks[(src, seq, int.from_bytes(desc, "little"))] = bytes(payload)
             return
         self._stash[src].append((kind, seq, desc, payload))
