@@ -494,9 +494,9 @@ class ProcessGroup:
         A step returns ``GAVE_WAY`` when ``give_way()`` said other work was issued after
         it: it runs again behind that work. Each run gets the group timeout afresh, so
         the timeout bounds how long the step holds the group up, not how long a rank
-        that keeps working leaves a receive posted (gloo counts from ``wait()``). A synchronous step
-        runs on the caller's thread first, then, if it gave way, on the progress thread
-        while the caller waits. ``ready()`` says whether the step, queued, would get
+        that keeps working leaves a receive posted (gloo counts from ``wait()``). A
+        synchronous step runs on the caller's thread first, then, if it gave way, on the
+        progress thread while the caller waits. ``ready()`` says whether the step, queued, would get
         anywhere if it ran now (a receive whose message is here); ``None``: it only waits.
 
         For waits that a later operation may be what ends: a receive waits for a send
