@@ -154,12 +154,16 @@ for _ in range(warmup):
     step()
 dist.barrier()
 t0 = time.perf_counter()
+cpu0, main0 = time.process_time(), time.thread_time()
 for _ in range(steps):
     step()
-el = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+# CPU time of every thread but this one: the backend's communication threads
+comm_cpu = (time.process_time() - cpu0) - (time.thread_time() - main0)
+el = torch.tensor([time.perf_counter() - t0, comm_cpu], dtype=torch.float64)
 dist.all_reduce(el)
 if rank == 0:
-    print(json.dumps({"step_s": el.item() / dist.get_world_size() / steps}), flush=True)
+    n = dist.get_world_size() * steps
+    print(json.dumps({"step_s": el[0].item() / n, "comm_cpu_s": el[1].item() / n}), flush=True)
 if backend != "distrib":
     # torch 2.13's gloo sometimes aborts in its teardown ("terminate called without
     # an active exception") after the run is over: leave without it.
@@ -293,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if torch_ok:
         for name in TORCH_BACKENDS:
-            head += f" | {'torch/' + name + ' samp/s':>20} {'eff':>5} {'step ms':>8} {'ovh %':>6}"
+            head += (
+                f" | {'torch/' + name + ' samp/s':>20} {'eff':>5} {'step ms':>8} {'ovh %':>6}"
+                f" {'comm cpu':>8}"
+            )
     print(head)
     print("-" * len(head), flush=True)
     base_ours = 0.0
@@ -325,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                 line += (
                     f" | {tsps:>20.1f} {base_torch[name] / theirs['step_s']:>5.2f} "
                     f"{theirs['step_s'] * 1e3:>8.1f} "
-                    f"{100 * (1 - base_torch[name] / theirs['step_s']):>6.1f}"
+                    f"{100 * (1 - base_torch[name] / theirs['step_s']):>6.1f} "
+                    f"{theirs['comm_cpu_s'] * 1e3:>8.2f}"
                 )
         print(line, flush=True)
     if torch_ok:
@@ -343,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     if torch_ok:
         print(
             "# torch/nocomm = torch DDP with a no-op communication hook: every cost but the all-reduce"
+        )
+        print(
+            "# comm cpu = ms of CPU time per step per rank in threads other than the training "
+            "thread (the backend's communication threads)"
         )
     return 0
 

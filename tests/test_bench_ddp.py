@@ -15,7 +15,7 @@ def test_bench_ddp_reports_every_column_and_the_ceiling():
     out = run_benchmark("bench_ddp.py", *args, timeout=280)
     assert out.returncode == 0, out.stderr[-3000:]
     head = next(line for line in out.stdout.splitlines() if line.startswith("ranks"))
-    for column in ("distrib samp/s", "torch/gloo", "torch/distrib", "torch/nocomm"):
+    for column in ("distrib samp/s", "torch/gloo", "torch/distrib", "torch/nocomm", "comm cpu"):
         assert column in head, head
     rows = [line for line in out.stdout.splitlines() if re.match(r"\s+[12] \|", line)]
     assert len(rows) == 2, out.stdout

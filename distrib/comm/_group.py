@@ -697,6 +697,7 @@ class ProcessGroup:
             if item is None:
                 break
             self._run(*item)
+            item = None  # idle: hold nothing of the last job (its buffers, its caller's)
         # A step that gave way after close() queued its end marker: never to run.
         while True:
             try:

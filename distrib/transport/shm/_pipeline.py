@@ -54,6 +54,7 @@ from ..._errors import (
 )
 from .._calldesc import MAX_PACKED, CallDesc, CallsDiffer, digest, pack, unpack
 from ._cma import RemoteReader
+from ._exposed import Handle, PeerMappings
 from ._native import NativeStep
 from ._segment import SharedSegment
 from ._stores import StoreChooser
@@ -116,6 +117,10 @@ class SlotPipeline:
         )
         self.sync.publish_pid()
         self.reader = RemoteReader() if cma else None
+        # Peers' exposed buffers (_exposed): opening /proc/<pid>/fd needs the same
+        # permission as process_vm_readv. Used once ``expose_buffers`` turned it on.
+        self.peers = PeerMappings() if cma else None
+        self.use_exposed = False
         self.native: NativeStep | None = None
         if native is not None and 2 <= size <= NativeStep.MAX_RANKS:
             lay = segment.layout
@@ -271,6 +276,22 @@ class SlotPipeline:
                 peer=peer,
             ) from exc
 
+    def peer_view(self, q: int, handle: Handle, dtype: np.dtype, count: int, name: str) -> Any:
+        """Local rank ``q``'s exposed buffer at ``handle``, mapped read-only here."""
+        assert self.peers is not None
+        try:
+            return self.peers.view(self.pids[q], handle, dtype, count)
+        except (OSError, DistError) as exc:
+            self.sync.check(name, q)
+            peer = self.global_ranks[q]
+            raise DistPeerLostError(
+                f"{name}: rank {self.me} could not map rank {peer}'s shared buffer (pid "
+                f"{self.pids[q]}): {exc}",
+                rank=self.me,
+                op=name,
+                peer=peer,
+            ) from exc
+
     # -- lifecycle -------------------------------------------------------------
     def abort(self, reason: str, culprit: int | None = None) -> None:
         """Make this rank's and every local peer's blocked and future steps fail."""
@@ -281,5 +302,7 @@ class SlotPipeline:
         if self.closed:
             return
         self.closed = True
+        if self.peers is not None:
+            self.peers.close()
         self.sync.close()
         self.seg.close()
