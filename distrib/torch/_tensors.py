@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import sys
 import weakref
 from collections.abc import Callable
@@ -145,6 +146,7 @@ class SharedStorages:
             st.is_shared()
             or st.nbytes() != arr.nbytes
             or not _room_for(st.nbytes(), self.local_ranks)
+            or not _fds_to_spare()
         ):
             return None
         return lambda: _expose(t, st, arr)
@@ -167,6 +169,18 @@ def _room_for(nbytes: int, local_ranks: int) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize >= nbytes * local_ranks + _SHM_SPARE
+
+
+def _fds_to_spare() -> bool:
+    """Whether this process uses under half its open-file limit: each moved bucket
+    keeps one descriptor open (torch's shared storages do), and the rest belong to
+    the program (files, sockets, DataLoader workers)."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        used = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError):
+        return False
+    return soft == resource.RLIM_INFINITY or used < soft // 2
 
 
 def _expose(t: torch.Tensor, st: Any, arr: np.ndarray) -> np.ndarray:

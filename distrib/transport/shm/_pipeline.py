@@ -40,6 +40,8 @@ lives until the last local rank unmaps it or exits). After ``close`` every
 
 from __future__ import annotations
 
+import errno
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -51,6 +53,7 @@ from ..._errors import (
     DistMismatchError,
     DistPeerLostError,
     DistTimeoutError,
+    ShmError,
 )
 from .._calldesc import MAX_PACKED, CallDesc, CallsDiffer, digest, pack, unpack
 from ._cma import RemoteReader
@@ -61,6 +64,9 @@ from ._stores import StoreChooser
 from ._sync import PhaseSync
 
 __all__ = ["Chunk", "SlotPipeline"]
+
+# How long a peer whose buffer cannot be mapped gets to show that it is exiting.
+_EXIT_GRACE_S = 1.0
 
 
 class Chunk(NamedTuple):
@@ -284,13 +290,39 @@ class SlotPipeline:
         except (OSError, DistError) as exc:
             self.sync.check(name, q)
             peer = self.global_ranks[q]
-            raise DistPeerLostError(
-                f"{name}: rank {self.me} could not map rank {peer}'s shared buffer (pid "
-                f"{self.pids[q]}): {exc}",
+            if self._exiting(q, exc):
+                raise DistPeerLostError(
+                    f"{name}: rank {self.me} could not map rank {peer}'s shared buffer: "
+                    f"rank {peer} (pid {self.pids[q]}) has exited",
+                    rank=self.me,
+                    op=name,
+                    peer=peer,
+                ) from exc
+            # the peer is there: the trouble is here (open-file limit, address space)
+            raise ShmError(
+                f"{name}: rank {self.me} could not map rank {peer}'s shared buffer "
+                f"(pid {self.pids[q]}): {exc}",
                 rank=self.me,
                 op=name,
                 peer=peer,
             ) from exc
+
+    def _exiting(self, q: int, exc: BaseException) -> bool:
+        """Whether local rank ``q`` died, which explains failing to map its buffer.
+
+        A peer killed mid-call loses its open files before its exit can be seen
+        (its pidfd turns readable a moment later): unless the failure was this
+        process's own (out of file descriptors or memory), wait a little for it.
+        """
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        if getattr(cause, "errno", None) in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            return False
+        until = time.monotonic() + _EXIT_GRACE_S
+        while not self.sync.is_dead(q):
+            if time.monotonic() >= until:
+                return False
+            time.sleep(0.01)
+        return True
 
     # -- lifecycle -------------------------------------------------------------
     def abort(self, reason: str, culprit: int | None = None) -> None:

@@ -402,6 +402,8 @@ def _exposed_all_reduce(
     reading. Buffers are only read across processes, never written.
     """
     n, r, sync = pipe.size, pipe.rank, pipe.sync
+    assert pipe.peers is not None
+    pipe.peers.maybe_sweep()  # let go of peers' freed buffers
     k = pipe.begin(name, deadline)
     h = k & 1
     sync.publish_handle(exposed.find(buf))

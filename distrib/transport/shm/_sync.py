@@ -308,6 +308,10 @@ class PhaseSync:
             peer=self._global[q],
         )
 
+    def is_dead(self, q: int) -> bool:
+        """Whether local rank ``q``'s process has exited."""
+        return self._is_dead(q)
+
     def _is_dead(self, q: int) -> bool:
         fd = self._pidfds.get(q)
         if fd is not None:
