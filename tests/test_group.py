@@ -161,3 +161,24 @@ def test_subgroups_and_async_work():
         assert v["subrank"] == (rank // 2, 2)
         assert v["subbcast"] == (30 if rank % 2 else 20)
         assert v["top"] == 20
+
+
+def _released_after_async(rank, world):
+    """An array given to an async collective is freed once its Work and the caller's
+    references are gone, while the group sits idle."""
+    import gc
+    import time
+    import weakref
+
+    a = np.ones(1 << 16)
+    work = dist.all_reduce(a, async_op=True)
+    work.wait()
+    gone = weakref.ref(a)
+    del a, work
+    gc.collect()
+    time.sleep(0.05)
+    return gone() is None
+
+
+def test_the_progress_thread_keeps_nothing_of_finished_work():
+    assert _assert_all_ok(run_local_ranks(_released_after_async, 2, timeout=60)) == [True, True]

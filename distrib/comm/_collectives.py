@@ -10,7 +10,6 @@ in and the result copied back (``_call``). Point-to-point is in ``_p2p``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
@@ -56,40 +55,21 @@ def all_reduce(
     tensor: Any, op: Any = ReduceOp.SUM, group: Any = None, async_op: bool = False
 ) -> Any:
     """Reduce ``tensor`` across the group in place; every rank gets the result."""
-    return all_reduce_at_turn(tensor, op, group, async_op)
-
-
-def all_reduce_at_turn(
-    tensor: Any,
-    op: Any = ReduceOp.SUM,
-    group: Any = None,
-    async_op: bool = False,
-    at_turn: Callable[[], Any] | None = None,
-) -> Any:
-    """``all_reduce``; ``at_turn()``, when given, runs once every earlier operation of
-    the group has finished and returns the array to reduce: ``tensor``'s memory, which
-    it may have moved meanwhile (``distrib.torch`` moves storages to shared memory)."""
     pg = resolve_group(group, "all_reduce")
     if pg is None:
         return None
-    if (
-        not async_op
-        and at_turn is None
-        and type(tensor) is np.ndarray
-        and pg.all_reduce_small(tensor, op)
-    ):
+    if not async_op and type(tensor) is np.ndarray and pg.all_reduce_small(tensor, op):
         return None  # done in one compiled step (small, contiguous, nothing in flight)
     check_array(pg, tensor, "tensor", "all_reduce", writable=True)
     rop = op_for(pg, op, tensor.dtype, "all_reduce")
     desc = descriptor("all_reduce", shape=shape_of(tensor), dtype=tensor.dtype.str, reduce=rop.name)
 
     def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
-        buf = tensor if at_turn is None else at_turn()
-        flat = buf.ravel()
+        flat = tensor.ravel()
         engine.all_reduce(flat, rop, seq, deadline, call=call)
         finish_avg(flat, rop, pg.size())
-        write_back(buf, flat)
-        return [buf]
+        write_back(tensor, flat)
+        return [tensor]
 
     return issue(pg, "all_reduce", tensor, desc, action, async_op)
 

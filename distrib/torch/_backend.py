@@ -29,12 +29,11 @@ import torch.distributed as _tdist
 from .. import comm as dcomm
 from .._config import config
 from .._errors import DistUsageError
-from ..comm._collectives import all_reduce_at_turn
 from ..comm._group import ProcessGroup as _Group
 from ..store import PrefixStore, TCPStore
 from ..store._leave import leave
 from ..store._rendezvous import _bind_host_towards
-from ._tensors import SharedStorages, Staged, as_array, reduce_op
+from ._tensors import Staged, as_array, reduce_op
 from ._work import TorchWork
 
 # torch's stubs do not describe the Python ProcessGroup API this module uses.
@@ -61,17 +60,6 @@ def _blocks(arr: Any, sizes: list[int]) -> list[Any]:
     for size in sizes:
         edges.append(edges[-1] + int(size))
     return [arr[a:b] for a, b in itertools.pairwise(edges)]
-
-
-def _from_backward(frame: Any) -> bool:
-    """Whether a backend call comes straight from torch's autograd engine: DDP's
-    reducer all-reducing a gradient bucket during ``backward()`` (a user's call
-    comes through ``torch.distributed``'s Python API or their own code)."""
-    code = frame.f_code
-    return (
-        code.co_name == "_engine_run_backward"
-        and frame.f_globals.get("__name__") == "torch.autograd.graph"
-    )
 
 
 def _seconds(timeout: Any) -> float:
@@ -119,10 +107,6 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         except BaseException:
             self._store.close()
             raise
-        # Tensors all-reduced again move into shared memory, where the local peers
-        # read them directly, when this group's engine can (every rank decides alike).
-        engine = self._group.cpu_engine
-        self._shared = SharedStorages(engine.size) if engine.expose_buffers() else None
         self._closed = False
 
     # -- identity --------------------------------------------------------------
@@ -228,15 +212,7 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         op = reduce_op(opts.reduceOp, "allreduce", self._group.global_rank)
         arrs = self._arrays(tensors, "tensors", "allreduce", s, True)
         g = self._group
-        # DDP's own gradient buckets (all-reduced from inside backward) may move into
-        # shared memory, never a tensor the user passed (SharedStorages)
-        shared = self._shared if _from_backward(sys._getframe(1)) else None
-        calls = [
-            lambda a_, a=a, t=t: all_reduce_at_turn(
-                a, op, g, a_, None if shared is None else shared.at_turn(t, a)
-            )
-            for a, t in zip(arrs, tensors, strict=True)
-        ]
+        calls = [lambda a_, a=a: dcomm.all_reduce(a, op, g, a_) for a in arrs]
         return self._run("allreduce", opts, calls, tensors, s)
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:

@@ -18,10 +18,7 @@ Linux 6.1+; contents and address unchanged; skipped where unsupported).
 from __future__ import annotations
 
 import ctypes
-import os
-import resource
 import sys
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -31,13 +28,11 @@ import torch.distributed as _tdist
 
 from .._errors import DistUsageError
 from .._reduce_op import ReduceOp
-from ..transport.shm._exposed import exposed
-from ..transport.shm._reduce import exposed_min_bytes
 
 # torch's stubs do not describe the Python ProcessGroup API this module uses.
 tdist: Any = _tdist
 
-__all__ = ["SharedStorages", "Staged", "as_array", "reduce_op"]
+__all__ = ["Staged", "as_array", "reduce_op"]
 
 _RED = tdist.ReduceOp.RedOpType
 # Keyed by the enum's integer value: hashing torch's enum costs ~0.5 us a call.
@@ -109,91 +104,6 @@ class _HugePages:
 
 
 _huge_pages = _HugePages()
-
-
-class SharedStorages:
-    """Move DDP's gradient buckets into shared memory, where local peers read them.
-
-    torch's ``DistributedDataParallel`` all-reduces the same bucket tensors every
-    step. The second time one live bucket of at least ``exposed_min_bytes()``
-    comes in, its storage moves into shared memory in place, as
-    ``tensor.share_memory_()`` does (values and views kept), and is exposed to
-    the local peers, who then read it directly instead of through the
-    segment (``distrib.transport.shm._exposed``). Only DDP's own buckets move
-    (the caller says so): a tensor a user passes to ``all_reduce`` never does,
-    since numpy views of it would point at the old memory. Storages are
-    remembered weakly: a freed bucket is forgotten with its memory.
-    """
-
-    def __init__(self, local_ranks: int) -> None:
-        self.local_ranks = local_ranks
-        # storage -> sightings so far (_MOVED once handled)
-        self.seen: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-
-    def at_turn(self, t: torch.Tensor, arr: np.ndarray) -> Callable[[], np.ndarray] | None:
-        """What the all-reduce of bucket ``t`` (viewed as ``arr``) runs at its turn to
-        move it first, or None when there is nothing to move."""
-        if arr.nbytes < exposed_min_bytes() or arr.ctypes.data != t.data_ptr():
-            return None  # small, or a staged copy (bfloat16)
-        st = t.untyped_storage()
-        n = self.seen.get(st, 0) + 1
-        if n > _MOVED:
-            return None
-        self.seen[st] = n
-        if n < _MOVED:
-            return None
-        if (
-            st.is_shared()
-            or st.nbytes() != arr.nbytes
-            or not _room_for(st.nbytes(), self.local_ranks)
-            or not _fds_to_spare()
-        ):
-            return None
-        return lambda: _expose(t, st, arr)
-
-
-_MOVED = 2  # a bucket moves the second time it is all-reduced (DDP rebuilt it by then)
-_SHM_DIR = "/dev/shm"  # where torch's shared storages live (shm_open)
-_SHM_SPARE = 64 << 20  # left free in it for everything else
-
-
-def _room_for(nbytes: int, local_ranks: int) -> bool:
-    """Whether /dev/shm can take ``nbytes`` from each local rank with room to spare.
-
-    tmpfs allocates on first touch: a full one would kill the process with
-    SIGBUS mid-copy (the "bus error" of torch DataLoaders in small containers),
-    so a bucket moves only when the space is plainly there.
-    """
-    try:
-        st = os.statvfs(_SHM_DIR)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize >= nbytes * local_ranks + _SHM_SPARE
-
-
-def _fds_to_spare() -> bool:
-    """Whether this process uses under half its open-file limit: each moved bucket
-    keeps one descriptor open (torch's shared storages do), and the rest belong to
-    the program (files, sockets, DataLoader workers)."""
-    try:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        used = len(os.listdir("/proc/self/fd"))
-    except (OSError, ValueError):
-        return False
-    return soft == resource.RLIM_INFINITY or used < soft // 2
-
-
-def _expose(t: torch.Tensor, st: Any, arr: np.ndarray) -> np.ndarray:
-    """Move ``st`` (``t``'s storage) into shared memory and expose it; ``t``'s new view
-    (``arr``, the old one, where the move is refused)."""
-    try:
-        fd, _ = st._share_fd_cpu_()  # moves the storage in place, keeps the fd open
-        addr = st.data_ptr()
-        exposed.add(addr, st.nbytes(), fd)
-    except (RuntimeError, OSError):
-        return t.detach().numpy()  # the storage says where its memory is now
-    weakref.finalize(st, exposed.remove, addr)
-    return t.detach().numpy()
 
 
 class Staged:

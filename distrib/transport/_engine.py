@@ -159,13 +159,6 @@ class Engine(ABC):
         calls[self.rank] = call
         raise CallsDiffer(calls, call.op)
 
-    def expose_buffers(self) -> bool:
-        """Let large all-reduces read buffers that every rank exposed in shared memory
-        (``distrib.transport.shm._exposed``) straight from the peers; whether this
-        engine can. Every rank of the group must call it at the same point (it adds
-        a handshake step to those all-reduces)."""
-        return False
-
     @abstractmethod
     def all_reduce(
         self, buf: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None

@@ -114,11 +114,6 @@ class ShmEngine(Engine):
     def _pull(self, fn: Callable[[int, int, np.ndarray, str], None]) -> None:
         self._pipe.pull = fn  # type: ignore[method-assign, assignment]
 
-    def expose_buffers(self) -> bool:
-        pipe = self._pipe
-        pipe.use_exposed = pipe.peers is not None and self.size > 1
-        return pipe.use_exposed
-
     # -- reductions --------------------------------------------------------------
     def all_reduce(
         self, buf: Any, op: ReduceOp, seq: int, deadline: float, *, call: CallDesc | None

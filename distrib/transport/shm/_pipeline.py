@@ -40,8 +40,6 @@ lives until the last local rank unmaps it or exits). After ``close`` every
 
 from __future__ import annotations
 
-import errno
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -53,20 +51,15 @@ from ..._errors import (
     DistMismatchError,
     DistPeerLostError,
     DistTimeoutError,
-    ShmError,
 )
 from .._calldesc import MAX_PACKED, CallDesc, CallsDiffer, digest, pack, unpack
 from ._cma import RemoteReader
-from ._exposed import Handle, PeerMappings
 from ._native import NativeStep
 from ._segment import SharedSegment
 from ._stores import StoreChooser
 from ._sync import PhaseSync
 
 __all__ = ["Chunk", "SlotPipeline"]
-
-# How long a peer whose buffer cannot be mapped gets to show that it is exiting.
-_EXIT_GRACE_S = 1.0
 
 
 class Chunk(NamedTuple):
@@ -123,10 +116,6 @@ class SlotPipeline:
         )
         self.sync.publish_pid()
         self.reader = RemoteReader() if cma else None
-        # Peers' exposed buffers (_exposed): opening /proc/<pid>/fd needs the same
-        # permission as process_vm_readv. Used once ``expose_buffers`` turned it on.
-        self.peers = PeerMappings() if cma else None
-        self.use_exposed = False
         self.native: NativeStep | None = None
         if native is not None and 2 <= size <= NativeStep.MAX_RANKS:
             lay = segment.layout
@@ -282,48 +271,6 @@ class SlotPipeline:
                 peer=peer,
             ) from exc
 
-    def peer_view(self, q: int, handle: Handle, dtype: np.dtype, count: int, name: str) -> Any:
-        """Local rank ``q``'s exposed buffer at ``handle``, mapped read-only here."""
-        assert self.peers is not None
-        try:
-            return self.peers.view(self.pids[q], handle, dtype, count)
-        except (OSError, DistError) as exc:
-            self.sync.check(name, q)
-            peer = self.global_ranks[q]
-            if self._exiting(q, exc):
-                raise DistPeerLostError(
-                    f"{name}: rank {self.me} could not map rank {peer}'s shared buffer: "
-                    f"rank {peer} (pid {self.pids[q]}) has exited",
-                    rank=self.me,
-                    op=name,
-                    peer=peer,
-                ) from exc
-            # the peer is there: the trouble is here (open-file limit, address space)
-            raise ShmError(
-                f"{name}: rank {self.me} could not map rank {peer}'s shared buffer "
-                f"(pid {self.pids[q]}): {exc}",
-                rank=self.me,
-                op=name,
-                peer=peer,
-            ) from exc
-
-    def _exiting(self, q: int, exc: BaseException) -> bool:
-        """Whether local rank ``q`` died, which explains failing to map its buffer.
-
-        A peer killed mid-call loses its open files before its exit can be seen
-        (its pidfd turns readable a moment later): unless the failure was this
-        process's own (out of file descriptors or memory), wait a little for it.
-        """
-        cause = exc.__cause__ if exc.__cause__ is not None else exc
-        if getattr(cause, "errno", None) in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-            return False
-        until = time.monotonic() + _EXIT_GRACE_S
-        while not self.sync.is_dead(q):
-            if time.monotonic() >= until:
-                return False
-            time.sleep(0.01)
-        return True
-
     # -- lifecycle -------------------------------------------------------------
     def abort(self, reason: str, culprit: int | None = None) -> None:
         """Make this rank's and every local peer's blocked and future steps fail."""
@@ -334,7 +281,5 @@ class SlotPipeline:
         if self.closed:
             return
         self.closed = True
-        if self.peers is not None:
-            self.peers.close()
         self.sync.close()
         self.seg.close()

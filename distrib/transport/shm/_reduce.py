@@ -31,12 +31,11 @@ from ..._errors import DistError
 from ..._machine import machine
 from ..._reduce_op import ReduceOp, ufunc
 from .._calldesc import CallDesc, digest
-from ._exposed import exposed
 from ._native import NativeStep
 from ._pipeline import SlotPipeline
 from ._stores import StoreKind
 
-__all__ = ["exposed_min_bytes", "reduce", "reduce_scatter"]
+__all__ = ["reduce", "reduce_scatter"]
 
 
 # Size thresholds follow the machine's caches (distrib._machine): each rule
@@ -156,10 +155,6 @@ def reduce(
     first checking that every rank passed an equal ``call`` (unless ``None``)."""
     fn = ufunc(op)
     slots = pipe.seg.slots(buf.dtype)
-    if root is None and pipe.use_exposed and buf.nbytes >= _EXPOSED_MIN:
-        if _exposed_all_reduce(pipe, buf, fn, call, deadline, name):
-            return
-        call = None  # agreed in the handshake step
     if buf.nbytes <= one_shot_bytes(pipe):
         _one_shot(pipe, buf, fn, root, call, deadline, name, slots)
     elif (
@@ -369,79 +364,6 @@ def _pull_all_reduce(
     # nobody's buffer may change (return to its caller) while others still read it
     pipe.barrier(deadline, name)
     pipe.pull_stores.record(stores, time.perf_counter() - began, buf.nbytes)
-
-
-# All-reduces from this size look for exposed buffers (_exposed) first: one
-# handshake step, paid back by the copies it saves from the single-copy size on.
-_EXPOSED_MIN = _CMA_MIN
-
-
-def exposed_min_bytes() -> int:
-    """Smallest all-reduce that takes exposed buffers (storages smaller are not worth
-    moving into shared memory)."""
-    return _EXPOSED_MIN
-
-
-def _exposed_all_reduce(
-    pipe: SlotPipeline,
-    buf: Any,
-    fn: Any,
-    call: CallDesc | None,
-    deadline: float,
-    name: str,
-) -> bool:
-    """All-reduce buffers that every rank exposed in shared memory: no copy through
-    the segment. False (after one step that agreed on the call) when some rank's
-    buffer is private: the caller then takes another path.
-
-    Step k: each rank publishes its buffer's handle and call digest and signals;
-    once all have, it reduces its own part r in place in its own buffer, in rank
-    order, reading the others' buffers through read-only mappings, signals that
-    part final, and copies every other part out of its owner's buffer. A
-    barrier step then keeps every buffer unchanged until all have finished
-    reading. Buffers are only read across processes, never written.
-    """
-    n, r, sync = pipe.size, pipe.rank, pipe.sync
-    assert pipe.peers is not None
-    pipe.peers.maybe_sweep()  # let go of peers' freed buffers
-    k = pipe.begin(name, deadline)
-    h = k & 1
-    sync.publish_handle(exposed.find(buf))
-    if call is not None:
-        sync.publish_digest(h, digest(call))
-    sync.signal(2 * k + 1)
-    if call is not None:
-        pipe.check_calls(call, k, h, deadline)
-    sync.wait_all(2 * k + 1, name, deadline)
-    handles = [sync.handle(q) for q in range(n)]
-    if any(hd is None for hd in handles):
-        sync.signal(2 * k + 2)
-        pipe.step = k + 1
-        return False
-    views = [
-        buf if q == r else pipe.peer_view(q, hd, buf.dtype, buf.size, name)  # type: ignore[arg-type]
-        for q, hd in enumerate(handles)
-    ]
-    b = _bounds(buf.size, n)
-    lo, hi = b[r], b[r + 1]
-    if r < 2:  # my own input is the first or second operand: fold into it in place
-        _fold(fn, [v[lo:hi] for v in views], buf[lo:hi])
-    else:  # fold a cache-sized piece at a time into a spare, then copy it in
-        piece = max(1, _L2 // 2 // buf.itemsize)
-        spare = np.empty(min(piece, hi - lo), buf.dtype)
-        for s in range(lo, hi, piece):
-            e = min(s + piece, hi)
-            _fold(fn, [v[s:e] for v in views], spare[: e - s])
-            buf[s:e] = spare[: e - s]
-    sync.signal(2 * k + 2)
-    for q in range(n):
-        if q != r and b[q] < b[q + 1]:
-            sync.wait(q, 2 * k + 2, name, deadline)
-            np.copyto(buf[b[q] : b[q + 1]], views[q][b[q] : b[q + 1]])
-    pipe.step = k + 1
-    del views
-    pipe.barrier(deadline, name)
-    return True
 
 
 # -- reduce-scatter --------------------------------------------------------------

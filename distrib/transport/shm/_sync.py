@@ -32,7 +32,6 @@ from typing import Any
 
 from ..._errors import DistError, DistPeerLostError, DistTimeoutError
 from ..._machine import machine
-from ._exposed import Handle
 
 __all__ = ["PhaseSync", "reached"]
 
@@ -62,7 +61,6 @@ _WAITING_ON = 1
 _PID = 2
 _DIGEST = 3  # 4 words: the call-descriptor digest (2 words) for each pipeline half
 _ADDR = 7  # 2 words: address of this rank's buffer in the current single-copy op
-_HANDLE = 9  # 5 words: fd + 1 (0: none), inode, offset of an exposed buffer (_exposed)
 # global line (before the rank lines): abort word = 1 + the local rank that aborted
 _ABORT = 0
 _CULPRIT = 1  # 1 + the (global) rank whose death or lateness caused the abort
@@ -308,10 +306,6 @@ class PhaseSync:
             peer=self._global[q],
         )
 
-    def is_dead(self, q: int) -> bool:
-        """Whether local rank ``q``'s process has exited."""
-        return self._is_dead(q)
-
     def _is_dead(self, q: int) -> bool:
         fd = self._pidfds.get(q)
         if fd is not None:
@@ -399,29 +393,6 @@ class PhaseSync:
         """Local rank ``q``'s published buffer address."""
         base = _WORDS_PER_LINE * (1 + q) + _ADDR
         return self._words[base] | (self._words[base + 1] << 32)
-
-    def publish_handle(self, handle: Handle | None) -> None:
-        """Write where this rank's buffer lives for a mapped all-reduce (``None``: private)."""
-        base = _WORDS_PER_LINE * (1 + self.rank) + _HANDLE
-        w = self._words
-        if handle is None:
-            w[base] = 0
-            return
-        w[base + 1] = handle.inode & 0xFFFFFFFF
-        w[base + 2] = handle.inode >> 32
-        w[base + 3] = handle.offset & 0xFFFFFFFF
-        w[base + 4] = handle.offset >> 32
-        w[base] = handle.fd + 1
-
-    def handle(self, q: int) -> Handle | None:
-        """Local rank ``q``'s published buffer handle."""
-        base = _WORDS_PER_LINE * (1 + q) + _HANDLE
-        w = self._words
-        if not w[base]:
-            return None
-        return Handle(
-            w[base] - 1, w[base + 1] | (w[base + 2] << 32), w[base + 3] | (w[base + 4] << 32)
-        )
 
     def native_words(self) -> tuple[list[int], list[int]]:
         """Addresses of every rank's counter and "waiting on" word (for the C step)."""
