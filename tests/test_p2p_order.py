@@ -17,11 +17,27 @@ import time
 
 import numpy as np
 import pytest
+from _ranks import rank_values
 
 import distrib as dist
 from distrib.testing import run_local_ranks
 
 TRANSPORTS = ["zmq", "auto"]
+
+
+def _values(fn, world: int, *args, transport: str, timeout: float = 60) -> list:
+    """``fn(rank, world, *args)`` on ``world`` ranks over ``transport`` (20 s group
+    timeout); their return values, failing on any rank that did not return."""
+    return rank_values(
+        run_local_ranks(
+            fn,
+            world,
+            *args,
+            timeout=timeout,
+            group_timeout=20,
+            env={"DISTRIB_TRANSPORT": transport},
+        )
+    )
 
 
 def _crossed(rank: int, world: int, sends: int) -> list[list[float]]:
@@ -45,18 +61,10 @@ def _crossed(rank: int, world: int, sends: int) -> list[list[float]]:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_crossed_sends_complete(transport: str, sends: int) -> None:
     start = time.monotonic()
-    results = run_local_ranks(
-        _crossed,
-        2,
-        sends,
-        timeout=60,
-        group_timeout=20,
-        env={"DISTRIB_TRANSPORT": transport},
-    )
-    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
-    for rank, r in enumerate(results):
+    values = _values(_crossed, 2, sends, transport=transport)
+    for rank, value in enumerate(values):
         peer = 1 - rank
-        assert r.value == [[10.0 * peer + i] * 3 for i in range(sends)]
+        assert value == [[10.0 * peer + i] * 3 for i in range(sends)]
     # Far below the 20 s group timeout: nobody waited for a receive stuck behind a verdict.
     assert time.monotonic() - start < 15
 
@@ -82,12 +90,8 @@ def _crossed_mismatch(rank: int, world: int) -> str:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_verdict_still_reports_a_mismatch(transport: str) -> None:
-    results = run_local_ranks(
-        _crossed_mismatch, 2, timeout=60, group_timeout=20, env={"DISTRIB_TRANSPORT": transport}
-    )
-    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
-    for r in results:
-        assert "float32" in r.value and "int32" in r.value, r.value
+    for value in _values(_crossed_mismatch, 2, transport=transport):
+        assert "float32" in value and "int32" in value, value
 
 
 def _receives_first(rank: int, world: int) -> list[list[float]]:
@@ -132,17 +136,9 @@ def _receives_first(rank: int, world: int) -> list[list[float]]:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_receives_posted_before_their_sends_complete(transport: str, world: int) -> None:
     start = time.monotonic()
-    results = run_local_ranks(
-        _receives_first,
-        world,
-        timeout=60,
-        group_timeout=20,
-        env={"DISTRIB_TRANSPORT": transport},
-    )
-    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
-    for rank, r in enumerate(results):
+    for rank, value in enumerate(_values(_receives_first, world, transport=transport)):
         prv = (rank - 1) % world
-        assert r.value == [[10.0 * prv + i] * 3 for i in range(6)], (rank, r.value)
+        assert value == [[10.0 * prv + i] * 3 for i in range(6)], (rank, value)
     assert time.monotonic() - start < 15  # no receive waited out the group timeout
 
 
@@ -215,21 +211,13 @@ def _idle_while_waiting(rank: int, world: int, n: int) -> float:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_waiting_receives_do_not_block_sends_or_each_other_or_spin(transport: str) -> None:
-    env = {"DISTRIB_TRANSPORT": transport}
     start = time.monotonic()
-    results = run_local_ranks(
-        _send_behind_a_waiting_receive, 2, timeout=60, group_timeout=20, env=env
-    )
-    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
-    assert results[0].value == [3.0] * 4
-    results = run_local_ranks(_many_tags, 2, 20, timeout=60, group_timeout=20, env=env)
-    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
-    assert results[0].value == [float(i) for i in range(20)]
+    assert _values(_send_behind_a_waiting_receive, 2, transport=transport)[0] == [3.0] * 4
+    assert _values(_many_tags, 2, 20, transport=transport)[0] == [float(i) for i in range(20)]
     assert time.monotonic() - start < 15  # nothing waited out the group timeout
-    results = run_local_ranks(_idle_while_waiting, 2, 200, timeout=60, group_timeout=20, env=env)
-    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
+    busy = _values(_idle_while_waiting, 2, 200, transport=transport)[0]
     # Waiting is asleep in poll(): a few percent of a core, not a busy loop.
-    assert results[0].value < 0.25, f"rank 0 used {results[0].value:.0%} of a core waiting"
+    assert busy < 0.25, f"rank 0 used {busy:.0%} of a core waiting"
 
 
 def _threads_exchanging(rank: int, world: int, rounds: int, threads: int) -> list[str]:
@@ -298,17 +286,8 @@ def _dies_while_peer_works(rank: int, world: int) -> str:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_threads_posting_receives_and_sending_at_once(transport: str) -> None:
-    results = run_local_ranks(
-        _threads_exchanging,
-        2,
-        100,
-        3,
-        timeout=90,
-        group_timeout=20,
-        env={"DISTRIB_TRANSPORT": transport},
-    )
-    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
-    assert all(r.value == ["ok"] * 3 for r in results), [r.value for r in results]
+    values = _values(_threads_exchanging, 2, 100, 3, transport=transport, timeout=90)
+    assert values == [["ok"] * 3] * 2, values
 
 
 @pytest.mark.timeout(120)
@@ -346,13 +325,5 @@ def _many_unwaited_sends(rank: int, world: int, n: int) -> str:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_sends_waited_long_after_their_answers_came(transport: str) -> None:
-    results = run_local_ranks(
-        _many_unwaited_sends,
-        2,
-        5000,
-        timeout=90,
-        group_timeout=20,
-        env={"DISTRIB_TRANSPORT": transport},
-    )
-    assert all(r.ok for r in results), "\n".join(r.describe() for r in results)
-    assert [r.value for r in results] == ["sent", "0 out of order"]
+    values = _values(_many_unwaited_sends, 2, 5000, transport=transport, timeout=90)
+    assert values == ["sent", "0 out of order"]

@@ -496,8 +496,9 @@ class ProcessGroup:
         the timeout bounds how long the step holds the group up, not how long a rank
         that keeps working leaves a receive posted (gloo counts from ``wait()``). A
         synchronous step runs on the caller's thread first, then, if it gave way, on the
-        progress thread while the caller waits. ``ready()`` says whether the step, queued, would get
-        anywhere if it ran now (a receive whose message is here); ``None``: it only waits.
+        progress thread while the caller waits. ``ready()`` says whether the step,
+        queued, would get anywhere if it ran now (a receive whose message is here);
+        ``None``: it only waits.
 
         For waits that a later operation may be what ends: a receive waits for a send
         this rank (another thread) or its peer may issue only after it, and a send's
@@ -551,18 +552,14 @@ class ProcessGroup:
             self._record(seq, op, call, True)
             self._execute(ticket, seq, job)
             return None
-        if self._thread is None:
-            with self._cond:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._progress,
-                        name=f"distrib-progress-{self.global_ranks}",
-                        daemon=True,
-                    )
-                    self._thread.start()
         # The queue must hold jobs in ticket order (the progress thread runs them as they
         # come and waits for each one's turn): ticket and put under one lock.
         with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._progress, name=f"distrib-progress-{self.global_ranks}", daemon=True
+                )
+                self._thread.start()
             ticket, seq = self._take_ticket(op, collective, step)
             self._record(seq, op, call, False)
             work = _Work(op, self.global_rank, self.flight, seq)
