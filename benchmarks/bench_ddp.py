@@ -14,10 +14,13 @@ overhead over the single-rank run (1 - t1/tN).
 
 torch DDP runs three times in the same run: over gloo, over distrib's torch
 backend (``import distrib.torch``; ``init_process_group("distrib")``), and
-with a no-op communication hook (``register_comm_hook``: buckets are filled
-and copied back as usual, but nothing is all-reduced), same model, data and
-settings. The last is the ceiling of any backend: DDP's step with the
-all-reduce free. torch comes from this interpreter when it has it,
+with a no-op communication hook (``register_comm_hook``: DDP's buckets work
+as usual, but nothing is all-reduced), same model, data and settings. The
+last is the ceiling of any backend: DDP's step with the all-reduce free.
+torch DDP runs with its defaults, which copy every gradient into its bucket
+and back each step; ``--bucket-view`` sets ``gradient_as_bucket_view=True`` in
+all three torch columns, so gradients live in the buckets as distrib DDP's do
+(``ddp.grads``). torch comes from this interpreter when it has it,
 else from ``--peer-python`` ($DISTRIB_PEER_PYTHON by default; the
 "distrib" backend then needs this checkout on that interpreter's path, which
 the benchmark sets); without torch the torch columns are skipped.
@@ -124,7 +127,7 @@ import json, os, sys, time
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 torch.set_num_threads(1)
-layers, steps, warmup, batch, cap, backend = json.loads(sys.argv[1])
+layers, steps, warmup, batch, cap, bucket_view, backend = json.loads(sys.argv[1])
 if backend == "distrib":
     import distrib.torch  # registers the "distrib" backend
 dist.init_process_group("gloo" if backend == "nocomm" else backend)
@@ -135,7 +138,7 @@ for i, (a, b) in enumerate(zip(layers[:-1], layers[1:])):
     mods.append(torch.nn.Linear(a, b))
     if i < len(layers) - 2:
         mods.append(torch.nn.ReLU())
-model = DDP(torch.nn.Sequential(*mods), bucket_cap_mb=cap)
+model = DDP(torch.nn.Sequential(*mods), bucket_cap_mb=cap, gradient_as_bucket_view=bucket_view)
 if backend == "nocomm":
     def skip(state, bucket):  # the bucket's gradients stay as they are
         fut = torch.futures.Future()
@@ -163,7 +166,9 @@ el = torch.tensor([time.perf_counter() - t0, comm_cpu], dtype=torch.float64)
 dist.all_reduce(el)
 if rank == 0:
     n = dist.get_world_size() * steps
-    print(json.dumps({"step_s": el[0].item() / n, "comm_cpu_s": el[1].item() / n}), flush=True)
+    out = {"step_s": el[0].item() / n, "comm_cpu_s": el[1].item() / n}
+    out["bucket_view"] = model.gradient_as_bucket_view  # what DDP itself runs with
+    print(json.dumps(out), flush=True)
 if backend != "distrib":
     # torch 2.13's gloo sometimes aborts in its teardown ("terminate called without
     # an active exception") after the run is over: leave without it.
@@ -229,8 +234,13 @@ def run_distrib(n: int, args: argparse.Namespace) -> dict:
 
 
 def run_torch(n: int, args: argparse.Namespace, backend: str) -> dict:
-    spec = json.dumps([LAYERS, args.steps, args.warmup, args.batch, args.bucket_cap_mb, backend])
-    return _launch([[args.peer_python, "-c", TORCH_RANK, spec]] * n, args.timeout)
+    spec = json.dumps(
+        [LAYERS, args.steps, args.warmup, args.batch, args.bucket_cap_mb, args.bucket_view, backend]
+    )
+    result = _launch([[args.peer_python, "-c", TORCH_RANK, spec]] * n, args.timeout)
+    if result["bucket_view"] != args.bucket_view:
+        raise RuntimeError(f"torch DDP ran with gradient_as_bucket_view={result['bucket_view']}")
+    return result
 
 
 def _torch_python(peer: str | None) -> str | None:
@@ -264,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         "default); torch has no such knob",
     )
     ap.add_argument(
+        "--bucket-view",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch DDP's gradient_as_bucket_view (default off, torch's default: every "
+        "gradient is copied into its bucket and back each step; on: gradients live in "
+        "the buckets, as distrib DDP's do)",
+    )
+    ap.add_argument(
         "--peer-python",
         default=default_peer_python(),
         help="interpreter with torch when this one has none (default: $DISTRIB_PEER_PYTHON, else this one when it has torch)",
@@ -283,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# MLP {LAYERS}, {n_params(LAYERS) / 1e6:.1f}M float32 params, batch {args.batch}/rank, "
         f"{args.steps} steps, best of {args.repeat}, {cores} cores, 1 thread per rank, "
-        f"buckets {args.bucket_cap_mb:g} MiB (distrib last_bucket_mb={args.last_bucket_mb})"
+        f"buckets {args.bucket_cap_mb:g} MiB (distrib last_bucket_mb={args.last_bucket_mb}; "
+        f"torch gradient_as_bucket_view={args.bucket_view})"
     )
     print(f"# machine: {machine().describe()}")
     if not torch_ok:

@@ -30,3 +30,10 @@ def test_bench_ddp_reports_every_column_and_the_ceiling():
     )
     assert ratio is not None, out.stdout
     assert float(ratio.group(1)) > 0 and float(ratio.group(2)) > 0
+
+
+def test_bench_ddp_bucket_view_reaches_torch_ddp():
+    args = ["--ranks", "1", "--steps", "1", "--warmup", "1", "--repeat", "1", "--bucket-view"]
+    out = run_benchmark("bench_ddp.py", *args, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch gradient_as_bucket_view=True" in out.stdout, out.stdout
