@@ -63,6 +63,7 @@ class Config:
     local_ranks_filter: str | None = None  # DISTRIB_LOCAL_RANKS_FILTER: reserved for distrib-run
     native: bool | None = None  # DISTRIB_NATIVE: 0 keeps the shm engine's numpy path (no C step)
     dump_fd: int | None = None  # DISTRIB_DUMP_FD: set by distrib-run: a byte there asks for stacks
+    short_slice: bool | None = None  # DISTRIB_SHORT_SLICE: 0 keeps waiting threads' kernel slice
     node_id: str | None = None  # DISTRIB_NODE_ID: this rank's node (set by distrib.ray); ranks
     # share memory only when their machine and node id are both equal
 
@@ -85,6 +86,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "store_prefix": _str,
     "local_ranks_filter": _str,
     "native": _bool,
+    "short_slice": _bool,
     "node_id": _str,
     "dump_fd": _int,
 }

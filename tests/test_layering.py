@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "distrib._reduce_op",
             "distrib._xp",
             "distrib._machine",
+            "distrib._sched_slice",
             "distrib._record",
             "distrib._stacks",
         ),

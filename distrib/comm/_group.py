@@ -36,6 +36,8 @@ from .._errors import (
     DistTimeoutError,
 )
 from .._reduce_op import ReduceOp
+from .._sched_slice import keep_short as keep_short_slice
+from .._sched_slice import restore as restore_slice
 from .._xp import is_cupy
 from ..transport._calldesc import CallDesc, CallsDiffer, digest, mismatch_error
 from ..transport._engine import Engine, EngineContext
@@ -657,6 +659,7 @@ class ProcessGroup:
             with self._cond:
                 self._running_ticket += 1
                 self._cond.notify_all()
+            restore_slice()  # a caller's thread that waited on a peer: its own slice back
 
     @property
     def failure(self) -> DistError | None:
@@ -689,6 +692,7 @@ class ProcessGroup:
         return exc
 
     def _progress(self) -> None:
+        keep_short_slice()  # woken by a peer, run now rather than after a compute slice
         while True:
             item = self._queue.get()
             if item is None:

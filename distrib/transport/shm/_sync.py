@@ -32,6 +32,7 @@ from typing import Any
 
 from ..._errors import DistError, DistPeerLostError, DistTimeoutError
 from ..._machine import machine
+from ..._sched_slice import shorten as shorten_slice
 
 __all__ = ["PhaseSync", "reached"]
 
@@ -180,6 +181,9 @@ class PhaseSync:
         for _ in range(self._spin):
             if ((words[idx] - target) & 0xFFFFFFFF) < 0x80000000:
                 return
+        # The core goes to others now (often this process's compute thread): ask to
+        # run soon after the peer signals, not after their slice (_sched_slice).
+        shorten_slice()
         if self._yield_s > 0.0:
             # Poll, giving the CPU away between polls: the peer (or anyone) may
             # run, yet we notice its signal without paying a futex wake-up.
