@@ -169,12 +169,18 @@ def _slices_of_a_waiting_caller(rank: int, world: int) -> dict:
     if rank == 0:
         sampler.join()
     after = current_slice_ns(main)
+    small = np.ones(1024, np.float32)  # 4 KiB: the compiled one-step road, same promise
+    if rank == 1:
+        time.sleep(0.3)
+    distrib.all_reduce(small)
+    after_small = current_slice_ns(main)
     distrib.all_reduce(x, async_op=True).wait()
     progress = [t for t in threading.enumerate() if t.name.startswith("distrib-progress")]
     return {
         "before": before,
         "during": min((s for s in seen if s is not None), default=None),
         "after": after,
+        "after_small": after_small,
         "progress": [current_slice_ns(t.native_id) for t in progress],
         "sum_ok": bool(np.all(x == world * world)),  # 1 -> world -> world * world
     }
@@ -187,6 +193,7 @@ def test_a_collective_that_waits_runs_short_and_gives_the_slice_back():
     assert waiter["before"] != SHORT_SLICE_NS
     assert waiter["during"] == SHORT_SLICE_NS, waiter
     assert waiter["after"] == waiter["before"], waiter
+    assert waiter["after_small"] == waiter["before"], waiter
     for rank_out in out:
         assert rank_out["sum_ok"]
         assert rank_out["progress"] == [SHORT_SLICE_NS], rank_out
@@ -201,5 +208,6 @@ def test_distrib_short_slice_0_leaves_every_thread_alone():
     )
     waiter = out[0]
     assert waiter["during"] is None and waiter["after"] is None  # never read, never set
+    assert waiter["after_small"] is None
     for rank_out in out:
         assert rank_out["sum_ok"] and rank_out["progress"] == [None]

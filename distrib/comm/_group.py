@@ -471,6 +471,7 @@ class ProcessGroup:
             finally:
                 if self._watch is not None and self._watch.posted:
                     self._watch.done()
+                restore_slice()  # it waited for a peer: the caller's own slice back
             e.state, e.t_end = State.COMPLETED, time.monotonic()
             flight.last_completed = seq
             return True
