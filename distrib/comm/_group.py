@@ -36,6 +36,7 @@ from .._errors import (
     DistTimeoutError,
 )
 from .._reduce_op import ReduceOp
+from .._sched_slice import enabled as sched_slice_enabled
 from .._sched_slice import keep_short as keep_short_slice
 from .._sched_slice import restore as restore_slice
 from .._xp import is_cupy
@@ -164,6 +165,9 @@ class ProcessGroup:
         self._reported_error: DistError | None = None  # came from another rank: not re-published
         # DISTRIB_CHECK_MISMATCH=0 turns the collective consistency check off (read once).
         self.check_mismatch = config().check_mismatch is not False
+        # Reads DISTRIB_SHORT_SLICE and probes the kernel now, so a bad value fails here
+        # and the first wait on a peer makes no probe (_sched_slice).
+        sched_slice_enabled()
         self._closed = False
         self._fail_store = store.clone()
         self._fail_store.set_timeout(_FAILURE_STORE_TIMEOUT_S)
