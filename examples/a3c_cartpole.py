@@ -8,9 +8,10 @@ of the rollout (as in the A3C paper), computes the gradients by hand (no
 autograd) and applies them to the shared parameters without locks.
 The main process only monitors: it shows a progress bar, stops the workers
 once the 100-episode mean return reaches the env's threshold (475 for
-CartPole-v1) or time runs out, evaluates the policy greedily (as it was when
-the threshold was reached, before the workers saw the stop) and plots the
-learning curve.
+CartPole-v1) and a greedy check of that policy over 20 episodes reaches it too
+(the test process of the A3C reference implementations), or once time runs
+out; it then evaluates the stopped policy greedily on 20 fresh episodes and
+plots the learning curve.
 
     python examples/a3c_cartpole.py                      # CartPole-v1, 2 workers
     python examples/a3c_cartpole.py --env Acrobot-v1 --max-seconds 60
@@ -238,6 +239,7 @@ class Result:
     returns: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # seconds since start, per episode
     greedy_returns: list[float] = field(default_factory=list)
+    greedy_checks: int = 0  # snapshots checked greedily before one passed (or time ran out)
 
 
 def env_threshold(env_id: str) -> tuple[float | None, int, int]:
@@ -290,6 +292,7 @@ def train(
     returns: list[float] = []
     times: list[float] = []
     final: dict[str, np.ndarray] | None = None
+    checks, next_check_at = 0, 0
     bar = _progress_bar(progress, settings, threshold)
     try:
         for p in procs:
@@ -306,11 +309,23 @@ def train(
                 and threshold is not None
                 and len(returns) >= 100
                 and mean100 >= threshold
+                and len(returns) >= next_check_at
             ):
-                # The policy that solved it, before the updates the workers make
-                # until they see the stop flag (on a busy machine, many).
-                final = {k: np.array(v) for k, v in params.items()}
-                break
+                # The sampled policy averages the threshold; the greedy one is
+                # not always as good (a Hogwild update can tip an argmax). Check
+                # a snapshot greedily on episodes of its own (never the final
+                # evaluation's), and stop only when it passes: the workers keep
+                # updating the live parameters meanwhile, so the snapshot is
+                # what the check saw and what gets evaluated.
+                snapshot = {k: np.array(v) for k, v in params.items()}
+                check = greedy_evaluate(
+                    snapshot, settings.env, GREEDY_EPISODES, _check_seed(settings.seed, checks)
+                )
+                checks += 1
+                if float(np.mean(check)) >= threshold:
+                    final = snapshot
+                    break
+                next_check_at = len(returns) + CHECK_EVERY_EPISODES
             if now - t0 >= max_seconds:
                 break
             dead = [p for p in procs if not p.is_alive()]
@@ -340,10 +355,13 @@ def train(
         threshold=threshold,
         returns=returns,
         times=times,
+        greedy_checks=checks,
     )
     if final is None:  # out of time: the parameters as the workers left them
         final = {k: np.array(v) for k, v in params.items()}
-    result.greedy_returns = greedy_evaluate(final, settings.env, 20, settings.seed)
+    result.greedy_returns = greedy_evaluate(
+        final, settings.env, GREEDY_EPISODES, _evaluation_seed(settings.seed)
+    )
     return result
 
 
@@ -374,16 +392,30 @@ def _progress_bar(enabled: bool, settings: Settings, threshold: float | None):
     )
 
 
+GREEDY_EPISODES = 20
+CHECK_EVERY_EPISODES = 20  # after a failed greedy check, train this many episodes more
+
+
+def _evaluation_seed(seed: int) -> int:
+    """First env seed of the final evaluation: disjoint from every check's."""
+    return 10_000 + 100 * seed
+
+
+def _check_seed(seed: int, check: int) -> int:
+    """First env seed of greedy check number ``check``: fresh episodes each time."""
+    return 1_000_000 + 100_000 * seed + GREEDY_EPISODES * check
+
+
 def greedy_evaluate(
-    params: dict[str, np.ndarray], env_id: str, episodes: int, seed: int
+    params: dict[str, np.ndarray], env_id: str, episodes: int, first_seed: int
 ) -> list[float]:
-    """Returns of ``episodes`` episodes taking the most probable action."""
+    """Returns of ``episodes`` episodes (env seeds from ``first_seed``) taking the most probable action."""
     import gymnasium as gym
 
     env = gym.make(env_id, disable_env_checker=True)
     out = []
     for e in range(episodes):
-        obs, _ = env.reset(seed=10_000 + 100 * seed + e)
+        obs, _ = env.reset(seed=first_seed + e)
         total, done = 0.0, False
         while not done:
             _, p = policy(params, np.asarray(obs, dtype=np.float64).reshape(-1))
@@ -453,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = train(settings, args.max_seconds, progress=not args.no_progress, start_time=T_START)
     greedy = float(np.mean(result.greedy_returns))
-    print(f"greedy evaluation: mean={greedy:.1f} over {len(result.greedy_returns)} episodes")
+    print(
+        f"greedy evaluation: mean={greedy:.1f} over {len(result.greedy_returns)} episodes"
+        f" (after {result.greedy_checks} greedy check(s) during training)"
+    )
     if not args.no_plot:
         path = args.plot or f"/tmp/distrib-examples/a3c_{settings.env}.png"
         plot_learning_curve(result, settings, path)

@@ -49,6 +49,8 @@ def test_a3c_cartpole_solves_within_30s_for_5_of_5_seeds(tmp_path):
         assert greedy, f"seed {seed}: no greedy evaluation printed"
         g = float(re.search(r"mean=(-?[\d.]+) over 20 episodes", greedy[0]).group(1))
         assert g >= 475, f"seed {seed}: {greedy[0]}"
+        checks = int(re.search(r"after (\d+) greedy check", greedy[0]).group(1))
+        assert checks >= 1, f"seed {seed}: solved without a greedy check: {greedy[0]}"
         assert proc.returncode == 0
         assert plot.stat().st_size > 10_000  # a real PNG, not an empty file
 
