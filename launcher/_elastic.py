@@ -32,11 +32,11 @@ from distrib._errors import DistError, DistStoreError
 
 from ._options import LaunchOptions
 from ._rendezvous import Round, free_port
+from ._store_budget import REQUEST_S, stretched
 from ._worker import WorkerExit
 
 __all__ = ["ElasticRendezvous"]
 
-_REQUEST_S = 2.0  # each store request; silence is judged over --node-timeout
 _POLL_S = 0.1
 
 
@@ -93,7 +93,7 @@ class ElasticRendezvous:
         from distrib.store import TCPStore
 
         kwargs: dict[str, Any] = dict(
-            timeout=_REQUEST_S, wait_for_workers=False, auth_token=self.opts.auth_token
+            timeout=REQUEST_S, wait_for_workers=False, auth_token=self.opts.auth_token
         )
         host, port = self.opts.master_addr, self.opts.master_port or 29400
         if self.compat.is_host is not False:
@@ -121,7 +121,7 @@ class ElasticRendezvous:
         store = self._connect()
         while True:
             try:
-                store.wait([key], timeout=_REQUEST_S)
+                store.wait([key], timeout=REQUEST_S)
                 return
             except DistError as exc:
                 if isinstance(exc, PermissionError):
@@ -167,54 +167,62 @@ class ElasticRendezvous:
         self._lost = None
         deadline = time.monotonic() + self.opts.join_timeout
         try:
-            self._beat(force=True)
-            if self._round < 0:
-                self._round = int(store.get("e/round")) if store.check(["e/round"]) else 0
-            else:
-                self._round += 1
-            while True:
-                if store.check(["e/done"]):
-                    raise DistStoreError(
-                        f"c10d rendezvous at {self._where()}: the job already finished",
-                        op="launcher.join",
-                    )
-                if store.check([self._k("over")]):
-                    self._round += 1
-                    continue
-                if store.check([self._k("closed")]):  # formed without us: wait for the next
-                    store.add(self._k("waiting"), 1)
-                    self._wait_key(self._k("over"), deadline, f"round {self._round} did not end")
-                    self._round += 1
-                    continue
-                ticket = int(store.add(self._k("joined"), 1)) - 1
-                record: dict[str, Any] = {
-                    "id": self.id,
-                    "addr": self.addr,
-                    "host": socket.gethostname(),
-                    "nproc": self.opts.nproc,
-                }
-                if ticket == 0:
-                    record.update(run_id=self.opts.run_id, worker_port=free_port(self.addr))
-                store.set(self._k(f"node/{ticket}"), msgpack.packb(record))
-                if ticket == 0:
-                    self._close_round(deadline)
-                else:
-                    self._wait_key(self._k("closed"), deadline, "the group did not form")
-                n = int(store.get(self._k("closed")))
-                if ticket >= n:  # joined after the round was decided
-                    store.add(self._k("waiting"), 1)
-                    self._wait_key(self._k("over"), deadline, f"round {self._round} did not end")
-                    self._round += 1
-                    continue
-                break
-            keys = [self._k(f"node/{t}") for t in range(n)]
-            for key in keys:
-                self._wait_key(key, deadline, "a node did not publish its record")
-            records = [msgpack.unpackb(v) for v in store.multi_get(keys)]
+            # First contact: the node hosting the store may not be up yet (it can start
+            # later than we do); wait for it as long as joining may take.
+            with stretched(store, self.opts.join_timeout):
+                self._beat(force=True)
+            with stretched(store, self.opts.node_timeout):
+                return self._join_round(attempt, store, deadline)
         except DistError as exc:
             raise type(exc)(
                 f"node {self.addr}: {exc}", op="launcher.join", peer=self._where()
             ) from None
+
+    def _join_round(self, attempt: int, store: Any, deadline: float) -> Round:
+        """Take a ticket in the next open round and wait until it is decided."""
+        if self._round < 0:
+            self._round = int(store.get("e/round")) if store.check(["e/round"]) else 0
+        else:
+            self._round += 1
+        while True:
+            if store.check(["e/done"]):
+                raise DistStoreError(
+                    f"c10d rendezvous at {self._where()}: the job already finished",
+                    op="launcher.join",
+                )
+            if store.check([self._k("over")]):
+                self._round += 1
+                continue
+            if store.check([self._k("closed")]):  # formed without us: wait for the next
+                store.add(self._k("waiting"), 1)
+                self._wait_key(self._k("over"), deadline, f"round {self._round} did not end")
+                self._round += 1
+                continue
+            ticket = int(store.add(self._k("joined"), 1)) - 1
+            record: dict[str, Any] = {
+                "id": self.id,
+                "addr": self.addr,
+                "host": socket.gethostname(),
+                "nproc": self.opts.nproc,
+            }
+            if ticket == 0:
+                record.update(run_id=self.opts.run_id, worker_port=free_port(self.addr))
+            store.set(self._k(f"node/{ticket}"), msgpack.packb(record))
+            if ticket == 0:
+                self._close_round(deadline)
+            else:
+                self._wait_key(self._k("closed"), deadline, "the group did not form")
+            n = int(store.get(self._k("closed")))
+            if ticket >= n:  # joined after the round was decided
+                store.add(self._k("waiting"), 1)
+                self._wait_key(self._k("over"), deadline, f"round {self._round} did not end")
+                self._round += 1
+                continue
+            break
+        keys = [self._k(f"node/{t}") for t in range(n)]
+        for key in keys:
+            self._wait_key(key, deadline, "a node did not publish its record")
+        records = [msgpack.unpackb(v) for v in store.multi_get(keys)]
         self._ticket = ticket
         self._peers = {t: str(r["id"]) for t, r in enumerate(records)}
         now = time.monotonic()

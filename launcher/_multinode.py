@@ -29,13 +29,13 @@ from distrib._errors import DistError
 
 from ._options import LaunchOptions
 from ._rendezvous import Round, free_port
+from ._store_budget import REQUEST_S, stretched
 from ._worker import WorkerExit
 
 __all__ = ["StoreRendezvous"]
 
-# Store requests while monitoring are short so a cut link cannot stall the agent's
-# loop for long; a node is declared lost only after --node-timeout of such misses.
-_REQUEST_S = 2.0
+# Store requests while monitoring are short (REQUEST_S) so a cut link cannot stall the
+# agent's loop for long; a node is declared lost only after --node-timeout of such misses.
 
 
 class StoreRendezvous:
@@ -70,7 +70,7 @@ class StoreRendezvous:
                 self.opts.master_addr,
                 self.opts.master_port or 0,
                 is_master=self.n == 0,
-                timeout=_REQUEST_S,
+                timeout=REQUEST_S,
                 wait_for_workers=False,
                 auth_token=self.opts.auth_token,
             )
@@ -137,17 +137,21 @@ class StoreRendezvous:
         keys = [f"r{attempt}/node/{i}" for i in range(self.nnodes)]
         deadline = time.monotonic() + self.join_timeout
         try:
-            store.set(keys[self.n], msgpack.packb(record))
-            self._beat(force=True)
-            while True:
-                try:
-                    store.wait(keys, timeout=_REQUEST_S)
-                    break
-                except DistError as exc:
-                    self.heartbeat()  # a node still waiting here is alive, not lost
-                    if isinstance(exc, PermissionError) or time.monotonic() > deadline:
-                        raise
-            records = [msgpack.unpackb(v) for v in store.multi_get(keys)]
+            # First contact: node 0, which hosts the store, may start later than this
+            # node; wait for it as long as joining may take.
+            with stretched(store, self.join_timeout):
+                store.set(keys[self.n], msgpack.packb(record))
+            with stretched(store, self.opts.node_timeout):
+                self._beat(force=True)
+                while True:
+                    try:
+                        store.wait(keys, timeout=REQUEST_S)
+                        break
+                    except DistError as exc:
+                        self.heartbeat()  # a node still waiting here is alive, not lost
+                        if isinstance(exc, PermissionError) or time.monotonic() > deadline:
+                            raise
+                records = [msgpack.unpackb(v) for v in store.multi_get(keys)]
         except DistError as exc:
             have = ""
             try:

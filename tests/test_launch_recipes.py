@@ -9,6 +9,8 @@ torchrun's c10d flags. (torchrun itself is covered by tests/test_torchrun.py.)
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from _util import free_port
 from test_launcher_helpers import LauncherHarness
@@ -171,5 +173,20 @@ def test_slurm_sbatch_srun_line_with_c10d(launch):
         )
     launch.env = base
     assert _results(launch.finish_all(procs, timeout=90)) == [
+        f"RESULT rank={r} world=2 node={r} role='default' sum=3" for r in range(2)
+    ]
+
+
+def test_c10d_host_may_start_after_the_others(launch):
+    # The node told not to host starts first and finds no store; the host starts
+    # seconds later (longer than one store request may wait): the job runs.
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", endpoint, "--rdzv-id", "late-host"]  # fmt: skip
+    second = launch.popen(*common, "--rdzv-conf", "is_host=0,join_timeout=40", "train.py")
+    time.sleep(5.0)
+    assert second.poll() is None, "the node that does not host gave up before the host started"
+    first = launch.popen(*common, "--rdzv-conf", "is_host=1,join_timeout=40", "train.py")
+    assert _results(launch.finish_all([first, second], timeout=90)) == [
         f"RESULT rank={r} world=2 node={r} role='default' sum=3" for r in range(2)
     ]

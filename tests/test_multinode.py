@@ -167,3 +167,36 @@ def test_sigint_on_one_node_ends_the_job_everywhere_without_restart(launch):
     assert c1 == 128 + signal.SIGINT and "distrib-run received SIGINT" in e1
     assert c0 == 1 and "restarting" not in e0
     assert "node 1's launcher was interrupted by a signal and left" in e0, e0
+
+
+def test_node_0_may_start_after_the_others(launch):
+    """Node 1 starts first and finds no store; node 0 hosts it seconds later (longer
+    than one store request may wait): the job runs, as pods and srun tasks start."""
+    script = launch.script(
+        "sum.py",
+        """
+        import numpy as np
+        import distrib
+        distrib.init_process_group()
+        x = np.full(2, float(distrib.get_rank() + 1))
+        distrib.all_reduce(x)
+        print(f"SUM rank={distrib.get_rank()} {x[0]:g}", flush=True)
+        distrib.destroy_process_group()
+        """,
+    )
+    port = str(free_port())
+    token = launch.dir / "job-token"
+    token.write_text("multinode-test-secret\n")
+    token.chmod(0o600)
+    common = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port,
+              "--nproc", "1", "--auth-token-file", str(token), "--join-timeout", "40"]  # fmt: skip
+    node1 = launch.popen(*common, "--node-rank", "1", script)
+    time.sleep(5.0)  # over twice the 2 s a store request waits once joined
+    assert node1.poll() is None, "node 1 gave up before node 0 started"
+    node0 = launch.popen(*common, "--node-rank", "0", script)
+    results = _finish(launch, [node0, node1])
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    sums = sorted(line.split("]: ", 1)[1] for _, out, _ in results for line in out.splitlines()
+                  if "SUM" in line)  # fmt: skip
+    assert sums == ["SUM rank=0 3", "SUM rank=1 3"]
