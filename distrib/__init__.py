@@ -73,6 +73,7 @@ __all__ = [
     "get_backend",
     "get_global_rank",
     "get_group_rank",
+    "get_node_local_rank",
     "get_pg_count",
     "get_process_group_ranks",
     "get_rank",
@@ -82,6 +83,7 @@ __all__ = [
     "irecv",
     "is_available",
     "is_initialized",
+    "is_torchelastic_launched",
     "isend",
     "monitored_barrier",
     "new_group",
@@ -89,6 +91,7 @@ __all__ = [
     "new_subgroups_by_enumeration",
     "record",
     "recv",
+    "recv_object_list",
     "reduce",
     "reduce_scatter",
     "reduce_scatter_single",
@@ -96,6 +99,7 @@ __all__ = [
     "scatter",
     "scatter_object_list",
     "send",
+    "send_object_list",
 ]
 
 # name -> module that defines it (imported on first access); the error classes

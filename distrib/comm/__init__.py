@@ -38,12 +38,15 @@ from ._collectives import (
     scatter,
 )
 from ._group import ProcessGroup
+from ._launch_env import get_node_local_rank, is_torchelastic_launched
 from ._monitored import monitored_barrier
 from ._objects import (
     all_gather_object,
     broadcast_object_list,
     gather_object,
+    recv_object_list,
     scatter_object_list,
+    send_object_list,
 )
 from ._p2p import irecv, isend, recv, send
 from ._p2p_batch import P2POp, batch_isend_irecv
@@ -88,6 +91,7 @@ __all__ = [
     "get_backend",
     "get_global_rank",
     "get_group_rank",
+    "get_node_local_rank",
     "get_pg_count",
     "get_process_group_ranks",
     "get_rank",
@@ -97,12 +101,14 @@ __all__ = [
     "irecv",
     "is_available",
     "is_initialized",
+    "is_torchelastic_launched",
     "isend",
     "monitored_barrier",
     "new_group",
     "new_subgroups",
     "new_subgroups_by_enumeration",
     "recv",
+    "recv_object_list",
     "reduce",
     "reduce_scatter",
     "reduce_scatter_single",
@@ -110,4 +116,5 @@ __all__ = [
     "scatter",
     "scatter_object_list",
     "send",
+    "send_object_list",
 ]

@@ -111,6 +111,15 @@ def _require(op: str) -> _World:
     return world
 
 
+def _no_options(op: str, pg_options: Any) -> None:
+    if pg_options is not None:
+        raise DistUsageError(
+            f"{op}: pg_options={pg_options!r} is not supported; distrib's backends take no "
+            "options (pass None)",
+            op=op,
+        )
+
+
 def _backend_name(backend: Any) -> str:
     name = str(backend).lower() if backend is not None else "auto"
     parts = [p.split(":")[-1] for p in name.split(",")]  # "cpu:gloo,cuda:nccl"
@@ -138,25 +147,31 @@ def _timeout(timeout: Any) -> float:
 
 
 def init_process_group(
-    backend: str | None = "auto",
+    backend: str | None = None,
     init_method: str | None = None,
-    *,
-    rank: int | None = None,
-    world_size: int | None = None,
-    store: Store | None = None,
     timeout: Any = None,
+    world_size: int | None = -1,
+    rank: int | None = -1,
+    store: Store | None = None,
     group_name: str = "",
+    pg_options: Any = None,
+    device_id: Any = None,
 ) -> None:
-    """Join the default process group (torch's ``init_process_group``).
+    """Join the default process group (torch's ``init_process_group``, same parameters).
 
     Args:
-        backend: "auto" (default), "cpu"/"zmq", "gloo" (alias of the CPU path) or "nccl".
+        backend: None or "auto" (default), "cpu"/"zmq", "gloo" (alias of the CPU path)
+            or "nccl".
         init_method: "env://" (default: MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE, or
             Slurm / Open MPI / MPICH variables), "tcp://host:port" or "file://path".
-        rank, world_size: override the environment.
-        store: an existing store (then ``rank`` and ``world_size`` are required).
         timeout: ``timedelta`` or seconds for every collective (default DISTRIB_TIMEOUT
             or 10 minutes).
+        world_size, rank: override the environment (-1 or None: read it from there).
+        store: an existing store (then ``rank`` and ``world_size`` are required).
+        pg_options: backend options of torch's C++ backends; distrib has none, so only
+            None is accepted.
+        device_id: accepted and unused: arrays choose their engine (numpy: CPU,
+            cupy: the array's own GPU), so there is no device to bind eagerly.
     """
     global _world
     if _current() is not None:
@@ -165,6 +180,9 @@ def init_process_group(
             "destroy_process_group() first",
             op="init_process_group",
         )
+    _no_options("init_process_group", pg_options)
+    rank = None if rank == -1 else rank
+    world_size = None if world_size == -1 else world_size
     name = _backend_name(backend)
     seconds = _timeout(timeout)
     if store is not None:
@@ -234,10 +252,38 @@ def get_backend(group: Any = None) -> str:
     return pg.backend
 
 
-def new_group(ranks: Any = None, timeout: Any = None, backend: str | None = None) -> Any:
+def new_group(
+    ranks: Any = None,
+    timeout: Any = None,
+    backend: str | None = None,
+    pg_options: Any = None,
+    use_local_synchronization: bool = False,
+    group_desc: str | None = None,
+    device_id: Any = None,
+    sort_ranks: bool = True,
+) -> Any:
     """Create a subgroup of ``ranks`` (global ranks; default all). Every rank of the world
-    must call it, in the same order; non-members get ``GroupMember.NON_GROUP_MEMBER``."""
+    must call it, in the same order; non-members get ``GroupMember.NON_GROUP_MEMBER``.
+
+    torch's other parameters: ``pg_options`` must be None (distrib's backends take no
+    options), ``device_id`` is unused (arrays choose their engine), ``group_desc`` is
+    accepted; ``use_local_synchronization=True`` and ``sort_ranks=False`` are refused
+    with a ``DistUsageError`` (every rank calls ``new_group``; group ranks follow
+    global rank order)."""
     world = _require("new_group")
+    _no_options("new_group", pg_options)
+    if use_local_synchronization:
+        raise DistUsageError(
+            "new_group: use_local_synchronization=True is not supported; every rank of the "
+            "world calls new_group, members or not, in the same order",
+            op="new_group",
+        )
+    if not sort_ranks:
+        raise DistUsageError(
+            "new_group: sort_ranks=False is not supported; group ranks follow the global "
+            "ranks' order (get_group_rank / get_global_rank convert)",
+            op="new_group",
+        )
     size = world.group.size()
     members = list(range(size)) if ranks is None else sorted(int(r) for r in ranks)
     if len(set(members)) != len(members) or not members:

@@ -34,6 +34,7 @@ __all__ = [
     "finish_avg",
     "group_rank",
     "issue",
+    "named_rank",
     "op_for",
     "resolve_group",
     "shape_of",
@@ -111,6 +112,47 @@ def group_rank(pg: ProcessGroup, global_rank: Any, arg: str, op: str) -> int:
         ) from None
 
 
+def named_rank(
+    pg: ProcessGroup,
+    op: str,
+    arg: str,
+    global_rank: Any,
+    rank_in_group: Any,
+    default: int | None = None,
+) -> int:
+    """The global rank a call names, torch's way: ``arg`` (a global rank) or
+    ``group_<arg>`` (a rank within ``pg``), never both; ``default`` (a global rank)
+    when neither is given, else an error naming the two arguments."""
+    if rank_in_group is not None:
+        if global_rank is not None:
+            raise DistUsageError(
+                f"{op}: give {arg} (a global rank) or group_{arg} (a rank in the group), "
+                f"not both (got {arg}={global_rank!r}, group_{arg}={rank_in_group!r})",
+                rank=pg.global_rank,
+                op=op,
+            )
+        if not isinstance(rank_in_group, (int, np.integer)) or isinstance(rank_in_group, bool):
+            raise TypeError(f"{op}: group_{arg} must be an int rank, got {rank_in_group!r}")
+        if not 0 <= int(rank_in_group) < pg.size():
+            raise DistUsageError(
+                f"{op}: group_{arg}={rank_in_group} is outside the group {pg.global_ranks} "
+                f"(group ranks 0 to {pg.size() - 1}; called on rank {pg.global_rank})",
+                rank=pg.global_rank,
+                op=op,
+            )
+        return pg.global_ranks[int(rank_in_group)]
+    if global_rank is None:
+        if default is None:
+            raise DistUsageError(
+                f"{op}: give {arg} (a global rank) or group_{arg} (a rank in the group)",
+                rank=pg.global_rank,
+                op=op,
+            )
+        return default
+    group_rank(pg, global_rank, arg, op)  # checks the type and the membership
+    return int(global_rank)
+
+
 def write_back(array: Any, flat: Any) -> None:
     """Copy ``flat`` (``array.ravel()``: a view when ``array`` is C-contiguous, else a
     copy) back into ``array`` unless it is a view of it."""
@@ -143,19 +185,21 @@ def issue(
     call: CallDesc,
     action: Callable[[Any, CallDesc | None, int, float], Any],
     async_op: bool,
+    timeout: float | None = None,
 ) -> Any:
     """Issue ``action(engine, call, seq, deadline)`` on ``pg`` once the ranks agree on
     ``call``; the action passes the ``call`` it gets on to the engine (``call=``): the
-    descriptor when the engine checks it in its own first step, else ``None``."""
+    descriptor when the engine checks it in its own first step, else ``None``.
+    ``timeout`` (seconds) bounds this call instead of the group's timeout."""
     engine = pg.engine_for(sample)
     call = _in_group(call, pg.group_key)
     if async_op and is_cupy(sample):
         # GPU work is enqueued on the caller's current cupy stream (torch's NCCL semantics):
         # enqueue it here, in issue order, and hand back a Work backed by a CUDA event, so a
         # user's non-default stream orders the collective correctly.
-        pg.issue_call(op, engine, call, action, False)
+        pg.issue_call(op, engine, call, action, False, timeout)
         return CudaEventWork(None, op, pg.global_rank, pg.timeout)
-    return pg.issue_call(op, engine, call, action, async_op)
+    return pg.issue_call(op, engine, call, action, async_op, timeout)
 
 
 def shape_of(a: Any) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ import numpy as np
 from .._errors import DistUsageError
 from .._reduce_op import ReduceOp
 from .._xp import xp_of
+from ..store import to_seconds
 from ..transport._calldesc import CallDesc
 from ._call import (
     check_array,
@@ -26,6 +27,7 @@ from ._call import (
     finish_avg,
     group_rank,
     issue,
+    named_rank,
     op_for,
     resolve_group,
     shape_of,
@@ -75,13 +77,20 @@ def all_reduce(
 
 
 def reduce(
-    tensor: Any, dst: int, op: Any = ReduceOp.SUM, group: Any = None, async_op: bool = False
+    tensor: Any,
+    dst: int | None = None,
+    op: Any = ReduceOp.SUM,
+    group: Any = None,
+    async_op: bool = False,
+    group_dst: int | None = None,
 ) -> Any:
-    """Reduce ``tensor`` into rank ``dst``'s ``tensor``; other ranks' arrays are unchanged."""
+    """Reduce ``tensor`` into rank ``dst``'s ``tensor`` (``group_dst``: the destination's
+    rank within ``group``); other ranks' arrays are unchanged."""
     pg = resolve_group(group, "reduce")
     if pg is None:
         return None
     check_array(pg, tensor, "tensor", "reduce", writable=True)
+    dst = named_rank(pg, "reduce", "dst", dst, group_dst)
     root = group_rank(pg, dst, "dst", "reduce")
     rop = op_for(pg, op, tensor.dtype, "reduce")
     desc = descriptor(
@@ -102,12 +111,20 @@ def reduce(
     return issue(pg, "reduce", tensor, desc, action, async_op)
 
 
-def broadcast(tensor: Any, src: int, group: Any = None, async_op: bool = False) -> Any:
-    """Copy rank ``src``'s ``tensor`` into every other rank's ``tensor``."""
+def broadcast(
+    tensor: Any,
+    src: int | None = None,
+    group: Any = None,
+    async_op: bool = False,
+    group_src: int | None = None,
+) -> Any:
+    """Copy rank ``src``'s ``tensor`` into every other rank's ``tensor`` (``group_src``:
+    the source's rank within ``group``)."""
     pg = resolve_group(group, "broadcast")
     if pg is None:
         return None
     check_array(pg, tensor, "tensor", "broadcast", writable=True)
+    src = named_rank(pg, "broadcast", "src", src, group_src)
     root = group_rank(pg, src, "src", "broadcast")
     desc = descriptor("broadcast", shape=shape_of(tensor), dtype=tensor.dtype.str, root=src)
 
@@ -174,15 +191,18 @@ def all_gather_into_tensor(
 def gather(
     tensor: Any,
     gather_list: list[Any] | None = None,
-    dst: int = 0,
+    dst: int | None = None,
     group: Any = None,
     async_op: bool = False,
+    group_dst: int | None = None,
 ) -> Any:
-    """Rank ``dst`` gets every rank's ``tensor`` in ``gather_list`` (rank order)."""
+    """Rank ``dst`` (``group_dst`` within ``group``; default global rank 0) gets every
+    rank's ``tensor`` in ``gather_list`` (rank order)."""
     pg = resolve_group(group, "gather")
     if pg is None:
         return None
     check_array(pg, tensor, "tensor", "gather")
+    dst = named_rank(pg, "gather", "dst", dst, group_dst, default=0)
     root = group_rank(pg, dst, "dst", "gather")
     if pg.rank() == root:
         check_list(pg, gather_list, tensor, "gather_list", "gather", True)
@@ -209,15 +229,18 @@ def gather(
 def scatter(
     tensor: Any,
     scatter_list: list[Any] | None = None,
-    src: int = 0,
+    src: int | None = None,
     group: Any = None,
     async_op: bool = False,
+    group_src: int | None = None,
 ) -> Any:
-    """Rank i's ``tensor`` gets ``scatter_list[i]`` of rank ``src``."""
+    """Rank i's ``tensor`` gets ``scatter_list[i]`` of rank ``src`` (``group_src`` within
+    ``group``; default global rank 0)."""
     pg = resolve_group(group, "scatter")
     if pg is None:
         return None
     check_array(pg, tensor, "tensor", "scatter", writable=True)
+    src = named_rank(pg, "scatter", "src", src, group_src, default=0)
     root = group_rank(pg, src, "src", "scatter")
     if pg.rank() == root:
         check_list(pg, scatter_list, tensor, "scatter_list", "scatter", False)
@@ -372,15 +395,20 @@ def all_to_all_single(
     return issue(pg, name, input, desc, action, async_op)
 
 
-def barrier(group: Any = None, async_op: bool = False, device_ids: Any = None) -> Any:
-    """Return once every rank of the group has called ``barrier``."""
+def barrier(
+    group: Any = None, async_op: bool = False, device_ids: Any = None, timeout: Any = None
+) -> Any:
+    """Return once every rank of the group has called ``barrier``. ``timeout`` (seconds or
+    a ``timedelta``) bounds this barrier instead of the group's timeout; running out of
+    it fails the group like any timeout (``monitored_barrier`` names who is late)."""
     pg = resolve_group(group, "barrier")
     if pg is None:
         return None
+    seconds = None if timeout is None else to_seconds(timeout, "barrier: timeout")
     sample = np.empty(0, np.uint8)
     desc = descriptor("barrier")
 
     def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> None:
         engine.barrier(seq, deadline, call=call)
 
-    return issue(pg, "barrier", sample, desc, action, async_op)
+    return issue(pg, "barrier", sample, desc, action, async_op, seconds)

@@ -118,6 +118,8 @@ class _Job(NamedTuple):
     # A step of submit_giving_way: whether running it now would get anywhere (None:
     # never, it only waits).
     ready: Callable[[], bool] | None = None
+    # Seconds this operation may take once it starts (None: the group's timeout).
+    timeout: float | None = None
 
 
 # What a step run by ``submit_giving_way`` returns when it gave way to later work.
@@ -391,11 +393,14 @@ class ProcessGroup:
         call: CallDesc,
         action: Callable[[Any, CallDesc | None, int, float], Any],
         async_op: bool,
+        timeout: float | None = None,
     ) -> Any:
         """Run collective ``action(engine, call, seq, deadline)`` once every rank agreed on
         ``call``, after every earlier operation; return a ``Work`` when async. The action
-        passes its ``call`` argument (see ``agree``) on to the engine."""
-        return self._enqueue(op, _Job(engine, call, action), async_op, True)
+        passes its ``call`` argument (see ``agree``) on to the engine. ``timeout`` bounds
+        this operation instead of the group's timeout."""
+        job = _Job(engine, call, action, timeout=timeout)
+        return self._enqueue(op, job, async_op, True)
 
     def submit(
         self,
@@ -643,7 +648,7 @@ class ProcessGroup:
             if seq >= 0:
                 flight.ring[seq & MASK].state = State.STARTED
                 flight.running = seq
-            deadline = time.monotonic() + self.timeout
+            deadline = time.monotonic() + (self.timeout if job.timeout is None else job.timeout)
             call = None
             if job.call is not None:
                 call = self.agree(job.engine, job.call, seq, deadline)  # type: ignore[arg-type]

@@ -15,9 +15,11 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from ._call import resolve_group
+from .._errors import DistUsageError
+from ._call import named_rank, resolve_group
 from ._collectives import all_gather_into_tensor, broadcast, gather, scatter
 from ._group import ProcessGroup
+from ._p2p import recv, send
 
 __all__ = [
     "all_gather_object",
@@ -25,7 +27,9 @@ __all__ = [
     "decode_object",
     "encode_object",
     "gather_object",
+    "recv_object_list",
     "scatter_object_list",
+    "send_object_list",
 ]
 
 _EXT_NDARRAY, _EXT_TUPLE, _EXT_COMPLEX, _EXT_BIGINT, _EXT_SCALAR, _EXT_SET = range(1, 7)
@@ -104,11 +108,20 @@ def _lengths(pg: ProcessGroup, mine: int, group: Any) -> np.ndarray:
     return lens
 
 
-def broadcast_object_list(object_list: list[Any], src: int = 0, group: Any = None) -> None:
-    """Replace ``object_list``'s items on every rank with those of rank ``src``."""
+def broadcast_object_list(
+    object_list: list[Any],
+    src: int | None = None,
+    group: Any = None,
+    device: Any = None,
+    group_src: int | None = None,
+) -> None:
+    """Replace ``object_list``'s items on every rank with those of rank ``src``
+    (``group_src`` within ``group``; default global rank 0). ``device`` is accepted for
+    torch's signature and unused: objects travel as msgpack bytes on the CPU."""
     pg = resolve_group(group, "broadcast_object_list")
     if pg is None:
         return
+    src = named_rank(pg, "broadcast_object_list", "src", src, group_src, default=0)
     if not isinstance(object_list, list):
         raise TypeError(
             f"broadcast_object_list: object_list must be a list, got {type(object_list).__name__}"
@@ -148,12 +161,18 @@ def all_gather_object(object_list: list[Any], obj: Any, group: Any = None) -> No
 
 
 def gather_object(
-    obj: Any, object_gather_list: list[Any] | None = None, dst: int = 0, group: Any = None
+    obj: Any,
+    object_gather_list: list[Any] | None = None,
+    dst: int | None = None,
+    group: Any = None,
+    group_dst: int | None = None,
 ) -> None:
-    """Rank ``dst``'s ``object_gather_list[i]`` gets rank i's ``obj``."""
+    """Rank ``dst``'s ``object_gather_list[i]`` gets rank i's ``obj`` (``group_dst``: the
+    destination within ``group``; default global rank 0)."""
     pg = resolve_group(group, "gather_object")
     if pg is None:
         return
+    dst = named_rank(pg, "gather_object", "dst", dst, group_dst, default=0)
     is_dst = pg.global_rank == dst
     if is_dst and (
         not isinstance(object_gather_list, list) or len(object_gather_list) != pg.size()
@@ -177,13 +196,16 @@ def gather_object(
 def scatter_object_list(
     scatter_object_output_list: list[Any],
     scatter_object_input_list: list[Any] | None = None,
-    src: int = 0,
+    src: int | None = None,
     group: Any = None,
+    group_src: int | None = None,
 ) -> None:
-    """``scatter_object_output_list[0]`` on rank i gets rank ``src``'s input item i."""
+    """``scatter_object_output_list[0]`` on rank i gets rank ``src``'s input item i
+    (``group_src``: the source within ``group``; default global rank 0)."""
     pg = resolve_group(group, "scatter_object_list")
     if pg is None:
         return
+    src = named_rank(pg, "scatter_object_list", "src", src, group_src, default=0)
     if not isinstance(scatter_object_output_list, list) or not scatter_object_output_list:
         raise ValueError("scatter_object_list: scatter_object_output_list must be a non-empty list")
     n, is_src = pg.size(), pg.global_rank == src
@@ -208,3 +230,74 @@ def scatter_object_list(
     mine = np.empty(width, np.uint8)
     scatter(mine, chunks, src=src, group=group)
     scatter_object_output_list[0] = decode_object(mine[: int(lens[pg.rank()])].tobytes())
+
+
+def send_object_list(
+    object_list: list[Any],
+    dst: int | None = None,
+    group: Any = None,
+    device: Any = None,
+    group_dst: int | None = None,
+    use_batch: bool = False,
+) -> None:
+    """Send ``object_list``'s items to rank ``dst`` (``group_dst`` within ``group``), where
+    ``recv_object_list`` with a list of as many slots takes them. ``device`` and
+    ``use_batch`` are accepted for torch's signature: objects travel as msgpack bytes on
+    the CPU, and the two messages (length, then bytes) are sends either way."""
+    pg = resolve_group(group, "send_object_list")
+    if pg is None:
+        return
+    dst = named_rank(pg, "send_object_list", "dst", dst, group_dst)
+    _check_list(pg, "send_object_list", object_list)
+    payload = encode_object(object_list)
+    send(np.array([len(object_list), len(payload)], np.int64), dst, group=group)
+    send(np.frombuffer(payload, np.uint8).copy(), dst, group=group)
+
+
+def recv_object_list(
+    object_list: list[Any],
+    src: int | None = None,
+    group: Any = None,
+    device: Any = None,
+    group_src: int | None = None,
+    use_batch: bool = False,
+) -> int:
+    """Fill ``object_list`` with the items rank ``src`` (``group_src`` within ``group``)
+    sent with ``send_object_list``; returns the sender's global rank (-1 on a rank outside
+    ``group``). The two lists must have as many items."""
+    pg = resolve_group(group, "recv_object_list")
+    if pg is None:
+        return -1
+    if src is None and group_src is None:
+        raise DistUsageError(
+            f"recv_object_list: receiving from any source (src=None) is not supported on rank "
+            f"{pg.global_rank}; give src (a global rank) or group_src (a rank in the group)",
+            rank=pg.global_rank,
+            op="recv_object_list",
+        )
+    src = named_rank(pg, "recv_object_list", "src", src, group_src)
+    _check_list(pg, "recv_object_list", object_list)
+    header = np.zeros(2, np.int64)
+    recv(header, src, group=group)
+    count, length = int(header[0]), int(header[1])
+    buf = np.empty(length, np.uint8)
+    recv(buf, src, group=group)  # its size is checked against the sender's before a byte lands
+    received = decode_object(buf.tobytes())
+    if count != len(object_list) or not isinstance(received, list) or len(received) != count:
+        raise DistUsageError(
+            f"recv_object_list: rank {src} sent {count} objects but rank {pg.global_rank}'s "
+            f"object_list has {len(object_list)} slots",
+            rank=pg.global_rank,
+            op="recv_object_list",
+            peer=src,
+        )
+    object_list[:] = received
+    return src
+
+
+def _check_list(pg: ProcessGroup, op: str, object_list: Any) -> None:
+    if not isinstance(object_list, list):
+        raise TypeError(
+            f"{op}: object_list must be a list on rank {pg.global_rank}, got "
+            f"{type(object_list).__name__}"
+        )

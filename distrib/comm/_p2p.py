@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from .._errors import DistUsageError
 from ..transport._calldesc import CallDesc
 from ..transport._engine import Engine
-from ._call import check_array, group_rank, resolve_group, shape_of, write_back
+from ._call import check_array, group_rank, named_rank, resolve_group, shape_of, write_back
 from ._group import GAVE_WAY, ProcessGroup
 from ._work import Work
 
@@ -179,35 +179,78 @@ class _SendWork(Work):
         return self._exc if self._done.is_set() else self._inner.exception()
 
 
-def send(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> None:
-    """Send ``tensor`` to rank ``dst`` (matched by ``recv`` with the same ``tag``); returns
-    once the receiver accepted it."""
+def _source(pg: ProcessGroup, op: str, src: Any, group_src: Any) -> int:
+    """The global rank a receive names; receiving from any source is refused by name."""
+    if src is None and group_src is None:
+        raise DistUsageError(
+            f"{op}: receiving from any source (src=None) is not supported on rank "
+            f"{pg.global_rank}; give src (a global rank) or group_src (a rank in the group)",
+            rank=pg.global_rank,
+            op=op,
+        )
+    return named_rank(pg, op, "src", src, group_src)
+
+
+def send(
+    tensor: Any,
+    dst: int | None = None,
+    group: Any = None,
+    tag: int = 0,
+    group_dst: int | None = None,
+) -> None:
+    """Send ``tensor`` to rank ``dst`` (``group_dst`` within ``group``), matched by ``recv``
+    with the same ``tag``; returns once the receiver accepted it."""
     pg = resolve_group(group, "send")
     if pg is not None:
+        dst = named_rank(pg, "send", "dst", dst, group_dst)
         steps = _send_steps(pg, "send", tensor, dst, tag)
         pg.submit("send", steps.body, False, False)
         pg.submit_giving_way("send", steps.verdict, False, steps.verdict_here)
 
 
-def recv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> int:
-    """Receive into ``tensor`` from rank ``src``; returns ``src``."""
+def recv(
+    tensor: Any,
+    src: int | None = None,
+    group: Any = None,
+    tag: int = 0,
+    group_src: int | None = None,
+) -> int:
+    """Receive into ``tensor`` from rank ``src`` (``group_src`` within ``group``); returns
+    the sender's global rank (-1 on a rank outside ``group``, as torch does)."""
     pg = resolve_group(group, "recv")
-    if pg is not None:
-        _receive(pg, "recv", tensor, src, tag, False)
+    if pg is None:
+        return -1
+    src = _source(pg, "recv", src, group_src)
+    _receive(pg, "recv", tensor, src, tag, False)
     return src
 
 
-def isend(tensor: Any, dst: int, group: Any = None, tag: int = 0) -> Any:
+def isend(
+    tensor: Any,
+    dst: int | None = None,
+    group: Any = None,
+    tag: int = 0,
+    group_dst: int | None = None,
+) -> Any:
     """Asynchronous ``send``; returns a ``Work`` (``wait`` includes the receiver's verdict)."""
     pg = resolve_group(group, "isend")
     if pg is None:
         return None
+    dst = named_rank(pg, "isend", "dst", dst, group_dst)
     steps = _send_steps(pg, "isend", tensor, dst, tag)
     return _SendWork(pg.submit("isend", steps.body, True, False), pg, steps)
 
 
-def irecv(tensor: Any, src: int, group: Any = None, tag: int = 0) -> Any:
+def irecv(
+    tensor: Any,
+    src: int | None = None,
+    group: Any = None,
+    tag: int = 0,
+    group_src: int | None = None,
+) -> Any:
     """Asynchronous ``recv``; returns a ``Work``. It may be posted before the matching
     send is issued, on this rank or its peer."""
     pg = resolve_group(group, "irecv")
-    return None if pg is None else _receive(pg, "irecv", tensor, src, tag, True)
+    if pg is None:
+        return None
+    return _receive(pg, "irecv", tensor, _source(pg, "irecv", src, group_src), tag, True)
