@@ -166,6 +166,24 @@ def _every_collective(rank, world, gloo):
     dist.all_to_all_single(a, inp, splits_out, splits_in)
     dist.all_to_all_single(b, inp, splits_out, splits_in, group=gloo)
     check("all_to_all_single uneven", a, b)
+
+    # rank 0's splits are even, the others' are not (and some blocks are empty): the
+    # ranks must still agree on one way to move them
+    def rows(src: int, dst: int) -> int:
+        return 2 if 0 in (src, dst) else (src * 3 + dst) % 4
+
+    splits_in = [rows(rank, r) for r in range(world)]
+    splits_out = [rows(r, rank) for r in range(world)]
+    inp = _inputs(rank, sum(splits_in), torch.float32, 22)
+    a, b = torch.zeros(sum(splits_out)), torch.zeros(sum(splits_out))
+    dist.all_to_all_single(a, inp, splits_out, splits_in)
+    dist.all_to_all_single(b, inp, splits_out, splits_in, group=gloo)
+    check("all_to_all_single even on rank 0 only", a, b)
+    ins = [_inputs(rank, rows(rank, r), torch.float32, 31 + r) for r in range(world)]
+    a = [torch.zeros(rows(r, rank)) for r in range(world)]
+    dist.all_to_all(a, ins)
+    expected = [_inputs(r, rows(r, rank), torch.float32, 31 + rank) for r in range(world)]
+    check("all_to_all uneven (gloo has none: expected values)", a, expected)
     ins = [_inputs(rank, 4, torch.float32, 30 + r) for r in range(world)]
     a = [torch.zeros(4) for _ in range(world)]
     dist.all_to_all(a, ins)

@@ -10,11 +10,11 @@ in and the result copied back (``_call``). Point-to-point is in ``_p2p``.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, cast
 
 import numpy as np
 
-from .._errors import DistUsageError
 from .._reduce_op import ReduceOp
 from .._xp import xp_of
 from ..store import to_seconds
@@ -33,6 +33,7 @@ from ._call import (
     shape_of,
     write_back,
 )
+from ._uneven import exchange_blocks
 
 __all__ = [
     "all_gather",
@@ -321,29 +322,13 @@ def all_to_all(
     group: Any = None,
     async_op: bool = False,
 ) -> Any:
-    """``output_tensor_list[j]`` on rank i gets ``input_tensor_list[i]`` of rank j.
-    Every block has the same shape and dtype (uneven all-to-all is not supported)."""
+    """``output_tensor_list[j]`` on rank i gets ``input_tensor_list[i]`` of rank j. Blocks
+    may differ in size and shape; each output block needs as many elements as its
+    sender's input block (checked on every rank before data moves)."""
     pg = resolve_group(group, "all_to_all")
     if pg is None:
         return None
-    if not isinstance(input_tensor_list, (list, tuple)) or not input_tensor_list:
-        raise ValueError(f"all_to_all: input_tensor_list must be a list of {pg.size()} arrays")
-    like = input_tensor_list[0]
-    check_array(pg, like, "input_tensor_list[0]", "all_to_all")
-    check_list(pg, input_tensor_list, like, "input_tensor_list", "all_to_all", False)
-    check_list(pg, output_tensor_list, like, "output_tensor_list", "all_to_all", True)
-    desc = descriptor("all_to_all", shape=shape_of(like), dtype=like.dtype.str)
-
-    def action(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
-        xp, n, m = xp_of(like), pg.size(), like.size
-        buf = xp.concatenate([xp.asarray(a).reshape(-1) for a in input_tensor_list])
-        out = xp.empty(n * m, like.dtype)
-        engine.all_to_all(buf, out, seq, deadline, call=call)
-        for i, t in enumerate(output_tensor_list):
-            xp.copyto(t, out[i * m : (i + 1) * m].reshape(t.shape))
-        return list(output_tensor_list)
-
-    return issue(pg, "all_to_all", like, desc, action, async_op)
+    return exchange_blocks(pg, "all_to_all", output_tensor_list, input_tensor_list, async_op)
 
 
 def all_to_all_single(
@@ -355,34 +340,29 @@ def all_to_all_single(
     async_op: bool = False,
 ) -> Any:
     """Block j of ``input`` (split along dim 0) goes to rank j; block i of ``output``
-    comes from rank i. Only even splits are supported."""
+    comes from rank i. Without split sizes (None or empty) dim 0 splits evenly; with
+    them, blocks of any size (give them on every rank or on none)."""
     pg = resolve_group(group, "all_to_all_single")
     if pg is None:
         return None
     name = "all_to_all_single"
     check_array(pg, input, "input", name)
     check_array(pg, output, "output", name, writable=True)
-    n = pg.size()
-    for arg, sizes in (
-        ("input_split_sizes", input_split_sizes),
-        ("output_split_sizes", output_split_sizes),
-    ):
-        if sizes is not None and len(set(sizes)) > 1:
-            raise DistUsageError(
-                f"{name}: uneven {arg}={list(sizes)} is not supported; pass equal splits",
-                rank=pg.global_rank,
-                op=name,
-            )
-    if (
-        input.shape != output.shape
-        or input.dtype != output.dtype
-        or (input.ndim and input.shape[0] % n)
-        or (not input.ndim)
-    ):
+    if input.ndim == 0 or output.ndim == 0:
         raise ValueError(
-            f"{name}: input and output must have the same shape and dtype with dim 0 divisible "
-            f"by the group size {n} on rank {pg.global_rank}; got {input.shape} {input.dtype} "
-            f"and {output.shape} {output.dtype}"
+            f"{name}: input and output need at least one dimension (split along dim 0) on "
+            f"rank {pg.global_rank}; got shapes {input.shape} and {output.shape}"
+        )
+    if output_split_sizes or input_split_sizes:
+        outs = _split_rows(pg, name, output, output_split_sizes, "output")
+        ins = _split_rows(pg, name, input, input_split_sizes, "input")
+        return exchange_blocks(pg, name, outs, ins, async_op)
+    n = pg.size()
+    if input.shape != output.shape or input.dtype != output.dtype or input.shape[0] % n:
+        raise ValueError(
+            f"{name}: without split sizes, input and output must have the same shape and "
+            f"dtype with dim 0 divisible by the group size {n} on rank {pg.global_rank}; "
+            f"got {input.shape} {input.dtype} and {output.shape} {output.dtype}"
         )
     desc = descriptor(name, shape=shape_of(input), dtype=input.dtype.str)
 
@@ -393,6 +373,33 @@ def all_to_all_single(
         return [output]
 
     return issue(pg, name, input, desc, action, async_op)
+
+
+def _split_rows(pg: Any, name: str, array: Any, sizes: Any, arg: str) -> list[Any]:
+    """``array`` split along dim 0 into views of ``sizes`` rows (None or empty: evenly)."""
+    n, rows = pg.size(), array.shape[0]
+    if not sizes:
+        if rows % n:
+            raise ValueError(
+                f"{name}: {arg} has {rows} rows on rank {pg.global_rank}, not divisible by the "
+                f"group size {n}; give {arg}_split_sizes"
+            )
+        sizes = [rows // n] * n
+    sizes = list(sizes)
+    if len(sizes) != n or any(
+        not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0 for k in sizes
+    ):
+        raise ValueError(
+            f"{name}: {arg}_split_sizes must be {n} non-negative ints (one per rank) on rank "
+            f"{pg.global_rank}, got {sizes!r}"
+        )
+    if sum(sizes) != rows:
+        raise ValueError(
+            f"{name}: {arg}_split_sizes {sizes} add up to {sum(sizes)} rows, but {arg} has "
+            f"{rows} on rank {pg.global_rank}"
+        )
+    edges = np.cumsum([0, *sizes]).tolist()
+    return [array[a:b] for a, b in itertools.pairwise(edges)]
 
 
 def barrier(

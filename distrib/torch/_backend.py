@@ -17,7 +17,6 @@ one host and the ZeroMQ ring across hosts.
 from __future__ import annotations
 
 import datetime
-import itertools
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -42,8 +41,6 @@ tdist: Any = _tdist
 __all__ = ["BACKEND_NAME", "DistribProcessGroup", "create"]
 
 BACKEND_NAME = "distrib"
-# Tag of the point-to-point messages of an uneven all-to-all (user tags are small ints).
-_A2A_TAG = 0x7D15_A2A
 _ADDR_KEY = "distrib/store_addr"
 
 
@@ -52,14 +49,6 @@ def _store_host(store: Any) -> str:
     while hasattr(store, "underlying_store"):
         store = store.underlying_store
     return str(getattr(store, "host", "") or "127.0.0.1")
-
-
-def _blocks(arr: Any, sizes: list[int]) -> list[Any]:
-    """``arr`` split along dim 0 into views of ``sizes`` rows."""
-    edges = [0]
-    for size in sizes:
-        edges.append(edges[-1] + int(size))
-    return [arr[a:b] for a, b in itertools.pairwise(edges)]
 
 
 def _seconds(timeout: Any) -> float:
@@ -374,9 +363,7 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         s = Staged()
         o = self._arrays(outputs, "output_tensor_list", "alltoall", s, False)
         i = self._arrays(inputs, "input_tensor_list", "alltoall", s, False)
-        if len({a.shape for a in o + i}) > 1:  # uneven blocks: pairwise exchange
-            return self._exchange("alltoall", opts, o, i, outputs, s)
-        g = self._group
+        g = self._group  # blocks of any size (distrib.all_to_all agrees on them first)
         return self._run("alltoall", opts, [lambda a_: dcomm.all_to_all(o, i, g, a_)], outputs, s)
 
     def all_to_all_single(
@@ -391,11 +378,7 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         s = Staged()
         o = as_array(output, "output", "all_to_all_single", s, False, self._group.global_rank)
         i = as_array(input, "input", "all_to_all_single", s, False, self._group.global_rank)
-        outs, ins = list(output_split_sizes), list(input_split_sizes)
-        if len(set(outs)) > 1 or len(set(ins)) > 1:  # uneven splits: pairwise exchange
-            return self._exchange(
-                "all_to_all_single", opts, _blocks(o, outs), _blocks(i, ins), [output], s
-            )
+        outs, ins = list(output_split_sizes), list(input_split_sizes)  # empty: even
         g = self._group
         calls = [lambda a_: dcomm.all_to_all_single(o, i, outs or None, ins or None, g, a_)]
         return self._run("all_to_all_single", opts, calls, [output], s)
@@ -409,29 +392,6 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         opts: Any = None,
     ) -> Any:
         return self.all_to_all_single(output, input, output_split_sizes, input_split_sizes, opts)
-
-    def _exchange(
-        self, where: str, opts: Any, outs: list, ins: list, outputs: list, s: Staged
-    ) -> Any:
-        """All-to-all with blocks of any size: a send to every peer, then a receive from
-        each (distrib's all_to_all moves equal blocks only)."""
-        g, me, n = self._group, self._group.rank(), self._group.size()
-        if len(outs) != n or len(ins) != n:
-            raise ValueError(
-                f"{where}: expected {n} blocks (one per rank), got {len(ins)} input and "
-                f"{len(outs)} output blocks on rank {g.global_rank}"
-            )
-        outs[me][...] = ins[me]
-        calls: list[Callable[..., Any]] = []
-        for k in range(1, n):
-            a, p = ins[(me + k) % n], g.global_ranks[(me + k) % n]
-            calls.append(lambda a_, a=a, p=p: dcomm.isend(a, p, g, _A2A_TAG))
-        for k in range(1, n):
-            a, p = outs[(me - k) % n], g.global_ranks[(me - k) % n]
-            calls.append(lambda a_, a=a, p=p: dcomm.irecv(a, p, g, _A2A_TAG))
-        if n == 1:
-            calls.append(lambda a_: dcomm.barrier(g, a_))  # a group operation to complete on
-        return self._run(where, opts, calls, outputs, s)
 
     def barrier(self, opts: Any = None) -> Any:
         opts = opts or tdist.BarrierOptions()
