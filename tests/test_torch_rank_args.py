@@ -226,10 +226,8 @@ def test_init_process_group_takes_torchs_positions(tmp_path):
         dist.init_process_group("gloo", None, 30, 1, 0, store)
         try:
             assert dist.get_world_size() == 1 and dist.get_rank() == 0
-            with pytest.raises(dist.DistUsageError, match="use_local_synchronization=True"):
-                dist.new_group([0], use_local_synchronization=True)
-            with pytest.raises(dist.DistUsageError, match="sort_ranks=False"):
-                dist.new_group([0], sort_ranks=False)
+            solo = dist.new_group([0], use_local_synchronization=True, sort_ranks=False)
+            assert dist.get_process_group_ranks(solo) == [0]
             with pytest.raises(dist.DistUsageError, match="pg_options"):
                 dist.new_group([0], pg_options=object())
             g = dist.new_group([0], group_desc="solo", device_id=None)
@@ -243,3 +241,85 @@ def test_init_process_group_takes_torchs_positions(tmp_path):
         assert not dist.is_initialized()
     finally:
         store.close()
+
+
+def _unsorted_and_local(rank, world):
+    """World of 4: [3, 0, 2] with torch's sort_ranks=False (group rank i = ranks[i]), and
+    two groups made by their members alone (use_local_synchronization=True)."""
+    out: dict = {}
+    g = dist.new_group([3, 0, 2], sort_ranks=False)
+    if rank == 1:
+        out["member"] = g is dist.GroupMember.NON_GROUP_MEMBER
+    else:
+        out["ranks"] = dist.get_process_group_ranks(g)
+        out["group_rank"] = dist.get_rank(g)
+        a = np.array([float(rank)])
+        dist.broadcast(a, group=g, group_src=0)  # group rank 0 is global rank 3
+        out["bcast"] = float(a[0])
+        gathered = np.zeros(3, np.int64)
+        dist.all_gather_into_tensor(gathered, np.array([rank], np.int64), group=g)
+        out["gathered"] = gathered.tolist()
+        s = np.array([rank + 1.0])
+        dist.all_reduce(s, group=g)
+        out["sum"] = float(s[0])
+        blocks = [np.zeros(1, np.int64) for _ in range(3)]
+        dist.all_to_all(blocks, [np.array([10 * rank + j]) for j in range(3)], group=g)
+        out["a2a"] = [int(b[0]) for b in blocks]
+        t = np.zeros(2)
+        if rank == 3:
+            dist.send(np.array([7.0, 8.0]), group=g, group_dst=2)  # group rank 2: global 2
+        elif rank == 2:
+            out["from"] = dist.recv(t, group=g, group_src=0)
+            out["got"] = t.tolist()
+    # Only the members call these; ranks 0 and 1 make two groups of [0, 1] in a row.
+    if rank in (0, 1):
+        first = dist.new_group([0, 1], use_local_synchronization=True)
+        second = dist.new_group([1, 0], use_local_synchronization=True)
+        x = np.array([rank + 1.0])
+        dist.all_reduce(x, group=first)
+        y = np.array([10.0 * (rank + 1)])
+        dist.all_reduce(y, group=second)
+        out["local"] = [float(x[0]), float(y[0]), dist.get_process_group_ranks(second)]
+    else:
+        other = dist.new_group([2, 3], use_local_synchronization=True)
+        z = np.array([rank * 1.0])
+        dist.all_reduce(z, group=other)
+        out["local"] = [float(z[0])]
+    out["bad"] = [
+        _error(lambda: dist.new_group([0, 0])),
+        _error(lambda: dist.new_group(["0", 1])),
+        _error(lambda: dist.new_group([0, 9])),
+    ]
+    dist.barrier()
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", ["auto", "zmq", "two-hosts"])
+def test_new_group_unsorted_and_local_synchronization(transport):
+    if transport == "two-hosts":  # ranks 0, 1 on one simulated host, 2, 3 on another
+        env = [{"DISTRIB_NODE_ID": f"node{r // 2}"} for r in range(4)]
+    else:
+        env = [{"DISTRIB_TRANSPORT": transport}] * 4
+    values = _values(run_local_ranks(_unsorted_and_local, 4, timeout=240, env=env))
+    for rank, v in enumerate(values):
+        if rank == 1:
+            assert v["member"]
+        else:
+            assert v["ranks"] == [3, 0, 2]
+            assert v["group_rank"] == [3, 0, 2].index(rank)
+            assert v["bcast"] == 3.0
+            assert v["gathered"] == [3, 0, 2]  # in group rank order
+            assert v["sum"] == 4.0 + 1.0 + 3.0
+            me = [3, 0, 2].index(rank)
+            assert v["a2a"] == [10 * src + me for src in (3, 0, 2)]
+        if rank == 2:
+            assert v["from"] == 3 and v["got"] == [7.0, 8.0]
+        if rank in (0, 1):
+            assert v["local"] == [3.0, 30.0, [0, 1]]
+        else:
+            assert v["local"] == [5.0]
+        dup, text, outside = v["bad"]
+        assert "ranks must be distinct" in dup
+        assert "ranks must be a list of int ranks" in text
+        assert "ranks [9] are outside the world 0..3" in outside

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .._config import config
 from .._errors import DistUsageError
 from ..store import PrefixStore, Store, to_seconds
@@ -78,6 +80,8 @@ class _World:
     pid: int
     subgroups: list[ProcessGroup] = field(default_factory=list)
     group_count: int = 0
+    # new_group(use_local_synchronization=True): groups made so far per member list
+    local_groups: dict[tuple[int, ...], int] = field(default_factory=dict)
 
 
 _world: _World | None = None  # the default process group (the one allowed global)
@@ -109,6 +113,12 @@ def _require(op: str) -> _World:
             op=op,
         )
     return world
+
+
+def _rank_number(rank: Any) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise TypeError(rank)
+    return int(rank)
 
 
 def _no_options(op: str, pg_options: Any) -> None:
@@ -262,30 +272,29 @@ def new_group(
     device_id: Any = None,
     sort_ranks: bool = True,
 ) -> Any:
-    """Create a subgroup of ``ranks`` (global ranks; default all). Every rank of the world
-    must call it, in the same order; non-members get ``GroupMember.NON_GROUP_MEMBER``.
+    """Create a subgroup of ``ranks`` (global ranks; default all); non-members get
+    ``GroupMember.NON_GROUP_MEMBER``.
 
-    torch's other parameters: ``pg_options`` must be None (distrib's backends take no
-    options), ``device_id`` is unused (arrays choose their engine), ``group_desc`` is
-    accepted; ``use_local_synchronization=True`` and ``sort_ranks=False`` are refused
-    with a ``DistUsageError`` (every rank calls ``new_group``; group ranks follow
-    global rank order)."""
+    As in torch: every rank of the world calls ``new_group`` in the same order, or,
+    with ``use_local_synchronization=True``, only the members do (in the same order
+    among themselves); group rank i is the i-th smallest of ``ranks``, or with
+    ``sort_ranks=False`` ``ranks[i]``. ``pg_options`` must be None (distrib's
+    backends take no options), ``device_id`` is unused (arrays choose their engine)
+    and ``group_desc`` is accepted."""
     world = _require("new_group")
     _no_options("new_group", pg_options)
-    if use_local_synchronization:
-        raise DistUsageError(
-            "new_group: use_local_synchronization=True is not supported; every rank of the "
-            "world calls new_group, members or not, in the same order",
-            op="new_group",
-        )
-    if not sort_ranks:
-        raise DistUsageError(
-            "new_group: sort_ranks=False is not supported; group ranks follow the global "
-            "ranks' order (get_group_rank / get_global_rank convert)",
-            op="new_group",
-        )
     size = world.group.size()
-    members = list(range(size)) if ranks is None else sorted(int(r) for r in ranks)
+    if ranks is None:
+        members = list(range(size))
+    else:
+        try:
+            members = [_rank_number(r) for r in ranks]
+        except TypeError:
+            raise DistUsageError(
+                f"new_group: ranks must be a list of int ranks, got {ranks!r}", op="new_group"
+            ) from None
+        if sort_ranks:
+            members.sort()
     if len(set(members)) != len(members) or not members:
         raise DistUsageError(
             f"new_group: ranks must be distinct and non-empty, got {ranks!r}", op="new_group"
@@ -295,13 +304,24 @@ def new_group(
         raise DistUsageError(
             f"new_group: ranks {bad} are outside the world 0..{size - 1}", op="new_group"
         )
-    world.group_count += 1  # identical on every rank: all ranks call new_group in order
     me = world.group.rank()
-    if me not in members:
-        return GroupMember.NON_GROUP_MEMBER
+    if use_local_synchronization:
+        if me not in members:
+            return GroupMember.NON_GROUP_MEMBER  # nothing to meet: the members meet alone
+        # Only the members count their calls: the store prefix names the member list
+        # and how many groups of exactly these members (in this order) came before.
+        key = tuple(members)
+        world.local_groups[key] = world.local_groups.get(key, 0) + 1
+        world.group_count += 1
+        prefix = f"distrib/pg/local/{'-'.join(map(str, key))}/{world.local_groups[key]}"
+    else:
+        world.group_count += 1  # identical on every rank: all ranks call new_group in order
+        if me not in members:
+            return GroupMember.NON_GROUP_MEMBER
+        prefix = f"distrib/pg/sub{world.group_count}"
     name = _backend_name(backend) if backend is not None else world.group.backend
     group = ProcessGroup(
-        PrefixStore(f"distrib/pg/sub{world.group_count}", world.store),
+        PrefixStore(prefix, world.store),
         members.index(me),
         len(members),
         members,
