@@ -150,6 +150,19 @@ def _group_async_wait(rank: int, g: Any):
     return (lambda: dist.all_reduce(a, group=g)), [a]
 
 
+def _group_sub_vs_sub_all_to_all(rank: int, g: Any):
+    # As group-sub-vs-sub, with all_to_all (block sizes first, then blocks) on rank 1.
+    other = dist.new_group(list(range(dist.get_world_size())), timeout=15)
+    _EXTRA_GROUPS.append(other)
+    if rank == 1:
+        n = dist.get_world_size()
+        outs = [np.zeros(3, np.float32) for _ in range(n)]
+        ins = [np.ones(3, np.float32) for _ in range(n)]
+        return (lambda: dist.all_to_all(outs, ins, group=other)), outs
+    a = _filled(1024, np.float32, rank)
+    return (lambda: dist.all_reduce(a, group=g)), [a]
+
+
 def _group_world_vs_sub(rank: int, g: Any):
     # Rank 1 calls on the default group, the others on a subgroup of the same ranks.
     # (It leaves the default group failed: keep this case last.)
@@ -175,6 +188,7 @@ MISMATCH_CASES: list[tuple[str, Case, str]] = [
     ("group-sub-vs-sub", _group_sub_vs_sub, "all"),
     ("group-pair-vs-all", _group_pair_vs_all, "all"),
     ("group-async-wait", _group_async_wait, "all"),
+    ("group-sub-vs-sub-all-to-all", _group_sub_vs_sub_all_to_all, "all"),
     ("group-world-vs-sub", _group_world_vs_sub, "all"),  # last: fails the default group
 ]
 

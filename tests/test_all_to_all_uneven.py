@@ -48,6 +48,11 @@ def _uneven(rank, world):
     work = dist.all_to_all_single(res2, inp, splits_out, splits_in, async_op=True)
     work.wait(60)
     out["single_async"] = res2.tolist()
+    out["async_result"] = [r.shape for r in work.result()]  # torch's: [output]
+    # split sizes as numpy arrays (torch takes any sequence of ints)
+    res3 = np.zeros_like(res)
+    dist.all_to_all_single(res3, inp, np.array(splits_out), np.array(splits_in))
+    out["numpy_splits"] = res3.tolist()
     # even splits given explicitly, and on one side only (the other side splits evenly)
     even_in = np.arange(world * 2, dtype=np.int32) + 10 * rank
     even_out = np.zeros(world * 2, np.int32)
@@ -88,6 +93,8 @@ def test_uneven_all_to_all_matches_numpy(world):
         want = [_block(i, rank, world, cols) for i in range(world)]
         assert v["list"] == [w.reshape(-1).tolist() for w in want]
         assert v["single"] == v["single_async"] == np.concatenate(want).tolist()
+        assert v["numpy_splits"] == v["single"]
+        assert v["async_result"] == [(sum(_count(i, rank, world) for i in range(world)), cols)]
         assert v["one_side"] == [10 * i + 2 * rank + k for i in range(world) for k in range(2)]
         assert v["equal"] == [[i, rank] for i in range(world)]
         assert v["sum"] == sum(range(world))

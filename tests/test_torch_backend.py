@@ -350,6 +350,16 @@ def _failures(rank, world, gloo):
     t = torch.ones(1)
     dist.all_reduce(t)
     out["still_works"] = t.item()
+    # barrier(timeout=) bounds that barrier (it fails its group: one of its own)
+    g = dist.new_group([0, 1], backend="distrib")
+    dist.barrier(group=g)
+    if rank == 1:
+        time.sleep(4.0)  # late for rank 0's 1-second barrier, within the group's 60 s
+    t0 = time.monotonic()
+    out["barrier_timeout"] = _outcome(
+        lambda: dist.barrier(group=g, timeout=datetime.timedelta(seconds=1))
+    )
+    out["barrier_waited_s"] = time.monotonic() - t0
     return out
 
 
@@ -494,6 +504,8 @@ def test_backend_against_gloo(world):
         assert f["wait_timeout_pending"].startswith("DistTimeoutError:"), f
         assert 0.4 < f["waited_s"] < 5.0, f
         assert f["pending_later"] == "ok (True, [5.0, 5.0])", f
+        assert "DistTimeoutError" in f["barrier_timeout"], f
+        assert f["barrier_waited_s"] < 3.5, f  # its own 1 s, not the group's 60 s
     if world in (2, 3):  # receives posted ahead of their sends complete, as on gloo
         for rank, r in enumerate(results):
             prv = (rank - 1) % world

@@ -353,10 +353,12 @@ def all_to_all_single(
             f"{name}: input and output need at least one dimension (split along dim 0) on "
             f"rank {pg.global_rank}; got shapes {input.shape} and {output.shape}"
         )
-    if output_split_sizes or input_split_sizes:
-        outs = _split_rows(pg, name, output, output_split_sizes, "output")
-        ins = _split_rows(pg, name, input, input_split_sizes, "input")
-        return exchange_blocks(pg, name, outs, ins, async_op)
+    out_sizes = [] if output_split_sizes is None else list(output_split_sizes)
+    in_sizes = [] if input_split_sizes is None else list(input_split_sizes)
+    if out_sizes or in_sizes:
+        outs = _split_rows(pg, name, output, out_sizes, "output")
+        ins = _split_rows(pg, name, input, in_sizes, "input")
+        return exchange_blocks(pg, name, outs, ins, async_op, [output])
     n = pg.size()
     if input.shape != output.shape or input.dtype != output.dtype or input.shape[0] % n:
         raise ValueError(
@@ -375,8 +377,8 @@ def all_to_all_single(
     return issue(pg, name, input, desc, action, async_op)
 
 
-def _split_rows(pg: Any, name: str, array: Any, sizes: Any, arg: str) -> list[Any]:
-    """``array`` split along dim 0 into views of ``sizes`` rows (None or empty: evenly)."""
+def _split_rows(pg: Any, name: str, array: Any, sizes: list[Any], arg: str) -> list[Any]:
+    """``array`` split along dim 0 into views of ``sizes`` rows (empty: evenly)."""
     n, rows = pg.size(), array.shape[0]
     if not sizes:
         if rows % n:
@@ -385,7 +387,6 @@ def _split_rows(pg: Any, name: str, array: Any, sizes: Any, arg: str) -> list[An
                 f"group size {n}; give {arg}_split_sizes"
             )
         sizes = [rows // n] * n
-    sizes = list(sizes)
     if len(sizes) != n or any(
         not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0 for k in sizes
     ):

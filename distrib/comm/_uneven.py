@@ -31,10 +31,16 @@ __all__ = ["exchange_blocks"]
 
 
 def exchange_blocks(
-    pg: ProcessGroup, name: str, outs: list[Any], ins: list[Any], async_op: bool
+    pg: ProcessGroup,
+    name: str,
+    outs: list[Any],
+    ins: list[Any],
+    async_op: bool,
+    result: list[Any] | None = None,
 ) -> Any:
     """``outs[i]`` gets rank i's ``ins[me]``, blocks of any size (their element counts
-    must agree pairwise); a ``Work`` when async, else ``None`` once done."""
+    must agree pairwise); a ``Work`` whose result is ``result`` (default ``outs``) when
+    async, else ``None`` once done."""
     n, me = pg.size(), pg.rank()
     for arg, blocks in (("input", ins), ("output", outs)):
         if not isinstance(blocks, (list, tuple)) or len(blocks) != n:
@@ -56,14 +62,23 @@ def exchange_blocks(
     width = 2 * n
     counts = np.array([a.size for a in ins] + [b.size for b in outs], np.int64)
     table = np.empty(n * width, np.int64)
+    gathered = [False]  # set once the table is complete
 
     def gather_sizes(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
         table[me * width : (me + 1) * width] = counts
         engine.all_gather(table, seq, deadline, call=call)
+        gathered[0] = True
         return [table]
 
     def move(engine: Any, call: CallDesc | None, seq: int, deadline: float) -> list[Any]:
-        # Runs after gather_sizes (issue order): the table is complete.
+        # Runs after gather_sizes (issue order); a failure there failed the group (then
+        # this never runs) or raised to its caller: never move blocks on a partial table.
+        if not gathered[0]:
+            raise DistMismatchError(
+                f"{name}: the ranks' block sizes were not exchanged on rank {pg.global_rank}",
+                rank=pg.global_rank,
+                op=name,
+            )
         rows = table.reshape(n, width)
         _check_table(pg, name, rows)
         big = int(rows[:, :n].max())
@@ -76,10 +91,12 @@ def exchange_blocks(
             engine.all_to_all(buf, out, seq, deadline, call=call)
             for i, block in enumerate(outs):
                 xp.copyto(block, out[i * big : i * big + block.size].reshape(block.shape))
-        return list(outs)
+        return list(outs) if result is None else result
 
     sizes = descriptor(f"{name} (block sizes)", shape=(width,), dtype=counts.dtype.str)
-    issue(pg, name, counts, sizes, gather_sizes, True)
+    # A synchronous call waits in each step itself, so a cross-group wait cycle is
+    # found in either (an async call leaves the first one to the progress thread).
+    issue(pg, name, counts, sizes, gather_sizes, async_op)
     data = descriptor(f"{name} (blocks)", dtype=like.dtype.str)
     return issue(pg, name, like, data, move, async_op)
 

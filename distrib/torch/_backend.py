@@ -396,7 +396,11 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
     def barrier(self, opts: Any = None) -> Any:
         opts = opts or tdist.BarrierOptions()
         g = self._group
-        return self._run("barrier", opts, [lambda a_: dcomm.barrier(g, a_)], [], Staged())
+        # torch's barrier(timeout=...) arrives as opts.timeout; unset, it is negative
+        seconds = opts.timeout.total_seconds()
+        limit = seconds if seconds > 0 else None
+        calls = [lambda a_: dcomm.barrier(g, a_, timeout=limit)]
+        return self._run("barrier", opts, calls, [], Staged())
 
     # -- point to point (peers are group ranks, as torch passes them) -----------------
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Any:
