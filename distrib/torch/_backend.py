@@ -148,7 +148,7 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
         source_rank: int | None = None,
     ) -> TorchWork:
         """Run the distrib calls in order; a torch ``Work`` that resolves to ``outputs``."""
-        work = TorchWork(where, self._group.global_rank, outputs, source_rank)
+        rank = self._group.global_rank
         if not getattr(opts, "asyncOp", True):
             # Issue every part before waiting on any: a send completes once its receiver
             # accepted it, so each rank's receives must be queued behind its sends.
@@ -160,8 +160,8 @@ class DistribProcessGroup(tdist.ProcessGroup):  # type: ignore[misc]
             for part in pending:
                 part.wait()
             staged.finish()
-            work.settle(None)
-            return work
+            return TorchWork(where, rank, outputs, source_rank, finished=True)
+        work = TorchWork(where, rank, outputs, source_rank)
         parts = [part for part in (call(True) for call in calls) if part is not None]
         _settle_when_all_done(parts, work, staged)
         return work

@@ -56,18 +56,31 @@ def _wait_seconds(timeout: Any, op: str) -> float | None:
     return check_timeout(timeout, f"{op}: Work.wait timeout", DistUsageError, WAIT) or None
 
 
+# The completion of every call that finished before its Work was made (synchronous
+# calls): set once, never cleared, shared (an Event of its own costs more than the
+# rest of such a Work).
+_FINISHED = threading.Event()
+_FINISHED.set()
+
+
 class TorchWork(tdist.Work):  # type: ignore[misc]
     """Completion of one backend call: ``wait`` raises its error, the future carries it."""
 
     def __init__(
-        self, op: str, rank: int, outputs: list[Any], source_rank: int | None = None
+        self,
+        op: str,
+        rank: int,
+        outputs: list[Any],
+        source_rank: int | None = None,
+        finished: bool = False,
     ) -> None:
         super().__init__()
         self._op = op
         self._rank = rank
         self._outputs = outputs
         self._source_rank = source_rank
-        self._done = threading.Event()
+        # finished: the call already succeeded (settle() would have nothing to do)
+        self._done = _FINISHED if finished else threading.Event()
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         # Made on the first get_future() (DDP asks for every bucket; a plain call
