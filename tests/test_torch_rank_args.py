@@ -285,6 +285,11 @@ def _unsorted_and_local(rank, world):
         z = np.array([rank * 1.0])
         dist.all_reduce(z, group=other)
         out["local"] = [float(z[0])]
+    # an ordinary group after the local ones: every rank still agrees on its name
+    after = dist.new_group([0, 1, 2, 3])
+    w = np.array([1.0])
+    dist.all_reduce(w, group=after)
+    out["after_local"] = float(w[0])
     out["bad"] = [
         _error(lambda: dist.new_group([0, 0])),
         _error(lambda: dist.new_group(["0", 1])),
@@ -319,6 +324,7 @@ def test_new_group_unsorted_and_local_synchronization(transport):
             assert v["local"] == [3.0, 30.0, [0, 1]]
         else:
             assert v["local"] == [5.0]
+        assert v["after_local"] == 4.0
         dup, text, outside = v["bad"]
         assert "ranks must be distinct" in dup
         assert "ranks must be a list of int ranks" in text

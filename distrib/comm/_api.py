@@ -312,7 +312,6 @@ def new_group(
         # and how many groups of exactly these members (in this order) came before.
         key = tuple(members)
         world.local_groups[key] = world.local_groups.get(key, 0) + 1
-        world.group_count += 1
         prefix = f"distrib/pg/local/{'-'.join(map(str, key))}/{world.local_groups[key]}"
     else:
         world.group_count += 1  # identical on every rank: all ranks call new_group in order
