@@ -19,7 +19,7 @@ from .._errors import DistUsageError
 from ._call import named_rank, resolve_group
 from ._collectives import all_gather_into_tensor, broadcast, gather, scatter
 from ._group import ProcessGroup
-from ._p2p import recv, send
+from ._p2p import recv, send, source_rank
 
 __all__ = [
     "all_gather_object",
@@ -268,14 +268,7 @@ def recv_object_list(
     pg = resolve_group(group, "recv_object_list")
     if pg is None:
         return -1
-    if src is None and group_src is None:
-        raise DistUsageError(
-            f"recv_object_list: receiving from any source (src=None) is not supported on rank "
-            f"{pg.global_rank}; give src (a global rank) or group_src (a rank in the group)",
-            rank=pg.global_rank,
-            op="recv_object_list",
-        )
-    src = named_rank(pg, "recv_object_list", "src", src, group_src)
+    src = source_rank(pg, "recv_object_list", src, group_src)
     _check_list(pg, "recv_object_list", object_list)
     header = np.zeros(2, np.int64)
     recv(header, src, group=group)

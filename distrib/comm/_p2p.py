@@ -19,7 +19,7 @@ from ._call import check_array, group_rank, named_rank, resolve_group, shape_of,
 from ._group import GAVE_WAY, ProcessGroup
 from ._work import Work
 
-__all__ = ["irecv", "isend", "recv", "send"]
+__all__ = ["irecv", "isend", "recv", "send", "source_rank"]
 
 
 class _Confirm:
@@ -179,7 +179,7 @@ class _SendWork(Work):
         return self._exc if self._done.is_set() else self._inner.exception()
 
 
-def _source(pg: ProcessGroup, op: str, src: Any, group_src: Any) -> int:
+def source_rank(pg: ProcessGroup, op: str, src: Any, group_src: Any) -> int:
     """The global rank a receive names; receiving from any source is refused by name."""
     if src is None and group_src is None:
         raise DistUsageError(
@@ -220,7 +220,7 @@ def recv(
     pg = resolve_group(group, "recv")
     if pg is None:
         return -1
-    src = _source(pg, "recv", src, group_src)
+    src = source_rank(pg, "recv", src, group_src)
     _receive(pg, "recv", tensor, src, tag, False)
     return src
 
@@ -253,4 +253,4 @@ def irecv(
     pg = resolve_group(group, "irecv")
     if pg is None:
         return None
-    return _receive(pg, "irecv", tensor, _source(pg, "irecv", src, group_src), tag, True)
+    return _receive(pg, "irecv", tensor, source_rank(pg, "irecv", src, group_src), tag, True)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._errors import DistUsageError
-from ._api import GroupMember, _require, new_group
+from ._api import GroupMember, _no_options, _require, new_group
 from ._call import resolve_group
 from ._group import ProcessGroup
 
@@ -71,15 +70,6 @@ def get_pg_count() -> int:
     return 1 + world.group_count
 
 
-def _no_pg_options(pg_options: Any, op: str) -> None:
-    if pg_options is not None:
-        raise DistUsageError(
-            f"{op}: pg_options are torch backend option structs (NCCL/gloo); distrib takes "
-            "none: leave pg_options=None",
-            op=op,
-        )
-
-
 def new_subgroups_by_enumeration(
     ranks_per_subgroup_list: Any,
     timeout: Any = None,
@@ -91,7 +81,7 @@ def new_subgroups_by_enumeration(
 
     Every rank of the world calls it with the same lists; a rank may be in at most one.
     """
-    _no_pg_options(pg_options, "new_subgroups_by_enumeration")
+    _no_options("new_subgroups_by_enumeration", pg_options)
     lists = [list(r) for r in (ranks_per_subgroup_list or [])]
     if not lists:
         raise ValueError("new_subgroups_by_enumeration: ranks_per_subgroup_list is empty")
@@ -126,7 +116,7 @@ def new_subgroups(
     ``group_size=None`` means the ranks of one host (torch: the GPUs of one machine).
     Returns (this rank's subgroup, all subgroups). Every rank of the world calls it.
     """
-    _no_pg_options(pg_options, "new_subgroups")
+    _no_options("new_subgroups", pg_options)
     world = _require("new_subgroups")
     parent = world.group if group is None else group
     if not isinstance(parent, ProcessGroup):
